@@ -1,0 +1,30 @@
+# The two commands of the README: `make demo` and `make test`.
+PY ?= python3
+export PYTHON := $(PY)
+
+.PHONY: install install-test demo test bench gpu-check clean
+
+install:
+	bash scripts/install.sh
+
+install-test:
+	bash scripts/install.sh test
+
+demo: install
+	fae-fast demo --out demo_out
+
+# The CPU test suite (Triton through its interpreter), then every benchmark once with timing disabled so none
+# rots, then the fallback run without the compiled extension.
+test: install-test
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q bench -o python_files='bench_*.py' --benchmark-disable
+	TRITON_INTERPRET=1 FAE_FAST_NO_EXT=1 $(PY) -m pytest -q tests -m "not slow" -k "elastic or stroke or corrupt or backend"
+
+bench:
+	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-json=bench/results/latest.json
+
+gpu-check:
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf build *.egg-info fae_fast/*.so demo_out

@@ -1,0 +1,38 @@
+"""Benchmark configuration shared by every bench/bench_<op>.py.
+
+Run: ``python -m pytest bench -o python_files='bench_*.py' --benchmark-json=bench/results/<name>.json``.
+CI runs them once with ``--benchmark-disable`` so none rots. Every benchmark records the machine, versions,
+dtype and git sha in ``extra_info`` (fixture ``bench_info``); time GPU work with :func:`sync` inside the
+timed call.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" else "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from bench._common import machine_info  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+
+
+@pytest.fixture
+def bench_info(benchmark):
+    """Fills benchmark.extra_info with the machine and versions; returns the dict for op-specific keys."""
+    benchmark.extra_info.update(machine_info())
+    return benchmark.extra_info
+
+
+@pytest.fixture(scope="session")
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

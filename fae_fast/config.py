@@ -1,0 +1,141 @@
+"""Every knob of fae_fast in plain dataclasses, with the defaults of DESIGN.md.
+
+Defaults marked *(chosen)* in DESIGN.md are decisions of this project where the paper is silent. A whole
+:class:`FAEConfig` round-trips through ``to_dict`` / ``from_dict`` (it is stored in every model file).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class CorruptionConfig:
+    """Artificial occlusions x~ = (1 - beta M) x + beta M T applied to normal training images."""
+
+    p: float = 0.8                      # probability that an image is corrupted at all (chosen)
+    k_min: int = 1                      # occlusions per corrupted image, K ~ U{k_min..k_max} (chosen)
+    k_max: int = 3
+    beta_min: float = 0.1               # opacity beta ~ U(beta_min, beta_max): the weight of the *texture*
+    beta_max: float = 1.0
+    # shape mix (relative weights): Perlin blobs, ellipses/polygons, thin Bezier strokes
+    w_perlin: float = 0.4
+    w_polygon: float = 0.3
+    w_stroke: float = 0.3
+    perlin_scales: tuple[int, ...] = (2, 4, 8, 16, 32)  # grid cells across the image for Perlin octaves
+    perlin_coverage: tuple[float, float] = (0.01, 0.15)  # fraction of the image a blob occlusion covers
+    polygon_size: tuple[float, float] = (0.03, 0.3)  # ellipse/polygon radius, fraction of min(H, W)
+    stroke_width: tuple[float, float] = (1.0, 4.0)   # pixels (scratches, cracks)
+    stroke_length: tuple[float, float] = (0.1, 0.6)  # fraction of max(H, W)
+    elastic_alpha: tuple[float, float] = (0.0, 0.02)  # RMS displacement, fraction of min(H, W)
+    elastic_smoothness: tuple[float, float] = (0.02, 0.06)  # correlation length, fraction of min(H, W)
+    soft_edge: float = 0.5              # probability of a soft (blurred) mask edge
+    # texture sources (relative weights): texture folder, other training images, procedural fields
+    texture_dir: str | None = None
+    w_texture_dir: float = 0.4          # used only when texture_dir is set
+    w_other_image: float = 0.4
+    w_procedural: float = 0.2
+    color_jitter: float = 0.2           # brightness/contrast/saturation jitter of borrowed textures
+
+
+@dataclass
+class NoiseConfig:
+    """Symmetric noise: the same eps ~ N(0, sigma^2 I) on input and target, sigma ~ U(0, sigma_max)."""
+
+    sigma_max: float = 0.1              # r in DESIGN.md (chosen)
+    # "symmetric" (the paper), "none", "input" (input only), "independent" (separate eps on each side)
+    mode: str = "symmetric"
+
+
+@dataclass
+class ModelConfig:
+    """The modified U-Net of DESIGN.md section 1.3."""
+
+    in_channels: int = 3
+    widths: tuple[int, ...] = (64, 128, 256, 512)
+    dilations: tuple[int, ...] = (1, 2, 4, 8)  # stacked dilated 3x3 convs in the bottleneck
+    norm: str = "batch"                 # "batch" | "group" | "instance" | "none"
+    act: str = "relu"                   # "relu" | "silu" | "gelu"
+    gated_skips: bool = True            # out = s * e + (1 - s) * d, s = sigmoid(conv([e, d]))
+
+
+@dataclass
+class MapConfig:
+    """Inference smoothing: n passes of a k x k mean filter at ``ref_size``; scaled with resolution."""
+
+    n: int = 4
+    k: int = 7
+    ref_size: int = 256                 # n, k are the values at min(H, W) == ref_size
+    scale_with_size: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    image_size: tuple[int, int] = (256, 256)  # (H, W); non-square allowed
+    keep_aspect: bool = False           # resize keeping aspect ratio and pad, instead of stretching
+    holdout_fraction: float = 0.1       # normal images kept out of training for thresholds
+    threshold_quantile: float = 0.99    # image threshold = this quantile of held-out normal scores (chosen)
+    pixel_threshold_quantile: float = 0.999
+    augment_flip: bool = True
+    augment_rot90: bool = False
+    amp: str = "auto"                   # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" | "fp32"
+    compile: bool = False
+    channels_last: bool = True
+    checkpoint_every: int = 500
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 2
+
+
+@dataclass
+class FAEConfig:
+    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    map: MapConfig = field(default_factory=MapConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FAEConfig":
+        """Build from a dict; unknown keys raise ``ValueError`` naming them, lists become tuples."""
+        kwargs = {}
+        for f in fields(cls):
+            sub = d.get(f.name, {})
+            sub_cls = f.default_factory  # type: ignore[misc]
+            kwargs[f.name] = _sub_from_dict(sub_cls, sub, f.name)
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown config sections: {sorted(unknown)}")
+        return cls(**kwargs)
+
+
+def _sub_from_dict(sub_cls, d: dict[str, Any], section: str):
+    known = {f.name: f for f in fields(sub_cls)}
+    unknown = set(d) - set(known)
+    if unknown:
+        raise ValueError(f"unknown keys in config section {section!r}: {sorted(unknown)}")
+    vals = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return sub_cls(**vals)
+
+
+def smoothing_for_size(cfg: MapConfig, height: int, width: int) -> tuple[int, int]:
+    """(n, k) for an image of ``height x width``: k scales with min(H, W) / ref_size (odd, 1..31).
+
+    The equivalent Gaussian has variance n (k^2 - 1) / 12, so its std grows linearly with k: scaling k with
+    the image keeps the smoothing a fixed fraction of the image.
+    """
+    if not cfg.scale_with_size:
+        return cfg.n, cfg.k
+    s = min(height, width) / float(cfg.ref_size)
+    k = int(round((cfg.k - 1) / 2 * s)) * 2 + 1
+    return cfg.n, max(1, min(31, k))

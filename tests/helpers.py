@@ -1,0 +1,34 @@
+"""Shared test utilities: one tolerance table by dtype and an assert_close that prints the first mismatches."""
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) for comparing a fast path with the float32/float64 reference, by the *input* dtype
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+    torch.uint8: (1e-5, 1e-5),
+}
+
+
+def assert_close(actual, expected, *, dtype=None, atol=None, rtol=None, max_show=8, msg=""):
+    """torch.testing-like check that prints the worst few mismatching positions with their values."""
+    actual = torch.as_tensor(actual)
+    expected = torch.as_tensor(expected)
+    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    d_atol, d_rtol = TOL[dtype or expected.dtype]
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    diff = (a - e).abs()
+    bad = ~(diff <= atol + rtol * e.abs())
+    bad |= torch.isnan(a) != torch.isnan(e)
+    if bad.any():
+        idx = bad.nonzero()[:max_show]
+        lines = [f"  at {tuple(i.tolist())}: got {a[tuple(i)].item():.8g}, expected {e[tuple(i)].item():.8g}"
+                 for i in idx]
+        raise AssertionError(
+            f"{msg} {int(bad.sum())}/{bad.numel()} elements differ (atol={atol}, rtol={rtol}, "
+            f"max abs diff {diff[~torch.isnan(diff)].max().item():.3g}):\n" + "\n".join(lines))
