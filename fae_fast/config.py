@@ -139,3 +139,42 @@ def smoothing_for_size(cfg: MapConfig, height: int, width: int) -> tuple[int, in
     s = min(height, width) / float(cfg.ref_size)
     k = int(round((cfg.k - 1) / 2 * s)) * 2 + 1
     return cfg.n, max(1, min(31, k))
+
+
+def preset(name: str) -> FAEConfig:
+    """Named model presets, points on the accuracy/speed curve.
+
+    * ``default``: the U-Net 64-128-256-512 of DESIGN.md.
+    * ``fast``: 32-64-128-256, about 4x fewer FLOPs.
+    * ``tiny``: 16-32-64-128 at 128x128, for the CPU demo and smoke tests.
+    """
+    cfg = FAEConfig()
+    if name == "default":
+        return cfg
+    if name == "fast":
+        cfg.model.widths = (32, 64, 128, 256)
+        return cfg
+    if name == "tiny":
+        cfg.model.widths = (16, 32, 64, 128)
+        cfg.model.dilations = (1, 2, 4)
+        cfg.train.image_size = (128, 128)
+        cfg.map.ref_size = 256
+        return cfg
+    raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
+
+
+PRESETS = ("default", "fast", "tiny")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'256' -> (256, 256); '208x512' -> (208, 512) as (H, W)."""
+    parts = str(text).lower().replace("*", "x").split("x")
+    try:
+        vals = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"image size must look like 256 or HxW (e.g. 208x512), got {text!r}") from None
+    if len(vals) == 1:
+        vals = (vals[0], vals[0])
+    if len(vals) != 2 or min(vals) < 8 or max(vals) > 8192:
+        raise ValueError(f"image size must be HxW with 8 <= H, W <= 8192, got {text!r}")
+    return vals
