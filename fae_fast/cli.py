@@ -54,7 +54,18 @@ def _load_config(args) -> FAEConfig:
 
 
 def _write_json(path, obj) -> None:
-    _atomic.write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """Strict JSON (undefined metrics, nan, become null), written atomically."""
+    _atomic.write_text(path, json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
+
+
+def _finite(o):
+    if isinstance(o, float) and (o != o or o in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _json_default(o):

@@ -21,6 +21,11 @@ pipi "setuptools>=69" wheel
 extras=""
 if [ "${1:-}" = "test" ]; then
     extras="[test,dali]"
+    # the HTML report is checked in headless Chromium (Debian's package, ~20 s); its test skips without it
+    if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+            || echo "install.sh: could not install chromium; the report's browser test will be skipped" >&2
+    fi
 fi
 # --no-build-isolation: the extension must be built against the torch installed above, not a fresh one
 pipi --no-build-isolation -e ".${extras}"
