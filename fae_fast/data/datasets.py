@@ -1,0 +1,471 @@
+"""Datasets on disk: the MVTec AD layout, plain folders of normal images, decoded sets resident on a device.
+
+Training decodes every normal image once (:func:`load_images`, threads; or the DALI path of
+:mod:`fae_fast.data.loader` on a GPU), keeps the ``uint8 (N, 3, H, W)`` set on the device, and draws augmented
+batches from it with :class:`TrainSampler` without touching the host again.
+
+MVTec AD layout of one category::
+
+    <root>/train/good/*.png
+    <root>/test/<defect>/*.png                 (<defect> == "good" for normal test images)
+    <root>/ground_truth/<defect>/<stem>_mask.png
+
+Example:
+    >>> paths = normal_image_paths("mvtec/bottle")                  # doctest: +SKIP
+    >>> images = load_images(paths, (256, 256)).cuda()               # doctest: +SKIP
+    >>> sampler = TrainSampler(images, 32, torch.Generator("cuda").manual_seed(0))   # doctest: +SKIP
+    >>> batch = sampler.next()                                       # (32, 3, 256, 256) uint8 on cuda
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import logging
+import os
+import pathlib
+import tempfile
+from typing import Callable, Iterable, Sequence, Union
+
+import numpy as np
+import torch
+
+from .io import (IMAGE_EXTS, _check_size, list_images, read_image, read_mask, resize_image,
+                 resize_mask)
+
+__all__ = ["TestItem", "MVTecCategory", "is_mvtec", "normal_image_paths", "load_images", "TestSet",
+           "load_test_set", "TrainSampler", "default_workers", "parallel_map"]
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+GOOD = "good"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layout
+
+
+@dataclasses.dataclass(frozen=True)
+class TestItem:
+    """One test image of an MVTec category.
+
+    Attributes:
+        path: the image file.
+        defect_type: the name of its folder under ``test/`` (``"good"`` for normal images).
+        label: 0 for normal, 1 for defective.
+        mask_path: its ground-truth mask, None for normal images.
+    """
+
+    __test__ = False  # not a pytest test class despite the name
+
+    path: pathlib.Path
+    defect_type: str
+    label: int
+    mask_path: pathlib.Path | None
+
+
+def is_mvtec(root: PathLike) -> bool:
+    """True when ``root`` looks like one MVTec AD category (``train/good`` or ``test/<defect>`` folders)."""
+    root = pathlib.Path(root)
+    if (root / "train" / GOOD).is_dir():
+        return True
+    test = root / "test"
+    return test.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in test.iterdir())
+
+
+def _mask_for(root: pathlib.Path, defect: str, image: pathlib.Path) -> pathlib.Path:
+    gt = root / "ground_truth" / defect
+    expected = gt / f"{image.stem}_mask.png"
+    if expected.is_file():
+        return expected
+    for ext in IMAGE_EXTS:  # tolerated: a mask saved in another image format
+        alt = gt / f"{image.stem}_mask{ext}"
+        if alt.is_file():
+            return alt
+    raise FileNotFoundError(f"defective test image {image} has no mask; expected it at {expected}")
+
+
+class MVTecCategory:
+    """One category in the MVTec AD layout, parsed and validated at construction.
+
+    Args:
+        root: the category folder (containing ``train/`` and/or ``test/``).
+        on_error: ``"raise"`` or ``"skip"`` for non-image files in the image folders (skips are listed in
+            ``.skipped``).
+
+    Attributes:
+        root: the category folder.
+        train_paths: ``list[Path]`` of ``train/good`` (empty when the category has no train split).
+        test_items: ``list[TestItem]``, by defect type then file name (empty without a test split).
+        skipped: ``list[tuple[Path, str]]`` of files left out with ``on_error="skip"``.
+
+    Raises:
+        FileNotFoundError: the root is missing, or a defective test image has no mask (naming both the image
+            and the expected mask path).
+        ValueError: the root is not in the MVTec layout, or an image folder is empty.
+    """
+
+    def __init__(self, root: PathLike, on_error: str = "raise"):
+        self.root = pathlib.Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"MVTec category folder not found: {self.root}")
+        if not is_mvtec(self.root):
+            raise ValueError(f"not an MVTec AD category (no train/good or test/<defect> folders): {self.root}")
+        self.skipped: list[tuple[pathlib.Path, str]] = []
+        train = self.root / "train" / GOOD
+        self.train_paths: list[pathlib.Path] = []
+        if train.is_dir():
+            lst = list_images(train, on_error)
+            self.train_paths = list(lst)
+            self.skipped += lst.skipped
+        self.test_items: list[TestItem] = []
+        test = self.root / "test"
+        if test.is_dir():
+            for d in sorted(p for p in test.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                lst = list_images(d, on_error)
+                self.skipped += lst.skipped
+                for p in lst:
+                    if d.name == GOOD:
+                        self.test_items.append(TestItem(p, GOOD, 0, None))
+                    else:
+                        self.test_items.append(TestItem(p, d.name, 1, _mask_for(self.root, d.name, p)))
+
+    @property
+    def defect_types(self) -> list[str]:
+        """The defect folders under ``test/``, sorted (``"good"`` included when present)."""
+        return sorted({t.defect_type for t in self.test_items})
+
+    def __repr__(self) -> str:
+        return (f"MVTecCategory({str(self.root)!r}, train={len(self.train_paths)}, test={len(self.test_items)}, "
+                f"defects={self.defect_types})")
+
+
+def normal_image_paths(data, on_error: str = "raise") -> list[pathlib.Path]:
+    """The normal (training) images of ``data``.
+
+    Args:
+        data: an MVTec category root (its ``train/good``), a plain folder of images, or a sequence of image
+            paths (checked to exist).
+        on_error: ``"raise"`` or ``"skip"`` for non-image files in a folder.
+
+    Returns:
+        ``list[pathlib.Path]``, sorted for folders, in the given order for sequences.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        root = pathlib.Path(data)
+        if not root.exists():
+            raise FileNotFoundError(f"training data not found: {root}")
+        if root.is_dir() and is_mvtec(root):
+            cat = MVTecCategory(root, on_error)
+            if not cat.train_paths:
+                raise ValueError(f"MVTec category {root} has no train/good images")
+            return cat.train_paths
+        return list_images(root, on_error)
+    if isinstance(data, Iterable):
+        paths = [pathlib.Path(p) for p in data]
+        if not paths:
+            raise ValueError("empty list of training images")
+        for p in paths:
+            if not p.is_file():
+                raise FileNotFoundError(f"training image not found: {p}")
+        return paths
+    raise TypeError(f"data must be a folder, an MVTec root or a list of paths, got {type(data).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decoding many files
+
+
+def default_workers() -> int:
+    """Threads for decoding: one per core up to 32 (cv2 releases the GIL while decoding and resizing)."""
+    return max(1, min(32, os.cpu_count() or 1))
+
+
+def parallel_map(fn: Callable, items: Sequence, workers: int | None = None) -> list:
+    """``[fn(x) for x in items]`` on a thread pool, all or nothing.
+
+    The first exception raised by any call (in time, not in order) is re-raised after the pending calls are
+    cancelled, so a corrupt file in a large set fails fast instead of after decoding everything.
+    """
+    items = list(items)
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers == 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    out = [None] * len(items)
+    with cf.ThreadPoolExecutor(min(workers, len(items))) as ex:
+        futs = {ex.submit(fn, x): i for i, x in enumerate(items)}
+        done, pending = cf.wait(futs, return_when=cf.FIRST_EXCEPTION)
+        for f in done:
+            if f.exception() is not None:
+                for p in pending:
+                    p.cancel()
+                raise f.exception()
+        for f in futs:
+            out[futs[f]] = f.result()
+    return out
+
+
+_CACHE_VERSION = "fae_fast.images.v1"  # bump when the decoding or resizing rules of io.py change
+
+
+def _cache_key(paths: Sequence[pathlib.Path], size, keep_aspect: bool) -> str:
+    h = hashlib.sha256()
+    h.update(f"{_CACHE_VERSION}|{size[0]}x{size[1]}|{int(bool(keep_aspect))}|{len(paths)}".encode())
+    for p in paths:
+        st = p.stat()  # a missing file fails here with FileNotFoundError naming it
+        h.update(f"\n{p.resolve()}|{st.st_mtime_ns}|{st.st_size}".encode())
+    return h.hexdigest()[:24]
+
+
+def _save_atomic(path: pathlib.Path, arr: np.ndarray) -> None:
+    # a reader (another process) never sees a half-written file: write a temp file beside it, then rename
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_images(paths: Sequence[PathLike], size: Sequence[int], keep_aspect: bool = False,
+                workers: int | None = None, cache_dir: PathLike | None = None) -> torch.Tensor:
+    """Decodes image files into one ``uint8 (N, 3, H, W)`` CPU tensor (threads, all or nothing).
+
+    Args:
+        paths: image files, in the order of the output.
+        size: ``(H, W)`` of every image (see :func:`fae_fast.data.io.read_image` for stretch vs keep_aspect).
+        keep_aspect: fit inside ``size`` keeping the ratio and reflect-pad.
+        workers: decoding threads (default :func:`default_workers`).
+        cache_dir: when given, the decoded set is stored there as ``.npy``, keyed by a hash of the resolved
+            paths, their modification times and byte sizes, ``size`` and ``keep_aspect``; a later call with the
+            same key loads it instead of decoding (a changed file changes the key). Written atomically.
+
+    Returns:
+        ``torch.Tensor`` ``uint8`` of shape ``(N, 3, H, W)`` on the CPU (move it to the device once).
+
+    Raises:
+        ValueError: empty ``paths``, or the first file that fails to decode (named).
+        FileNotFoundError: a missing file (named).
+    """
+    paths = [pathlib.Path(p) for p in paths]
+    if not paths:
+        raise ValueError("load_images: empty list of paths")
+    H, W = _check_size(size)
+    cache_file = None
+    if cache_dir is not None:
+        cache_dir = pathlib.Path(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        key = _cache_key(paths, (H, W), keep_aspect)
+        cache_file = cache_dir / f"images_{len(paths)}x{H}x{W}_{key}.npy"
+        if cache_file.is_file():
+            try:
+                arr = np.load(cache_file, allow_pickle=False)
+                if arr.shape == (len(paths), 3, H, W) and arr.dtype == np.uint8:
+                    log.info("load_images: cache hit %s", cache_file)
+                    return torch.from_numpy(arr)
+                log.warning("load_images: ignoring cache %s of shape %s", cache_file, arr.shape)
+            except (OSError, ValueError) as e:  # truncated or foreign file: rebuild it
+                log.warning("load_images: ignoring unreadable cache %s (%s)", cache_file, e)
+    out = np.empty((len(paths), 3, H, W), dtype=np.uint8)
+
+    def _one(i: int) -> None:
+        out[i] = read_image(paths[i], (H, W), keep_aspect).transpose(2, 0, 1)
+
+    parallel_map(_one, range(len(paths)), workers)
+    if cache_file is not None:
+        _save_atomic(cache_file, out)
+        log.info("load_images: cache written %s", cache_file)
+    return torch.from_numpy(out)
+
+
+@dataclasses.dataclass
+class TestSet:
+    """The test split of an MVTec category, decoded.
+
+    Attributes:
+        images: ``uint8 (N, 3, H, W)``.
+        masks: ``bool (N, 1, H, W)``, all False for normal images.
+        labels: ``int64 (N,)``, 0 normal, 1 defective.
+        defect_types: ``list[str]`` of length N.
+        paths: ``list[Path]`` of length N.
+    """
+
+    __test__ = False
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+    defect_types: list[str]
+    paths: list[pathlib.Path]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def load_test_set(root: PathLike, size: Sequence[int], keep_aspect: bool = False,
+                  workers: int | None = None) -> TestSet:
+    """Decodes the test split of an MVTec category with its masks.
+
+    Masks are read at their native size and compared with their image's native size first (a mismatch is a
+    labelling error that a resize would hide), then resized with the mask rule of :mod:`fae_fast.data.io`.
+
+    Args:
+        root: the category folder.
+        size: ``(H, W)`` of the outputs.
+        keep_aspect: fit and reflect-pad instead of stretching (images and masks alike).
+        workers: decoding threads.
+
+    Raises:
+        ValueError: no test images, or a mask whose size differs from its image's (naming both files).
+        FileNotFoundError: a defective image without its mask.
+    """
+    cat = MVTecCategory(root)
+    items = cat.test_items
+    if not items:
+        raise ValueError(f"MVTec category {cat.root} has no test images")
+    H, W = _check_size(size)
+    n = len(items)
+    images = np.empty((n, 3, H, W), dtype=np.uint8)
+    masks = np.zeros((n, 1, H, W), dtype=bool)
+
+    def _one(i: int) -> None:
+        it = items[i]
+        img = read_image(it.path)
+        if it.mask_path is not None:
+            m = read_mask(it.mask_path)
+            if m.shape != img.shape[:2]:
+                raise ValueError(f"mask {it.mask_path} is {m.shape[1]}x{m.shape[0]} (WxH) but its image "
+                                 f"{it.path} is {img.shape[1]}x{img.shape[0]}")
+            masks[i, 0] = resize_mask(m, (H, W), keep_aspect)
+        images[i] = resize_image(img, (H, W), keep_aspect).transpose(2, 0, 1)
+
+    parallel_map(_one, range(n), workers)
+    return TestSet(images=torch.from_numpy(images), masks=torch.from_numpy(masks),
+                   labels=torch.tensor([it.label for it in items], dtype=torch.int64),
+                   defect_types=[it.defect_type for it in items], paths=[it.path for it in items])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sampling on the device
+
+
+class TrainSampler:
+    """Random augmented batches from a decoded image set resident on a device.
+
+    Each epoch is a fresh permutation from ``generator`` (every image once per epoch; a batch spanning two epochs
+    takes the rest of one and the start of the next). Per image, independently: a horizontal flip and a vertical
+    flip (``flip=True``, p=0.5 each) and a transpose (``rot90=True``, p=0.5, square images only); with both on,
+    these draw uniformly from the 8 symmetries of the square; ``rot90`` alone draws uniformly from the 4
+    rotations by multiples of 90 degrees (no mirroring).
+    The transforms are applied to the whole batch with ``torch.where``, no per-image Python loop, and nothing
+    leaves the device.
+
+    Args:
+        images: ``uint8 (N, 3, H, W)`` tensor on any device.
+        batch_size: images per batch (may exceed N).
+        generator: a ``torch.Generator`` (CPU or on the images' device; random numbers are drawn on its device and
+            moved), or an int seed for a new CPU generator.
+        flip: random horizontal and vertical flips.
+        rot90: random 90-degree rotations (needs H == W).
+
+    Example:
+        >>> s = TrainSampler(images, 32, torch.Generator().manual_seed(0), rot90=True)   # doctest: +SKIP
+        >>> x = s.next()                                     # uint8 (32, 3, H, W) on images.device
+    """
+
+    def __init__(self, images: torch.Tensor, batch_size: int, generator, flip: bool = True,
+                 rot90: bool = False):
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
+        if images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8, got {images.dtype}")
+        if images.shape[0] == 0:
+            raise ValueError("images is empty (N == 0)")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if rot90 and images.shape[2] != images.shape[3]:
+            raise ValueError(f"rot90=True needs square images, got H x W = {images.shape[2]} x {images.shape[3]}")
+        if isinstance(generator, int):
+            generator = torch.Generator().manual_seed(generator)
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or an int seed, got {type(generator).__name__}")
+        self.images = images
+        self.batch_size = int(batch_size)
+        self.generator = generator
+        self.flip = bool(flip)
+        self.rot90 = bool(rot90)
+        self.epoch = 0
+        self._perm = None
+        self._pos = 0
+
+    def __len__(self) -> int:
+        """Batches per epoch (rounded up)."""
+        return -(-self.images.shape[0] // self.batch_size)
+
+    def state_dict(self) -> dict:
+        """The epoch position (``epoch``, the epoch's permutation ``perm`` on the CPU or None, cursor ``pos``).
+
+        With the generator's own state (``generator.get_state()``, saved by the caller) this resumes bit-exactly.
+        """
+        perm = None if self._perm is None else self._perm.detach().cpu().clone()
+        return {"epoch": int(self.epoch), "perm": perm, "pos": int(self._pos)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict`; the permutation must be one of this set's size."""
+        perm = state["perm"]
+        if perm is not None and (perm.dim() != 1 or perm.numel() != self.images.shape[0]):
+            raise ValueError(f"sampler state is for {perm.numel()} images, this sampler has {self.images.shape[0]}")
+        self.epoch = int(state["epoch"])
+        self._perm = None if perm is None else perm.to(self.generator.device)
+        self._pos = int(state["pos"])
+
+    def _indices(self) -> torch.Tensor:
+        n, need, parts = self.images.shape[0], self.batch_size, []
+        gdev = self.generator.device
+        while need > 0:
+            if self._perm is None or self._pos >= n:
+                if self._perm is not None:
+                    self.epoch += 1
+                self._perm = torch.randperm(n, generator=self.generator, device=gdev)
+                self._pos = 0
+            take = min(need, n - self._pos)
+            parts.append(self._perm[self._pos:self._pos + take])
+            self._pos += take
+            need -= take
+        idx = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return idx.to(self.images.device, non_blocking=True)
+
+    def next(self) -> torch.Tensor:
+        """The next batch: ``uint8 (B, 3, H, W)`` on the images' device."""
+        x = self.images.index_select(0, self._indices())
+        if not (self.flip or self.rot90):
+            return x
+        b, gdev = x.shape[0], self.generator.device
+        # one draw of 3 bits per image: transpose, vertical flip, horizontal flip
+        bits = torch.randint(0, 2, (b, 3), generator=self.generator, device=gdev, dtype=torch.uint8)
+        bits = bits.to(x.device, non_blocking=True).bool()
+        if self.rot90 and not self.flip:
+            # rotations only: transpose, vflip and hflip are reflections, so an even count is a rotation
+            bits[:, 2] = bits[:, 0] ^ bits[:, 1]
+        bits = bits.view(b, 3, 1, 1, 1)
+        if self.rot90:
+            x = torch.where(bits[:, 0], x.transpose(-1, -2), x)
+        x = torch.where(bits[:, 1], x.flip(-2), x)
+        x = torch.where(bits[:, 2], x.flip(-1), x)
+        return x.contiguous()
+
+    __next__ = next
+
+    def __iter__(self):
+        return self
