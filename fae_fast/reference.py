@@ -10,7 +10,8 @@ Conventions shared by all backends:
 * The noise of a training step is ``eps = sigma[b] * z`` with ``z ~ N(0, 1)`` of the shape of ``x``, drawn
   from ``seed``. Within one backend the same seed always gives the same ``z``, so the loss can regenerate the
   noise that the injection added instead of storing the target ``x + eps``. Different backends draw different
-  ``z`` (the reference uses ``torch.Generator``, Triton uses Philox through ``tl.randn``); pass ``noise=`` to
+  ``z`` (the reference uses ``torch.Generator``; Triton uses Philox through ``tl.randn4x`` with the counter
+  (hw // 4, b * C + c) and lane hw % 4, so any block size regenerates the same eps); pass ``noise=`` to
   compare them exactly.
 * The anomaly-map box filter uses the *valid-count* border rule: at the border each output is the mean of the
   window's pixels that lie inside the image (``avg_pool2d(..., count_include_pad=False)``). It never

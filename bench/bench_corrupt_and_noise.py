@@ -1,0 +1,65 @@
+"""corrupt_and_noise: blend + symmetric noise in one pass; providers torch, torch_compile, triton side by side.
+
+On CUDA: batch 1, 16, 64, 256 at 256^2 and 512^2, bf16 x, texture and mask (target: within 1.5x of the memory
+floor and >= 3x the compiled reference on an H200). On CPU: one tiny case per provider (triton only through
+TRITON_INTERPRET=1, torch_compile skipped: its first compile costs ~25 s).
+
+Run: ``python -m pytest bench/bench_corrupt_and_noise.py -o python_files='bench_*.py' --benchmark-json=...``.
+"""
+import os
+
+import pytest
+import torch
+
+from bench._common import bandwidth_gbs, sync
+from fae_fast import reference
+
+CUDA = torch.cuda.is_available()
+CASES = [(b, s) for s in (256, 512) for b in (1, 16, 64, 256)] if CUDA else [(1, 16)]
+COPY_BW = 4.23e12  # bytes/s, device copy measured on the H200 of DESIGN.md: the floor quoted in extra_info
+_compiled = {}
+
+
+def _provider(name):
+    if name == "torch":
+        return reference.corrupt_and_noise
+    if name == "torch_compile":
+        if not CUDA:
+            pytest.skip("torch.compile is benchmarked on CUDA only (its first compile costs ~25 s on CPU)")
+        if "fn" not in _compiled:
+            _compiled["fn"] = torch.compile(reference.corrupt_and_noise)
+        return _compiled["fn"]
+    if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("the triton provider needs CUDA or TRITON_INTERPRET=1")
+    from fae_fast.kernels.corrupt_and_noise import corrupt_and_noise_triton
+
+    return corrupt_and_noise_triton
+
+
+@pytest.mark.parametrize("provider", ["torch", "torch_compile", "triton"])
+@pytest.mark.parametrize("batch,size", CASES, ids=lambda v: str(v))
+def test_corrupt_and_noise(benchmark, bench_info, device, provider, batch, size):
+    fn = _provider(provider)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    x = torch.rand(batch, 3, size, size, device=device).to(dtype)
+    tex = torch.rand(batch, 3, size, size, device=device).to(dtype)
+    mask = torch.rand(batch, 1, size, size, device=device).to(dtype)
+    sigma = torch.rand(batch, device=device) * 0.1
+    fn(x, tex, mask, sigma, 1)  # compile / JIT outside the timed region
+    sync(device)
+    seeds = iter(range(2, 1 << 30))  # a new seed per step, as in training
+
+    def run():
+        out = fn(x, tex, mask, sigma, next(seeds))
+        sync(device)
+        return out
+
+    out = benchmark(run)
+    assert out.shape == x.shape and out.dtype == dtype
+    nbytes = (x.numel() * (x.element_size() + tex.element_size() + out.element_size())
+              + mask.numel() * mask.element_size() + sigma.numel() * 4)
+    bench_info.update(provider=provider, batch=batch, size=size, dtype=str(dtype), bytes_moved=nbytes,
+                      floor_ms=nbytes / COPY_BW * 1e3)
+    if benchmark.stats is not None:
+        median = benchmark.stats.stats.median
+        bench_info.update(median_ms=median * 1e3, achieved_gbs=bandwidth_gbs(nbytes, median))
