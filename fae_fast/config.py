@@ -37,6 +37,8 @@ class CorruptionConfig:
     w_other_image: float = 0.4
     w_procedural: float = 0.2
     color_jitter: float = 0.2           # brightness/contrast/saturation jitter of borrowed textures
+    stroke_samples: int = 16            # points per Bezier stroke when rasterising
+    capacity_sigmas: float | None = 4.0  # occlusion slots per batch: expected + this many std (None: all slots)
 
 
 @dataclass
@@ -58,6 +60,10 @@ class ModelConfig:
     norm: str = "batch"                 # "batch" | "group" | "instance" | "none"
     act: str = "relu"                   # "relu" | "silu" | "gelu"
     gated_skips: bool = True            # out = s * e + (1 - s) * d, s = sigmoid(conv([e, d]))
+    skip_mode: str = "concat"           # "concat" | "add", used when gated_skips is False
+    downsample: str = "maxpool"         # "maxpool" | "conv" (stride-2 conv-norm-act)
+    upsample: str = "bilinear"          # "bilinear" (+1x1 conv) | "transpose"
+    residual: bool = True               # output x + head(features), head zero-initialised: starts as identity
 
 
 @dataclass
@@ -178,3 +184,17 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(vals) != 2 or min(vals) < 8 or max(vals) > 8192:
         raise ValueError(f"image size must be HxW with 8 <= H, W <= 8192, got {text!r}")
     return vals
+
+
+def auto_size(height: int, width: int, pixels: int = 256 * 256, multiple: int = 16) -> tuple[int, int]:
+    """(H, W) with about ``pixels`` pixels, the aspect ratio of ``height x width``, multiples of ``multiple``.
+
+    Keeps small defects of elongated images visible: a 1130 x 460 frame becomes 160 x 400, not a squashed
+    256 x 256 (DESIGN.md 5; BSData's pits cover a median 0.17% of the frame).
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    scale = (pixels / float(height * width)) ** 0.5
+    h = max(multiple, int(round(height * scale / multiple)) * multiple)
+    w = max(multiple, int(round(width * scale / multiple)) * multiple)
+    return h, w

@@ -1,0 +1,37 @@
+"""Networks of fae_fast: the modified U-Net of DESIGN.md 1.3 and its inference-time BatchNorm folding.
+
+Example:
+    >>> from fae_fast.config import ModelConfig
+    >>> net = build_model(ModelConfig(widths=(8, 16, 32), dilations=(1, 2)))
+    >>> net(torch.rand(1, 3, 33, 48)).shape
+    torch.Size([1, 3, 33, 48])
+"""
+from __future__ import annotations
+
+import torch  # noqa: F401  (used by the doctest)
+import torch.nn as nn
+
+from ..config import ModelConfig
+from .unet import ACTS, NORMS, ConvNormAct, UNet, count_parameters, fold_batchnorm
+
+__all__ = ["UNet", "ConvNormAct", "build_model", "fold_batchnorm", "count_parameters", "NORMS", "ACTS"]
+
+
+
+def build_model(cfg: ModelConfig | None = None) -> nn.Module:
+    """Build the U-Net described by ``cfg`` (defaults: widths 64-128-256-512, dilations 1-2-4-8, BatchNorm,
+    ReLU, gated skips, max-pool down, bilinear up, residual output).
+
+    Args:
+        cfg: a :class:`fae_fast.config.ModelConfig` (None: the defaults).
+
+    Returns:
+        A :class:`UNet` mapping (B, C, H, W) to (B, C, H, W).
+    """
+    if cfg is None:
+        cfg = ModelConfig()
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"build_model expects a ModelConfig, got {type(cfg).__name__}")
+    return UNet(cfg.in_channels, tuple(cfg.widths), tuple(cfg.dilations), norm=cfg.norm, act=cfg.act,
+                gated_skips=cfg.gated_skips, skip_mode=cfg.skip_mode, downsample=cfg.downsample,
+                upsample=cfg.upsample, residual=cfg.residual)
