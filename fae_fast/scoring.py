@@ -1,0 +1,147 @@
+"""Batched scoring of images with a trained model, and thresholds from held-out normal images.
+
+``compute_maps`` runs the model in eval mode under ``torch.inference_mode`` and turns each reconstruction into
+an anomaly map with :func:`fae_fast.ops.anomaly_map` (channel-mean squared error, ``n`` passes of a ``k x k``
+mean filter, per-image max). ``thresholds_from_holdout`` reads the image and pixel thresholds off normal images
+that training never saw (DESIGN.md section 1.6).
+
+Example:
+    >>> n, k = smoothing_for_size(cfg.map, 256, 256)                           # doctest: +SKIP
+    >>> maps, scores = compute_maps(model, holdout_uint8, n=n, k=k)            # doctest: +SKIP
+    >>> thresholds_from_holdout(scores, maps, 0.99, 0.999)                     # doctest: +SKIP
+    {'image': 0.0123, 'pixel': 0.0101}
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from . import ops
+
+__all__ = ["resolve_device", "autocast_dtype", "compute_maps", "thresholds_from_holdout"]
+
+_AMP = ("auto", "bf16", "fp16", "fp32")
+
+
+def resolve_device(device) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when available, else CPU; strings and devices pass through."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda[:i]' or a torch.device, got {device!r}") from None
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on ``device``; None means plain fp32.
+
+    "auto" is bf16 on CUDA (no loss scaling needed, full fp32 range) and fp32 on the CPU (CPU bf16 convolutions
+    are slower than fp32 on most CPUs and would make CPU runs differ from the reference).
+    """
+    if amp not in _AMP:
+        raise ValueError(f"amp must be one of {_AMP}, got {amp!r}")
+    if amp == "fp32" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "fp16":
+        return torch.float16
+    return torch.bfloat16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int, batch_size: int = 32,
+                 device=None, amp: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Anomaly maps and image scores of ``images``.
+
+    Args:
+        model: reconstruction network, (B, 3, H, W) float in [0, 1] -> (B, 3, H, W). It is switched to eval mode
+            for the call and restored afterwards.
+        images: uint8 (N, 3, H, W), on any device (batches are moved to ``device`` one at a time).
+        n: box-filter passes; k: odd window (see :func:`fae_fast.config.smoothing_for_size`).
+        batch_size: images per forward pass.
+        device: where to run; None = the model's device. The model is not moved.
+        amp: "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" | "fp32".
+
+    Returns:
+        (maps (N, 1, H, W) float32 on the CPU, scores (N,) float32 on the CPU).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a uint8 torch.Tensor (N, 3, H, W), got {type(images).__name__}")
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} of shape {tuple(images.shape)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    dev = _model_device(model) if device is None else resolve_device(device)
+    dtype = autocast_dtype(amp, dev)
+    N, _, H, W = images.shape
+    maps = torch.empty((N, 1, H, W), dtype=torch.float32)
+    scores = torch.empty((N,), dtype=torch.float32)
+    # pinned host buffers let the device->host copies overlap the next batch (CUDA only)
+    pin = dev.type == "cuda"
+    if pin:
+        maps, scores = maps.pin_memory(), scores.pin_memory()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for s in range(0, N, batch_size):
+                xb = images[s:s + batch_size].to(dev, non_blocking=True)
+                inp = xb.float().div_(255.0)
+                if dev.type == "cuda":
+                    inp = inp.contiguous(memory_format=torch.channels_last)
+                with _autocast(dev, dtype):
+                    recon = model(inp)
+                amap, score = ops.anomaly_map(xb, recon, n=n, k=k)
+                maps[s:s + len(xb)].copy_(amap, non_blocking=pin)
+                scores[s:s + len(xb)].copy_(score, non_blocking=pin)
+        if pin:
+            torch.cuda.synchronize(dev)
+    finally:
+        model.train(was_training)
+    return maps, scores
+
+
+def _quantile(values: torch.Tensor, q: float) -> float:
+    # numpy, not torch.quantile: torch.quantile refuses inputs above 16 M elements (a few hundred 256^2 maps)
+    arr = values.detach().reshape(-1).cpu().double().numpy()
+    return float(np.quantile(arr, q))
+
+
+def thresholds_from_holdout(scores: torch.Tensor, maps: torch.Tensor, image_q: float,
+                            pixel_q: float) -> dict[str, float]:
+    """Image and pixel thresholds as quantiles of held-out normal scores and map pixels.
+
+    Args:
+        scores: (N,) image scores of held-out normal images.
+        maps: (N, 1, H, W) their anomaly maps.
+        image_q: quantile of ``scores`` for the image threshold, in [0, 1].
+        pixel_q: quantile of all map pixels for the pixel threshold, in [0, 1].
+
+    Returns:
+        ``{"image": float, "pixel": float}``.
+    """
+    for name, q in (("image_q", image_q), ("pixel_q", pixel_q)):
+        if not 0.0 <= float(q) <= 1.0:
+            raise ValueError(f"{name} must be a quantile in [0, 1], got {q!r}")
+    if not isinstance(scores, torch.Tensor) or not isinstance(maps, torch.Tensor):
+        raise TypeError("scores and maps must be torch tensors")
+    if scores.numel() == 0 or maps.numel() == 0:
+        raise ValueError("thresholds need at least one held-out normal image (got none)")
+    return {"image": _quantile(scores, float(image_q)), "pixel": _quantile(maps, float(pixel_q))}
