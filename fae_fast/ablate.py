@@ -1,0 +1,262 @@
+"""Ablations of the paper's claims as a command: ``fae-fast ablate --data DIR``.
+
+Trains and evaluates, with several seeds, the FAE against its ablations (DESIGN.md 1.2; arXiv 2511.07233):
+
+=====================  ======================================================================================
+variant                what changes
+=====================  ======================================================================================
+``fae``                the default recipe: corruption + symmetric same-eps noise
+``no_noise``           corruption only (sigma = 0)
+``input_noise``        noise on the input only (the target is the clean image: anchors the Jacobian to zero)
+``independent_noise``  independent eps on input and target
+``no_thin_strokes``    no Bezier strokes among the occlusion shapes
+``opaque``             opacity beta = 1 always (no semi-transparent occlusions)
+``plain_ae``           a plain autoencoder: no corruption and no noise (the floor)
+=====================  ======================================================================================
+
+plus a sweep of the smoothing (n passes x k window) evaluated on the ``fae`` models without retraining. The
+output is a table of mean +- std over seeds of I-AUROC, P-AUROC, AU-PRO and P-AP, as JSON and Markdown.
+
+Everything not named above is the same for every variant (data, size, steps, seeds), so the rows compare.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import _atomic, ops
+from .config import FAEConfig, auto_size, parse_size, preset, smoothing_for_size
+
+METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1max")
+
+
+def _no_noise(c):
+    c.noise.mode = "none"
+
+
+def _input_noise(c):
+    c.noise.mode = "input"
+
+
+def _independent(c):
+    c.noise.mode = "independent"
+
+
+def _no_strokes(c):
+    c.corruption.w_stroke = 0.0
+
+
+def _opaque(c):
+    c.corruption.beta_min = c.corruption.beta_max = 1.0
+
+
+def _plain_ae(c):
+    c.corruption.p = 0.0
+    c.noise.mode = "none"
+
+
+VARIANTS: dict[str, Callable[[FAEConfig], None]] = {
+    "fae": lambda c: None,
+    "no_noise": _no_noise,
+    "input_noise": _input_noise,
+    "independent_noise": _independent,
+    "no_thin_strokes": _no_strokes,
+    "opaque": _opaque,
+    "plain_ae": _plain_ae,
+}
+
+
+def variant_config(base: FAEConfig, name: str, seed: int) -> FAEConfig:
+    """The config of one ablation run: ``base`` with the variant's change and the seed."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
+    cfg = copy.deepcopy(base)
+    VARIANTS[name](cfg)
+    cfg.train.seed = int(seed)
+    return cfg
+
+
+def smoothing_grid(n: int, k: int) -> list[tuple[int, int]]:
+    """(n, k) settings around the default: raw map, fewer/more passes, narrower/wider windows."""
+    kh = max(1, (k // 2) | 1)
+    kw = min(31, 2 * k - 1)
+    grid = [(0, 1), (2, k), (n, kh), (n, k), (n, kw), (min(8, 2 * n), k)]
+    return list(dict.fromkeys(grid))
+
+
+def maps_for_settings(model, images: torch.Tensor, settings, *, batch_size: int = 16, device=None):
+    """Anomaly maps of ``images`` for several (n, k): one forward pass per batch, one map per setting.
+
+    Returns:
+        {(n, k): (maps (N, H, W) float32 numpy, scores (N,) float32 numpy)}.
+    """
+    from .scoring import _autocast, autocast_dtype, resolve_device
+
+    dev = resolve_device(device or next(model.parameters()).device)
+    dtype = autocast_dtype("auto", dev)
+    N, _, H, W = images.shape
+    out = {s: (np.empty((N, H, W), np.float32), np.empty((N,), np.float32)) for s in settings}
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, N, batch_size):
+            xb = images[i:i + batch_size].to(dev)
+            with _autocast(dev, dtype):
+                recon = model(xb.float() / 255.0)
+            for s in settings:
+                amap, score = ops.anomaly_map(xb, recon, n=s[0], k=s[1])
+                out[s][0][i:i + len(xb)] = amap[:, 0].float().cpu().numpy()
+                out[s][1][i:i + len(xb)] = score.float().cpu().numpy()
+    return out
+
+
+def _mean_std(values):
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
+
+
+def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), seeds=(0, 1, 2),
+                 base: FAEConfig | None = None, device="auto", progress: bool = False, log=print) -> dict:
+    """Train every (variant, seed), evaluate on ``data``'s test split, and summarise.
+
+    Args:
+        data: MVTec-layout category root.
+        variants: names from :data:`VARIANTS`.
+        seeds: training seeds (each changes initialisation, corruption and noise draws, and the holdout split).
+        base: the recipe every variant starts from (image size, steps, ...).
+        device: training and inference device.
+
+    Returns:
+        A JSON-ready dict with ``runs`` (per run metrics), ``summary`` (variant -> metric -> mean/std/n) and
+        ``smoothing`` ((n, k) -> metric -> mean/std/n, on the ``fae`` runs).
+    """
+    from .data import load_images, load_test_set, normal_image_paths
+    from .evaluate import evaluate
+    from .train import train
+
+    base = copy.deepcopy(base) if base is not None else FAEConfig()
+    size = tuple(base.train.image_size)
+    keep = base.train.keep_aspect
+    t0 = time.perf_counter()
+    train_images = load_images(normal_image_paths(Path(data)), size, keep_aspect=keep)
+    test = load_test_set(Path(data), size, keep_aspect=keep)
+    labels, masks = test.labels.numpy(), test.masks[:, 0].numpy()
+    log(f"[ablate] {len(train_images)} train / {len(test)} test images at {size[0]}x{size[1]} "
+        f"({time.perf_counter() - t0:.1f} s)")
+    n, k = smoothing_for_size(base.map, *size)
+    grid = smoothing_grid(n, k)
+    runs, sweep = [], {f"n={a},k={b}": [] for a, b in grid}
+    for name in variants:
+        for seed in seeds:
+            cfg = variant_config(base, name, seed)
+            t1 = time.perf_counter()
+            res = train(cfg, train_images, device=device, progress=progress)
+            train_s = time.perf_counter() - t1
+            settings = grid if name == "fae" else [(n, k)]
+            per = maps_for_settings(res.model, test.images, settings, device=device)
+            for (a, b), (maps, scores) in per.items():
+                metrics = evaluate(scores, maps, labels, masks, test.defect_types)["overall"]
+                row = {m: float(metrics[m]) for m in METRICS}
+                if (a, b) == (n, k):
+                    runs.append({"variant": name, "seed": int(seed), "train_seconds": round(train_s, 2),
+                                 "final_loss": float(res.history[-1]["loss"]) if res.history else None, **row})
+                    log(f"[ablate] {name:18s} seed {seed}: " + ", ".join(f"{m} {row[m]:.4f}" for m in METRICS)
+                        + f" ({train_s:.0f} s)")
+                if name == "fae":
+                    sweep[f"n={a},k={b}"].append(row)
+            del res, per
+    summary = {v: {m: _mean_std([r[m] for r in runs if r["variant"] == v]) for m in METRICS} for v in variants}
+    smoothing = {key: {m: _mean_std([r[m] for r in rows]) for m in METRICS} for key, rows in sweep.items() if rows}
+    return {
+        "dataset": str(Path(data).resolve()),
+        "image_size": list(size),
+        "smoothing_default": [n, k],
+        "steps": base.train.steps,
+        "seeds": list(seeds),
+        "device": str(device),
+        "machine": {"node": platform.node(), "cpu_count": __import__("os").cpu_count(),
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                    "torch": torch.__version__},
+        "config": base.to_dict(),
+        "runs": runs,
+        "summary": summary,
+        "smoothing": smoothing,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def markdown_table(result: dict) -> str:
+    """The summary and the smoothing sweep as Markdown tables (mean +- std in percent)."""
+    head = "| variant | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
+    lines = [head]
+    for v, row in result["summary"].items():
+        cells = [f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}" for m in METRICS]
+        lines.append(f"| {v} (n={row[METRICS[0]]['n']}) | " + " | ".join(cells) + " |\n")
+    if result.get("smoothing"):
+        lines.append("\nSmoothing sweep on the `fae` models:\n\n" + head.replace("variant", "n, k"))
+        for key, row in result["smoothing"].items():
+            cells = [f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}" for m in METRICS]
+            lines.append(f"| {key} | " + " | ".join(cells) + " |\n")
+    return "".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fae-fast ablate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="MVTec-layout category root")
+    p.add_argument("--variants", default="fae,no_noise,input_noise,independent_noise,no_thin_strokes,opaque,plain_ae",
+                   help=f"comma-separated, from {','.join(VARIANTS)}")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--preset", default="default")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--size", default="auto", help="HxW, or 'auto': the data's aspect ratio at about 256^2 pixels")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="write the result JSON here (e.g. bench/results/ablation_<data>_<machine>.json)")
+    p.add_argument("--markdown", help="write the Markdown tables here")
+    args = p.parse_args(argv)
+
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"fae-fast ablate: error: unknown variants {unknown}; choose from {sorted(VARIANTS)}", file=sys.stderr)
+        return 2
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+        base = preset(args.preset)
+        if args.steps is not None:
+            base.train.steps = args.steps
+        if args.batch_size:
+            base.train.batch_size = args.batch_size
+        base.train.image_size = _size_arg(args.size, args.data)
+        result = run_ablation(args.data, variants=variants, seeds=seeds, base=base, device=args.device)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"fae-fast ablate: error: {exc}", file=sys.stderr)
+        return 2
+    table = markdown_table(result)
+    print(table)
+    if args.json:
+        _atomic.write_text(args.json, json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        _atomic.write_text(args.markdown, table)
+    return 0
+
+
+def _size_arg(text: str, data) -> tuple[int, int]:
+    """'auto' -> :func:`auto_size` of the first normal image; else :func:`parse_size`."""
+    if text != "auto":
+        return parse_size(text)
+    from .data import normal_image_paths, read_image
+
+    first = read_image(normal_image_paths(Path(data))[0])
+    return auto_size(first.shape[0], first.shape[1])

@@ -1,0 +1,73 @@
+"""End to end through the command line: train -> eval -> predict on a tiny synthetic set, and bad input."""
+import json
+
+import numpy as np
+import pytest
+
+from fae_fast.cli import main
+from fae_fast.synthetic import make_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = make_dataset(root / "data", n_train=12, n_test_good=3, n_test_defect=2, size=(32, 32), seed=1)
+    model = root / "model.fae"
+    rc = main(["train", "--data", str(data), "--out", str(model), "--steps", "3", "--size", "32",
+               "--preset", "tiny", "--batch-size", "4", "--quiet", "--device", "cpu"])
+    assert rc == 0 and model.is_file()
+    return root, data, model
+
+
+def test_eval_writes_the_metrics_json(tiny, capsys):
+    root, data, model = tiny
+    out = root / "metrics.json"
+    assert main(["eval", "--model", str(model), "--data", str(data), "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "overall" in table
+    res = json.loads(out.read_text())
+    for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1max"):
+        v = res["overall"][key]
+        assert v is None or 0.0 <= v <= 1.0
+    assert set(res["per_defect"]) == {p.name for p in (data / "test").iterdir() if p.name != "good"}
+
+
+def test_predict_writes_overlays_masks_csv_and_json(tiny):
+    root, data, model = tiny
+    out = root / "pred"
+    inputs = [str(data / "test" / "good" / "001.png"), str(data / "test" / "good" / "002.png"),
+              str(data / "test" / "scratch" / "000.png")]
+    assert main(["predict", "--model", str(model), *inputs, "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["results"]) == 3
+    for row in res["results"]:
+        assert (out / row["overlay"]).is_file()
+    csv_lines = (out / "results.csv").read_text().strip().splitlines()
+    assert csv_lines[0].startswith("file,score") and len(csv_lines) == 4
+    assert sorted(p.name for p in out.glob("*_mask.png")) == ["000_mask.png", "001_mask.png", "002_mask.png"]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_predict_refuses_outputs_that_would_overwrite_each_other(tiny, capsys):
+    root, data, model = tiny
+    inputs = [str(data / "test" / "good"), str(data / "test" / "scratch")]
+    assert main(["predict", "--model", str(model), *inputs, "--out", str(root / "dup")]) == 2
+    assert "share file stems" in capsys.readouterr().err
+
+
+def test_bad_inputs_name_the_file(tiny, tmp_path, capsys):
+    root, data, model = tiny
+    bogus = tmp_path / "not_a_model.fae"
+    bogus.write_bytes(b"hello")
+    assert main(["predict", "--model", str(bogus), str(data / "test" / "good"), "--out", str(tmp_path / "o")]) == 2
+    assert str(bogus) in capsys.readouterr().err
+    broken = tmp_path / "imgs"
+    broken.mkdir()
+    (broken / "frame.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    assert main(["predict", "--model", str(model), str(broken), "--out", str(tmp_path / "o2")]) == 2
+    assert "frame.png" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--data", str(empty), "--out", str(tmp_path / "m.fae"), "--steps", "1"]) == 2
+    assert str(empty) in capsys.readouterr().err
+    assert not (tmp_path / "m.fae").exists()
