@@ -128,20 +128,28 @@ def _expand_inputs(inputs) -> list[Path]:
 
 def predict_to_folder(det, paths: list[Path], out: Path, *, image_threshold=None, pixel_threshold=None,
                       batch_size: int = 32, save_maps: bool = False) -> list[dict]:
-    """Score ``paths`` and write overlays, masks, results.csv and results.json into ``out``; returns the rows."""
+    """Score ``paths`` and write, per image, a heatmap overlay and a mask at the image's own resolution (the map
+    is brought back from the model's size), plus ``results.csv`` and ``results.json``; returns the rows.
+
+    The colour scale is fixed across images (0 to twice the pixel threshold), so overlays compare.
+    """
+    from .data import map_to_original, read_image
     from .report import overlay
 
     out.mkdir(parents=True, exist_ok=True)
+    it = det.thresholds["image"] if image_threshold is None else float(image_threshold)
+    pt = det.thresholds["pixel"] if pixel_threshold is None else float(pixel_threshold)
+    keep = det.config.train.keep_aspect
     rows = []
+    vmax = None
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        batch, maps, scores = det.anomaly_maps(chunk, batch_size=batch_size)
-        it = det.thresholds["image"] if image_threshold is None else image_threshold
-        pt = det.thresholds["pixel"] if pixel_threshold is None else pixel_threshold
-        vmax = max(float(pt) * 2.0, 1e-12) if pt is not None else float(maps.max())
+        _, maps, scores = det.anomaly_maps(chunk, batch_size=batch_size)
+        if vmax is None:
+            vmax = 2.0 * pt if pt else max(float(maps.max()), 1e-12)
         for i, p in enumerate(chunk):
-            amap = maps[i, 0].numpy()
-            img = batch[i].permute(1, 2, 0).numpy()
+            img = read_image(p)
+            amap = map_to_original(maps[i, 0].numpy(), img.shape[:2], keep)
             mask = amap > pt if pt is not None else None
             stem = p.stem
             _atomic.write_png(out / f"{stem}_overlay.png", overlay(img, amap, 0.0, vmax, mask=mask))
@@ -151,18 +159,15 @@ def predict_to_folder(det, paths: list[Path], out: Path, *, image_threshold=None
                 _atomic.write_with(out / f"{stem}_map.npy", lambda f, a=amap: np.save(f, a))
             score = float(scores[i])
             rows.append({"file": str(p), "score": score,
-                         "label": (None if it is None else bool(score > it)),
-                         "defect_fraction": (None if mask is None else float(mask.mean())),
+                         "label": None if it is None else bool(score > it),
+                         "defect_fraction": None if mask is None else float(mask.mean()),
                          "overlay": f"{stem}_overlay.png"})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
     _atomic.write_text(out / "results.csv", buf.getvalue())
-    _write_json(out / "results.json", {"image_threshold": det.thresholds["image"] if image_threshold is None
-                                       else image_threshold,
-                                       "pixel_threshold": det.thresholds["pixel"] if pixel_threshold is None
-                                       else pixel_threshold, "results": rows})
+    _write_json(out / "results.json", {"image_threshold": it, "pixel_threshold": pt, "results": rows})
     return rows
 
 
@@ -222,8 +227,8 @@ def cmd_demo(args) -> int:
 def demo_config(steps: int | None = None, seed: int = 0) -> FAEConfig:
     """The demo's small, CPU-friendly configuration (preset ``tiny``)."""
     cfg = preset("tiny")
-    cfg.train.steps = 300 if steps is None else steps
-    cfg.train.batch_size = 16
+    cfg.train.steps = 200 if steps is None else steps
+    cfg.train.batch_size = 8
     cfg.train.lr = 3e-3
     cfg.train.checkpoint_every = 10 ** 9
     cfg.train.seed = seed

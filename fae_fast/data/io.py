@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "map_to_original",
     "IMAGE_EXTS", "ImageList", "list_images", "read_image", "read_mask", "decode_image", "resize_image",
     "resize_mask", "fit_inside", "reflect_indices", "check_image_file", "sniff_format",
 ]
@@ -368,3 +369,20 @@ def check_image_file(path: PathLike) -> tuple[str | None, str | None]:
     elif fmt == "png" and b"IEND" not in tail[-64:]:
         return fmt, "truncated PNG (no IEND chunk at the end)"
     return fmt, None
+
+
+def map_to_original(amap: np.ndarray, original_hw: Sequence[int], keep_aspect: bool = False) -> np.ndarray:
+    """Brings a float ``(H, W)`` map at the model's size back onto the original ``(h, w)`` image.
+
+    The inverse of :func:`resize_image`'s geometry: with ``keep_aspect`` the padding is cropped first, then the
+    map is interpolated bilinearly (a map is smooth; area-averaging would lower its peaks).
+    """
+    H, W = amap.shape[:2]
+    h, w = int(original_hw[0]), int(original_hw[1])
+    if keep_aspect:
+        nh, nw = fit_inside(h, w, (H, W))
+        top, left = (H - nh) // 2, (W - nw) // 2
+        amap = amap[top:top + nh, left:left + nw]
+    if amap.shape[:2] == (h, w):
+        return np.ascontiguousarray(amap, dtype=np.float32)
+    return cv2.resize(np.ascontiguousarray(amap, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
