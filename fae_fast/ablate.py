@@ -87,10 +87,9 @@ def variant_config(base: FAEConfig, name: str, seed: int) -> FAEConfig:
 
 
 def smoothing_grid(n: int, k: int) -> list[tuple[int, int]]:
-    """(n, k) settings around the default: raw map, fewer/more passes, narrower/wider windows."""
-    kh = max(1, (k // 2) | 1)
-    kw = min(31, 2 * k - 1)
-    grid = [(0, 1), (2, k), (n, kh), (n, k), (n, kw), (min(8, 2 * n), k)]
+    """(n, k) settings around the default: raw map, fewer/more passes, about 2x and 4x wider windows."""
+    grid = [(0, 1), (max(1, n // 2), k), (n, k), (min(8, 2 * n), k), (n, min(31, 2 * k + 1)),
+            (n, min(31, 4 * k + 1))]
     return list(dict.fromkeys(grid))
 
 
@@ -176,9 +175,7 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
                 if name == "fae":
                     sweep[f"n={a},k={b}"].append(row)
             del res, per
-    summary = {v: {m: _mean_std([r[m] for r in runs if r["variant"] == v]) for m in METRICS} for v in variants}
-    smoothing = {key: {m: _mean_std([r[m] for r in rows]) for m in METRICS} for key, rows in sweep.items() if rows}
-    return {
+    result = {
         "dataset": str(Path(data).resolve()),
         "image_size": list(size),
         "smoothing_default": [n, k],
@@ -190,10 +187,41 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
                     "torch": torch.__version__},
         "config": base.to_dict(),
         "runs": runs,
-        "summary": summary,
-        "smoothing": smoothing,
+        "smoothing_runs": sweep,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    return summarise(result)
+
+
+def summarise(result: dict) -> dict:
+    """(Re)compute ``summary`` and ``smoothing`` (mean/std/n over seeds) from the per-run rows."""
+    variants = list(dict.fromkeys(r["variant"] for r in result["runs"]))
+    result["summary"] = {v: {m: _mean_std([r[m] for r in result["runs"] if r["variant"] == v]) for m in METRICS}
+                         for v in variants}
+    result["smoothing"] = {key: {m: _mean_std([r[m] for r in rows]) for m in METRICS}
+                           for key, rows in result.get("smoothing_runs", {}).items() if rows}
+    return result
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One result from ablations run in parts (e.g. in parallel processes) on the same data and recipe."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    keys = ("dataset", "image_size", "steps", "smoothing_default")
+    for part in parts[1:]:
+        for key in keys:
+            if part[key] != parts[0][key]:
+                raise ValueError(f"cannot merge ablations with different {key}: {parts[0][key]!r} vs {part[key]!r}")
+    out = copy.deepcopy(parts[0])
+    out["runs"] = [r for part in parts for r in part["runs"]]
+    sweep: dict[str, list] = {}
+    for part in parts:
+        for key, rows in part.get("smoothing_runs", {}).items():
+            sweep.setdefault(key, []).extend(rows)
+    out["smoothing_runs"] = sweep
+    out["seeds"] = sorted({s for part in parts for s in part["seeds"]})
+    out["seconds"] = sum(part["seconds"] for part in parts)
+    return summarise(out)
 
 
 def markdown_table(result: dict) -> str:
@@ -213,7 +241,8 @@ def markdown_table(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fae-fast ablate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="MVTec-layout category root")
+    p.add_argument("--data", help="MVTec-layout category root")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge results of ablations run in parts instead")
     p.add_argument("--variants", default="fae,no_noise,input_noise,independent_noise,no_thin_strokes,opaque,plain_ae",
                    help=f"comma-separated, from {','.join(VARIANTS)}")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
@@ -225,7 +254,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the result JSON here (e.g. bench/results/ablation_<data>_<machine>.json)")
     p.add_argument("--markdown", help="write the Markdown tables here")
     args = p.parse_args(argv)
-
+    if args.merge:
+        result = merge_results([json.loads(Path(f).read_text()) for f in args.merge])
+        return _emit(result, args)
+    if not args.data:
+        p.error("--data is required (or --merge)")
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -243,6 +276,10 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"fae-fast ablate: error: {exc}", file=sys.stderr)
         return 2
+    return _emit(result, args)
+
+
+def _emit(result: dict, args) -> int:
     table = markdown_table(result)
     print(table)
     if args.json:

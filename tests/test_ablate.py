@@ -41,3 +41,28 @@ def test_tiny_ablation_end_to_end(tmp_path, capsys):
     assert len(res["smoothing"]) == len(smoothing_grid(*res["smoothing_default"]))
     assert "| fae (n=1) |" in markdown_table(res)
     assert "plain_ae" in capsys.readouterr().out
+
+
+def _part(variant, seeds, sweep_rows=()):
+    runs = [{"variant": variant, "seed": s, **{m: 0.5 + 0.1 * s for m in
+                                               ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap",
+                                                "image_f1max")}} for s in seeds]
+    return {"dataset": "/d", "image_size": [32, 32], "steps": 5, "smoothing_default": [4, 3], "seeds": list(seeds),
+            "seconds": 1.0, "runs": runs, "smoothing_runs": {"n=4,k=3": list(sweep_rows)}}
+
+
+def test_merge_recomputes_mean_and_std_over_all_parts():
+    import pytest
+
+    from fae_fast.ablate import merge_results
+
+    a, b = _part("fae", [0, 1]), _part("plain_ae", [0, 1, 2])
+    merged = merge_results([a, b])
+    assert [r["variant"] for r in merged["runs"]] == ["fae"] * 2 + ["plain_ae"] * 3
+    s = merged["summary"]["plain_ae"]["pixel_auroc"]
+    assert s["n"] == 3 and abs(s["mean"] - 0.6) < 1e-12 and abs(s["std"] - 0.1) < 1e-12
+    assert merged["seconds"] == 2.0
+    c = _part("opaque", [0])
+    c["steps"] = 6
+    with pytest.raises(ValueError, match="different steps"):
+        merge_results([a, c])
