@@ -28,17 +28,20 @@ def _extensions():
     force = os.environ.get("FORCE_CUDA", "0") not in ("", "0")
     use_cuda = bool(cu) and (force or (torch.version.cuda is not None and CUDA_HOME is not None))
     omp = [] if sys.platform == "darwin" else ["-fopenmp"]
-    cxx = ["-O3", "-std=c++17"] + omp
-    macros = [("FAE_FAST_TORCH_VERSION", f'"{torch.__version__}"')]
+    # No FMA contraction and no fast-math on either side: the CPU and CUDA kernels evaluate the same float
+    # expressions (fae_common.h) and should agree to the last bits, and with the reference's operation order.
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-math-errno"] + omp
+    nvcc = ["-O3", "-std=c++20", "--fmad=false"]
+    macros = [("FAE_FAST_TORCH_VERSION", f'"{torch.__version__}"'),
+              ("FAE_FAST_CUDA_VERSION", f'"{torch.version.cuda or ""}"')]
+    include_dirs = [os.path.join(ROOT, "csrc")]
     if use_cuda:
         macros.append(("FAE_FAST_WITH_CUDA", None))
-        macros.append(("FAE_FAST_CUDA_VERSION", f'"{torch.version.cuda}"'))
-        ext = CUDAExtension("fae_fast._C", cpp + cu, define_macros=macros,
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
-                            extra_link_args=omp)
+        ext = CUDAExtension("fae_fast._C", cpp + cu, define_macros=macros, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=omp)
     else:
-        ext = CppExtension("fae_fast._C", cpp, define_macros=macros, extra_compile_args={"cxx": cxx},
-                           extra_link_args=omp)
+        ext = CppExtension("fae_fast._C", cpp, define_macros=macros, include_dirs=include_dirs,
+                           extra_compile_args={"cxx": cxx}, extra_link_args=omp)
     print(f"fae_fast setup: building fae_fast._C with {'C++ + CUDA' if use_cuda else 'C++ only (CPU)'} "
           f"against torch {torch.__version__} (CUDA {torch.version.cuda}, CUDA_HOME {CUDA_HOME})", file=sys.stderr)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}

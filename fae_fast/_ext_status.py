@@ -1,24 +1,74 @@
-"""What the compiled extension was built against and what runs now (import-safe, no extension load).
+"""What the compiled extension was built against and what runs now (import-safe, never loads the extension).
 
-Owned by the extension issue; the loader in :mod:`fae_fast._ext` fills in the build-time facts.
+The build-time facts come from a marker string that ``csrc/ext.cpp`` compiles into the binary
+(``FAE_FAST_BUILD_INFO{torch=...;cuda=...;with_cuda=...}``), read from the file's bytes, so they can be named
+even when the ``.so`` cannot be loaded at all (undefined symbols after a torch upgrade is the usual case).
 """
 from __future__ import annotations
 
+import glob
+import os
+import re
+
 import torch
+
+_MARKER = re.compile(rb"FAE_FAST_BUILD_INFO\{torch=([^;}]*);cuda=([^;}]*);with_cuda=([01])\}")
 
 
 def runtime() -> str:
+    """``"run-time torch X, CUDA Y"`` of this process."""
     return f"run-time torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}"
 
 
-def describe() -> str:
-    """One line naming build-time and run-time torch/CUDA versions (build-time unknown if not built)."""
-    try:
-        from . import _ext
+def library_path() -> str | None:
+    """Path of the compiled ``fae_fast/_C*.so`` next to this file (or None when not built)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = sorted(glob.glob(os.path.join(here, "_C.*.so")) + glob.glob(os.path.join(here, "_C.*.pyd")))
+    return paths[0] if paths else None
 
-        return _ext.describe()
-    except Exception:
-        return f"extension not built or not loadable; {runtime()}"
+
+def build_info(path: str | None = None) -> dict | None:
+    """``{"torch", "cuda", "with_cuda", "path"}`` read from the binary without loading it; None if not built."""
+    path = path or library_path()
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            m = _MARKER.search(fh.read())
+    except OSError:
+        return None
+    if m is None:
+        return {"torch": "unknown", "cuda": "unknown", "with_cuda": False, "path": path}
+    return {"torch": m.group(1).decode(), "cuda": m.group(2).decode() or "none", "with_cuda": m.group(3) == b"1",
+            "path": path}
+
+
+def build_time() -> str:
+    """``"build-time torch X, CUDA Y"`` of the compiled extension, or why there is none."""
+    info = build_info()
+    if info is None:
+        return "extension not built (no fae_fast/_C*.so; run `python setup.py build_ext --inplace`)"
+    return f"build-time torch {info['torch']}, CUDA {info['cuda']}"
+
+
+def describe() -> str:
+    """One line naming build-time and run-time torch/CUDA versions, and whether the extension is disabled."""
+    off = os.environ.get("FAE_FAST_NO_EXT", "0") not in ("", "0")
+    prefix = "disabled by FAE_FAST_NO_EXT=1; " if off else ""
+    return f"{prefix}{build_time()}; {runtime()}"
+
+
+def check_versions(built_torch: str, built_cuda: str, run_torch: str, run_cuda: str | None) -> None:
+    """Raise ImportError naming both sides when the build-time and run-time torch/CUDA versions differ.
+
+    A C++ extension is only ABI-compatible with the torch it was compiled against, so any difference counts.
+    """
+    run_cuda = run_cuda or ""
+    if built_torch != run_torch or (built_cuda or "") != run_cuda:
+        raise ImportError(
+            f"fae_fast._C was built against torch {built_torch}, CUDA {built_cuda or 'none'} but this process runs "
+            f"torch {run_torch}, CUDA {run_cuda or 'none'}; rebuild it with `python setup.py build_ext --inplace` "
+            "(or `pip install -e . --no-build-isolation`)")
 
 
 def device_supported(device: torch.device) -> bool:
