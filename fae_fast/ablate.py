@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import _atomic, ops
-from .config import FAEConfig, auto_size, parse_size, preset, smoothing_for_size
+from .config import FAEConfig, parse_size, preset, smoothing_for_size
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1max")
 
@@ -248,7 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--preset", default="default")
     p.add_argument("--steps", type=int)
-    p.add_argument("--size", default="auto", help="HxW, or 'auto': the data's aspect ratio at about 256^2 pixels")
+    p.add_argument("--size", default="auto",
+                   help="HxW, or 'auto': the data's aspect ratio at the preset's pixel count")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the result JSON here (e.g. bench/results/ablation_<data>_<machine>.json)")
@@ -271,7 +272,11 @@ def main(argv=None) -> int:
             base.train.steps = args.steps
         if args.batch_size:
             base.train.batch_size = args.batch_size
-        base.train.image_size = _size_arg(args.size, args.data)
+        base.train.image_size = parse_size(args.size)
+        if base.train.image_size == "auto":
+            from .api import resolve_auto_size
+
+            base.train.image_size = resolve_auto_size(args.data, base.train.auto_pixels)
         result = run_ablation(args.data, variants=variants, seeds=seeds, base=base, device=args.device)
     except (ValueError, FileNotFoundError) as exc:
         print(f"fae-fast ablate: error: {exc}", file=sys.stderr)
@@ -287,13 +292,3 @@ def _emit(result: dict, args) -> int:
     if args.markdown:
         _atomic.write_text(args.markdown, table)
     return 0
-
-
-def _size_arg(text: str, data) -> tuple[int, int]:
-    """'auto' -> :func:`auto_size` of the first normal image; else :func:`parse_size`."""
-    if text != "auto":
-        return parse_size(text)
-    from .data import normal_image_paths, read_image
-
-    first = read_image(normal_image_paths(Path(data))[0])
-    return auto_size(first.shape[0], first.shape[1])

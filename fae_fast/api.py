@@ -127,6 +127,25 @@ def to_uint8_batch(images, size: tuple[int, int], keep_aspect: bool = False) -> 
     raise TypeError(f"unsupported image input of type {type(images).__name__}")
 
 
+def resolve_auto_size(data, pixels: int) -> tuple[int, int]:
+    """The "auto" image size of ``data`` (a list of paths, a folder, or an image batch): the first image's aspect
+    ratio at about ``pixels`` pixels, sides multiples of 16 (:func:`fae_fast.config.auto_size`)."""
+    from .config import auto_size
+    from .data import normal_image_paths, read_image
+
+    if isinstance(data, (str, os.PathLike)):
+        data = normal_image_paths(Path(data))
+    if isinstance(data, (list, tuple)) and data and isinstance(data[0], (str, os.PathLike)):
+        h, w = read_image(data[0]).shape[:2]
+    elif isinstance(data, np.ndarray):
+        h, w = data.shape[-3:-1] if data.ndim >= 3 and data.shape[-1] in (1, 3, 4) else data.shape[-2:]
+    elif isinstance(data, torch.Tensor):
+        h, w = data.shape[-2:]
+    else:
+        raise TypeError(f"cannot infer an image size from {type(data).__name__}; pass image_size=(H, W)")
+    return auto_size(int(h), int(w), pixels)
+
+
 def _resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -154,6 +173,8 @@ class Detector:
     # ---------------------------------------------------------------- properties
     @property
     def image_size(self) -> tuple[int, int]:
+        if self.config.train.image_size == "auto":
+            raise RuntimeError("the image size is 'auto' until fit() has seen the data")
         return tuple(self.config.train.image_size)
 
     @property
@@ -176,7 +197,8 @@ class Detector:
             data: an MVTec category root (its ``train/good`` is used), a folder of normal images, a list of image
                 paths, or images (numpy (N, H, W, C) / torch (N, C, H, W)).
             steps: training steps (default ``config.train.steps``).
-            image_size: (H, W) the model works at (default ``config.train.image_size``).
+            image_size: (H, W) the model works at, or "auto": the aspect ratio of the first training image at
+                about ``config.train.auto_pixels`` pixels (default ``config.train.image_size``).
             checkpoint: where periodic training-state checkpoints go (atomic); None keeps none.
             resume: a training-state checkpoint to continue from.
             progress: show a progress bar.
@@ -190,10 +212,14 @@ class Detector:
         if steps is not None:
             self.config.train.steps = int(steps)
         if image_size is not None:
-            self.config.train.image_size = tuple(int(v) for v in image_size)
+            self.config.train.image_size = image_size if image_size == "auto" else tuple(int(v) for v in image_size)
+        paths = normal_image_paths(Path(data)) if isinstance(data, (str, os.PathLike)) else None
+        if self.config.train.image_size == "auto":
+            self.config.train.image_size = resolve_auto_size(paths if paths is not None else data,
+                                                             self.config.train.auto_pixels)
         size = self.image_size
-        if isinstance(data, (str, os.PathLike)):
-            images = load_images(normal_image_paths(Path(data)), size, keep_aspect=self.config.train.keep_aspect)
+        if paths is not None:
+            images = load_images(paths, size, keep_aspect=self.config.train.keep_aspect)
         else:
             images, _ = to_uint8_batch(data, size, self.config.train.keep_aspect)
         result = train_mod.train(self.config, images, checkpoint=checkpoint, resume=resume,

@@ -256,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="MVTec category root or a folder of normal images")
     t.add_argument("--out", required=True, help="model file to write")
     t.add_argument("--steps", type=int)
-    t.add_argument("--size", help="image size HxW (e.g. 256 or 208x512)")
+    t.add_argument("--size", default="auto",
+                   help="image size HxW (e.g. 256 or 208x512), or 'auto' (default): the data's aspect ratio at "
+                        "the preset's pixel count (256^2 for default/fast), sides multiples of 16")
     t.add_argument("--preset", default="default", choices=PRESETS)
     t.add_argument("--config", help="JSON config file (FAEConfig.to_dict layout)")
     t.add_argument("--batch-size", type=int)

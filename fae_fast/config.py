@@ -84,7 +84,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     grad_clip: float = 1.0
-    image_size: tuple[int, int] = (256, 256)  # (H, W); non-square allowed
+    image_size: tuple[int, int] | str = (256, 256)  # (H, W), non-square allowed; or "auto" (below)
+    auto_pixels: int = 256 * 256        # "auto" size: the data's aspect ratio at about this many pixels
     keep_aspect: bool = False           # resize keeping aspect ratio and pad, instead of stretching
     holdout_fraction: float = 0.1       # normal images kept out of training for thresholds
     threshold_quantile: float = 0.99    # image threshold = this quantile of held-out normal scores (chosen)
@@ -164,6 +165,7 @@ def preset(name: str) -> FAEConfig:
         cfg.model.widths = (16, 32, 64, 128)
         cfg.model.dilations = (1, 2, 4)
         cfg.train.image_size = (128, 128)
+        cfg.train.auto_pixels = 128 * 128
         cfg.map.ref_size = 256
         return cfg
     raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
@@ -172,8 +174,10 @@ def preset(name: str) -> FAEConfig:
 PRESETS = ("default", "fast", "tiny")
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'256' -> (256, 256); '208x512' -> (208, 512) as (H, W)."""
+def parse_size(text: str) -> tuple[int, int] | str:
+    """'256' -> (256, 256); '208x512' -> (208, 512) as (H, W); 'auto' stays 'auto' (see :func:`auto_size`)."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
     parts = str(text).lower().replace("*", "x").split("x")
     try:
         vals = tuple(int(p) for p in parts)
