@@ -44,7 +44,8 @@ def _extensions():
                            extra_compile_args={"cxx": cxx}, extra_link_args=omp)
     print(f"fae_fast setup: building fae_fast._C with {'C++ + CUDA' if use_cuda else 'C++ only (CPU)'} "
           f"against torch {torch.__version__} (CUDA {torch.version.cuda}, CUDA_HOME {CUDA_HOME})", file=sys.stderr)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    # ninja compiles the sources in parallel when it is installed; torch falls back to setuptools without it
+    return [ext], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = _extensions()
