@@ -48,3 +48,34 @@ def sync(device) -> None:
 
 def bandwidth_gbs(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+CUDA = torch.cuda.is_available()
+# batch x size grid of the op benchmarks: the full grid on a GPU, one tiny case on the CPU (CI runs them once)
+OP_CASES = [(b, s) for s in (256, 512) for b in (1, 16, 64, 256)] if CUDA else [(1, 16)]
+COPY_BW = 4.23e12  # bytes/s, device copy measured on the H200 of DESIGN.md: the floor quoted in extra_info
+_compiled: dict = {}
+
+
+def op_provider(op: str, name: str):
+    """The callable of ``provider`` for a Triton-backed op: ``torch`` (the reference), ``torch_compile`` (the
+    reference compiled; CUDA only, its first compile costs ~25 s on CPU) or ``triton`` (the kernel; CUDA or
+    ``TRITON_INTERPRET=1``). Skips the benchmark where the provider cannot run."""
+    import importlib
+
+    import pytest
+
+    from fae_fast import reference
+
+    ref = getattr(reference, op)
+    if name == "torch":
+        return ref
+    if name == "torch_compile":
+        if not CUDA:
+            pytest.skip("torch.compile is benchmarked on CUDA only (its first compile costs ~25 s on CPU)")
+        if op not in _compiled:
+            _compiled[op] = torch.compile(ref)
+        return _compiled[op]
+    if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("the triton provider needs CUDA or TRITON_INTERPRET=1")
+    return getattr(importlib.import_module(f"fae_fast.kernels.{op}"), f"{op}_triton")

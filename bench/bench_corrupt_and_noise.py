@@ -6,40 +6,17 @@ TRITON_INTERPRET=1, torch_compile skipped: its first compile costs ~25 s).
 
 Run: ``python -m pytest bench/bench_corrupt_and_noise.py -o python_files='bench_*.py' --benchmark-json=...``.
 """
-import os
-
 import pytest
 import torch
 
-from bench._common import bandwidth_gbs, sync
-from fae_fast import reference
+from bench._common import COPY_BW, CUDA, OP_CASES, bandwidth_gbs, op_provider, sync
 
-CUDA = torch.cuda.is_available()
-CASES = [(b, s) for s in (256, 512) for b in (1, 16, 64, 256)] if CUDA else [(1, 16)]
-COPY_BW = 4.23e12  # bytes/s, device copy measured on the H200 of DESIGN.md: the floor quoted in extra_info
-_compiled = {}
-
-
-def _provider(name):
-    if name == "torch":
-        return reference.corrupt_and_noise
-    if name == "torch_compile":
-        if not CUDA:
-            pytest.skip("torch.compile is benchmarked on CUDA only (its first compile costs ~25 s on CPU)")
-        if "fn" not in _compiled:
-            _compiled["fn"] = torch.compile(reference.corrupt_and_noise)
-        return _compiled["fn"]
-    if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        pytest.skip("the triton provider needs CUDA or TRITON_INTERPRET=1")
-    from fae_fast.kernels.corrupt_and_noise import corrupt_and_noise_triton
-
-    return corrupt_and_noise_triton
 
 
 @pytest.mark.parametrize("provider", ["torch", "torch_compile", "triton"])
-@pytest.mark.parametrize("batch,size", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("batch,size", OP_CASES, ids=lambda v: str(v))
 def test_corrupt_and_noise(benchmark, bench_info, device, provider, batch, size):
-    fn = _provider(provider)
+    fn = op_provider("corrupt_and_noise", provider)
     dtype = torch.bfloat16 if CUDA else torch.float32
     x = torch.rand(batch, 3, size, size, device=device).to(dtype)
     tex = torch.rand(batch, 3, size, size, device=device).to(dtype)

@@ -29,7 +29,7 @@ import torch
 
 from . import _atomic
 from ._version import __version__
-from .config import FAEConfig
+from .config import FAEConfig, check_image_size
 
 __all__ = ["FORMAT_MARKER", "FORMAT_VERSION", "TRAIN_STATE_MARKER", "TRAIN_STATE_VERSION", "ModelFile",
            "atomic_save", "save_model_file", "load_model_file", "save_train_state", "load_train_state"]
@@ -159,16 +159,6 @@ def _config_dict(config) -> dict:
     raise TypeError(f"config must be a FAEConfig or a dict, got {type(config).__name__}")
 
 
-def _image_size(image_size) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in image_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"image_size must be (H, W), got {image_size!r}") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"image_size must be positive, got {image_size!r}")
-    return h, w
-
-
 def _thresholds(thresholds) -> dict[str, float]:
     if thresholds is None:
         return {}
@@ -205,7 +195,7 @@ def save_model_file(path, *, model_state: dict[str, torch.Tensor], config, image
         "fae_fast_version": __version__,
         "state": {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in model_state.items()},
         "config": _config_dict(config),
-        "image_size": _image_size(image_size),
+        "image_size": check_image_size(image_size, "image_size"),
         "thresholds": _thresholds(thresholds),
         "meta": dict(meta or {}),
     }

@@ -174,6 +174,24 @@ def preset(name: str) -> FAEConfig:
 PRESETS = ("default", "fast", "tiny")
 
 
+def check_image_size(size, name: str = "size") -> tuple[int, int]:
+    """``(H, W)`` as two positive ints: ``TypeError`` for a non-sequence or non-integers, ``ValueError`` for the
+    wrong length or non-positive sides."""
+    try:
+        vals = tuple(size)
+    except TypeError:
+        raise TypeError(f"{name} must be a pair (H, W) of positive ints, got {size!r}") from None
+    if len(vals) != 2:
+        raise ValueError(f"{name} must be a pair (H, W) of positive ints, got {size!r}")
+    try:
+        h, w = (int(s) for s in vals)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair (H, W) of positive ints, got {size!r}") from None
+    if h <= 0 or w <= 0 or vals != (h, w):
+        raise ValueError(f"{name} must be a pair (H, W) of positive ints, got {size!r}")
+    return h, w
+
+
 def parse_size(text: str) -> tuple[int, int] | str:
     """'256' -> (256, 256); '208x512' -> (208, 512) as (H, W); 'auto' stays 'auto' (see :func:`auto_size`)."""
     if str(text).strip().lower() == "auto":

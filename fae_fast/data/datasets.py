@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Sequence, Union
 import numpy as np
 import torch
 
-from .io import (IMAGE_EXTS, _check_size, list_images, read_image, read_mask, resize_image,
+from .io import (IMAGE_EXTS, check_image_size, list_images, read_image, read_mask, resize_image,
                  resize_mask)
 
 __all__ = ["TestItem", "MVTecCategory", "is_mvtec", "normal_image_paths", "load_images", "TestSet",
@@ -259,7 +259,7 @@ def load_images(paths: Sequence[PathLike], size: Sequence[int], keep_aspect: boo
     paths = [pathlib.Path(p) for p in paths]
     if not paths:
         raise ValueError("load_images: empty list of paths")
-    H, W = _check_size(size)
+    H, W = check_image_size(size)
     cache_file = None
     if cache_dir is not None:
         cache_dir = pathlib.Path(cache_dir)
@@ -332,7 +332,7 @@ def load_test_set(root: PathLike, size: Sequence[int], keep_aspect: bool = False
     items = cat.test_items
     if not items:
         raise ValueError(f"MVTec category {cat.root} has no test images")
-    H, W = _check_size(size)
+    H, W = check_image_size(size)
     n = len(items)
     images = np.empty((n, 3, H, W), dtype=np.uint8)
     masks = np.zeros((n, 1, H, W), dtype=bool)

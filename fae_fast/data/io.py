@@ -37,6 +37,8 @@ from typing import Sequence, Union
 import cv2
 import numpy as np
 
+from ..config import check_image_size
+
 __all__ = [
     "map_to_original",
     "IMAGE_EXTS", "ImageList", "list_images", "read_image", "read_mask", "decode_image", "resize_image",
@@ -73,14 +75,6 @@ def _check_on_error(on_error: str) -> None:
         raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
 
 
-def _check_size(size) -> tuple[int, int]:
-    try:
-        h, w = (int(s) for s in size)
-    except (TypeError, ValueError):
-        raise TypeError(f"size must be a pair (H, W) of positive ints, got {size!r}") from None
-    if h <= 0 or w <= 0 or tuple(size) != (h, w):
-        raise ValueError(f"size must be a pair (H, W) of positive ints, got {size!r}")
-    return h, w
 
 
 def list_images(folder: PathLike, on_error: str = "raise") -> ImageList:
@@ -251,7 +245,7 @@ def fit_inside(h: int, w: int, size: Sequence[int]) -> tuple[int, int]:
     The limiting side is exact; the other is ``round(side * scale)`` (half away from zero), clamped to
     ``[1, limit]``. This is the rule of every loader of the package (the DALI path computes the same numbers).
     """
-    H, W = _check_size(size)
+    H, W = check_image_size(size)
     sh, sw = H / h, W / w
     if sh <= sw:
         return H, max(1, min(W, int(np.floor(w * sh + 0.5))))
@@ -296,7 +290,7 @@ def _pad_reflect(img: np.ndarray, H: int, W: int) -> np.ndarray:
 
 def resize_image(img: np.ndarray, size: Sequence[int], keep_aspect: bool = False) -> np.ndarray:
     """Resizes a ``(h, w[, C])`` ``uint8`` array to ``size=(H, W)`` with the module rules (stretch or fit + pad)."""
-    H, W = _check_size(size)
+    H, W = check_image_size(size)
     h, w = img.shape[:2]
     if keep_aspect:
         nh, nw = fit_inside(h, w, (H, W))
@@ -306,7 +300,7 @@ def resize_image(img: np.ndarray, size: Sequence[int], keep_aspect: bool = False
 
 def resize_mask(mask: np.ndarray, size: Sequence[int], keep_aspect: bool = False) -> np.ndarray:
     """Resizes a ``bool (h, w)`` mask: fraction of defect per target pixel (area/linear), kept when >= 0.5."""
-    H, W = _check_size(size)
+    H, W = check_image_size(size)
     h, w = mask.shape[:2]
     nh, nw = fit_inside(h, w, (H, W)) if keep_aspect else (H, W)
     if (nh, nw) != (h, w):

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .datasets import default_workers, load_images, parallel_map
-from .io import (_check_on_error, _check_size, check_image_file, fit_inside, list_images, read_image,
+from .io import (_check_on_error, check_image_size, check_image_file, fit_inside, list_images, read_image,
                  resize_image)
 
 __all__ = ["Batch", "Loader", "FrameSource", "make_loader", "load_images_on_device", "resolve_backend"]
@@ -422,7 +422,7 @@ def make_loader(paths_or_folder, size: Sequence[int], batch_size: int, device="a
         A :class:`Loader`; ``len()`` is its number of batches.
     """
     _check_on_error(on_error)
-    H, W = _check_size(size)
+    H, W = check_image_size(size)
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if dtype not in _DTYPES:
@@ -465,7 +465,7 @@ def load_images_on_device(paths: Sequence[PathLike], size: Sequence[int], device
     paths = [pathlib.Path(p) for p in paths]
     if not paths:
         raise ValueError("load_images_on_device: empty list of paths")
-    H, W = _check_size(size)
+    H, W = check_image_size(size)
     dev = _resolve_device(device)
     chosen = resolve_backend(backend, dev, what="training set")
     if chosen == "cv2" or cache_dir is not None:
@@ -518,7 +518,7 @@ class FrameSource:
     def __init__(self, size: Sequence[int], device="auto", backend: str = "auto", dtype: torch.dtype = torch.uint8,
                  keep_aspect: bool = False, max_batch: int = 64, num_threads: int | None = None,
                  channels_last: bool = False):
-        self.size = _check_size(size)
+        self.size = check_image_size(size)
         self.device = _resolve_device(device)
         if backend not in ("auto", "dali", "cv2", "torch"):
             raise ValueError(f"backend must be 'auto', 'dali', 'cv2' or 'torch', got {backend!r}")

@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import copy
 import numbers
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from ..api import Prediction
+from ..config import check_image_size
 
 __all__ = ["Engine", "InferenceResult", "apply_thresholds", "resolve_dtype", "resolve_device", "plan_batches"]
 
@@ -109,28 +111,8 @@ def plan_batches(batch: int, sizes: Sequence[int] | None) -> list[tuple[int, int
     return out
 
 
-@dataclass
-class InferenceResult:
-    """Per-image results, in the field's usual names (same layout as :class:`fae_fast.api.Prediction`).
-
-    Attributes:
-        pred_score: (B,) float32 image scores (max of the smoothed error map; higher = more anomalous).
-        anomaly_map: (B, H, W) float32 smoothed error maps, or None when ``return_map=False``.
-        pred_mask: (B, H, W) bool ``anomaly_map > pixel_threshold`` (None without a pixel threshold).
-        pred_label: (B,) bool ``pred_score > image_threshold`` (None without an image threshold).
-        image_threshold, pixel_threshold: the thresholds used for this call.
-    Arrays are numpy when the input was numpy, torch tensors otherwise (on the input's device).
-    """
-
-    pred_score: Any
-    anomaly_map: Any
-    pred_mask: Any
-    pred_label: Any
-    image_threshold: float | None
-    pixel_threshold: float | None
-
-    def __len__(self) -> int:
-        return len(self.pred_score)
+# the engine returns the API's result type: one set of names (pred_score, anomaly_map, pred_mask, pred_label)
+InferenceResult = Prediction
 
 
 def _threshold(name: str, v) -> float | None:
@@ -259,7 +241,7 @@ class Engine:
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.image_size = self._check_size(image_size)
+        self.image_size = check_image_size(image_size, "image_size")
         H, W = self.image_size
         dn, dk = smoothing_for_size(MapConfig(), H, W)
         self.n = dn if n is None else int(n)
@@ -362,16 +344,6 @@ class Engine:
         kwargs.setdefault("thresholds", {k: v for k, v in mf.thresholds.items() if k in ("image", "pixel")})
         kwargs.setdefault("in_channels", mf.config.model.in_channels)
         return cls(model.eval(), image_size=tuple(mf.image_size), **kwargs)
-
-    @staticmethod
-    def _check_size(image_size) -> tuple[int, int]:
-        try:
-            h, w = (int(v) for v in image_size)
-        except (TypeError, ValueError):
-            raise ValueError(f"image_size must be (H, W), got {image_size!r}") from None
-        if h < 1 or w < 1:
-            raise ValueError(f"image_size must be positive, got {image_size!r}")
-        return h, w
 
     @staticmethod
     def _check_thresholds(thresholds) -> dict:
