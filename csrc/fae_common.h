@@ -133,7 +133,8 @@ FAE_HD int reflect_index(int i, int n) {
 // Radius of the blur as fae_fast.reference.elastic_field defines it: ceil(3 * max smoothness) over the
 // batch, then cropped to n - 1 per axis (the kernel is renormalised after the crop).
 FAE_HD int gaussian_radius(float max_smoothness) {
-  return max_smoothness > 0.f ? static_cast<int>(ceilf(3.0f * max_smoothness)) : 0;
+  // in double, like the reference's math.ceil(3.0 * float(smax)): ceilf(3.0f * s) differs for s = 1/3, 4/3, ...
+  return max_smoothness > 0.f ? static_cast<int>(ceil(3.0 * static_cast<double>(max_smoothness))) : 0;
 }
 
 // Normalised taps w[0 .. 2r] of exp(-t^2 / (2 s^2)) for t = -r .. r. Computed in double (identical on both

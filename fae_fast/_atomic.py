@@ -44,6 +44,31 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Strict JSON (nan and inf become null; numpy scalars and arrays, paths become plain values), atomically."""
+    import json
+
+    return write_text(path, json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _plain(o):
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
+        o = o.item()
+    if isinstance(o, float) and (o != o or o in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(o, dict):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _plain(o.tolist())
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    return o
+
+
 def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
     """Atomically create ``path`` with ``writer(tmp_path)`` (e.g. ``lambda p: torch.save(obj, p)``)."""
     with atomic_path(path) as tmp:

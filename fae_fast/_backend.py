@@ -3,7 +3,8 @@
 Each op in :mod:`fae_fast.ops` names its implementations here as ``"module:function"`` strings; nothing is
 imported until a call needs it, so ``import fae_fast`` never needs Triton, the compiled extension, a GPU or DALI.
 
-Resolution of ``backend="auto"`` (overridable by the environment variable ``FAE_FAST_BACKEND``):
+Resolution of ``backend="auto"`` (overridable by the environment variable ``FAE_FAST_BACKEND``, which applies to
+the ops that have the named backend; the others resolve as "auto"):
 
 * ``"triton"`` for CUDA tensors when the op has a Triton kernel and Triton imports;
 * ``"ext"`` when the op has an extension kernel for that device and the extension loads;
@@ -102,12 +103,13 @@ def resolve(op: str, backend: str, device: torch.device):
     """Return (backend_name, callable) for ``op`` on ``device``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    impls = IMPLS[op]
     if backend == "auto":
         env = os.environ.get("FAE_FAST_BACKEND", "auto")
         if env not in BACKENDS:
             raise ValueError(f"FAE_FAST_BACKEND must be one of {BACKENDS}, got {env!r}")
-        backend = env
-    impls = IMPLS[op]
+        # a global override applies to the ops that have that backend; the others resolve as auto
+        backend = env if env in impls else "auto"
     if backend != "auto":
         spec = impls.get(backend)
         if spec is None:
@@ -127,9 +129,12 @@ def resolve(op: str, backend: str, device: torch.device):
         fn = _load(impls["ext"])
         if fn is not None and _ext_supports(device):
             return "ext", fn
-        if fn is None:
-            from . import _ext_status
+        from . import _ext_status
 
+        if fn is None:
             _warn_once("ext", f"fae_fast C++ extension unavailable ({_errors[impls['ext']]}); "
                               f"{_ext_status.describe()}; falling back to the pure-PyTorch reference")
+        else:
+            _warn_once(f"ext-{device.type}", f"the fae_fast C++ extension has no {device.type} kernels "
+                                             f"({_ext_status.describe()}); falling back to the pure-PyTorch reference")
     return "torch", _load(impls["torch"])

@@ -21,10 +21,15 @@ def runtime() -> str:
 
 
 def library_path() -> str | None:
-    """Path of the compiled ``fae_fast/_C*.so`` next to this file (or None when not built)."""
+    """Path of the compiled ``fae_fast/_C`` that this interpreter would import (or None when not built)."""
+    import importlib.machinery
+
     here = os.path.dirname(os.path.abspath(__file__))
-    paths = sorted(glob.glob(os.path.join(here, "_C.*.so")) + glob.glob(os.path.join(here, "_C.*.pyd")))
-    return paths[0] if paths else None
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:  # this interpreter's ABI tags, most specific first
+        path = os.path.join(here, "_C" + suffix)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def build_info(path: str | None = None) -> dict | None:

@@ -207,13 +207,18 @@ def merge_results(parts: list[dict]) -> dict:
     """One result from ablations run in parts (e.g. in parallel processes) on the same data and recipe."""
     if not parts:
         raise ValueError("nothing to merge")
-    keys = ("dataset", "image_size", "steps", "smoothing_default")
+    keys = ("dataset", "image_size", "steps", "smoothing_default", "config")
     for part in parts[1:]:
         for key in keys:
             if part[key] != parts[0][key]:
-                raise ValueError(f"cannot merge ablations with different {key}: {parts[0][key]!r} vs {part[key]!r}")
+                raise ValueError(f"cannot merge ablations with different {key}"
+                                 + ("" if key == "config" else f": {parts[0][key]!r} vs {part[key]!r}"))
     out = copy.deepcopy(parts[0])
     out["runs"] = [r for part in parts for r in part["runs"]]
+    seen = [(r["variant"], r["seed"]) for r in out["runs"]]
+    dup = sorted({s for s in seen if seen.count(s) > 1})
+    if dup:
+        raise ValueError(f"the parts repeat runs {dup}: each (variant, seed) must come from one part")
     sweep: dict[str, list] = {}
     for part in parts:
         for key, rows in part.get("smoothing_runs", {}).items():
@@ -288,7 +293,7 @@ def _emit(result: dict, args) -> int:
     table = markdown_table(result)
     print(table)
     if args.json:
-        _atomic.write_text(args.json, json.dumps(result, indent=2) + "\n")
+        _atomic.write_json(args.json, result)
     if args.markdown:
         _atomic.write_text(args.markdown, table)
     return 0

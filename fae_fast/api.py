@@ -75,7 +75,7 @@ def _to_uint8(t: torch.Tensor, what: str) -> torch.Tensor:
     if t.dtype == torch.uint8:
         return t
     if getattr(torch, "uint16", None) is not None and t.dtype == torch.uint16:
-        return (t.to(torch.int32) // 257).to(torch.uint8)
+        return ((t.to(torch.int32) + 128) // 257).to(torch.uint8)  # rounded, like the file reader
     if t.dtype.is_floating_point:
         if t.numel() and (float(t.min()) < -1e-3 or float(t.max()) > 1 + 1e-3):
             raise ValueError(f"{what}: float images must be in [0, 1], got range "
@@ -105,7 +105,7 @@ def to_uint8_batch(images, size: tuple[int, int], keep_aspect: bool = False) -> 
     if isinstance(images, np.ndarray):
         arr = images
         if arr.dtype == np.uint16:
-            arr = (arr // 257).astype(np.uint8)
+            arr = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)  # rounded, like the file reader
         if arr.ndim == 4:
             arr = np.stack([_hwc_to_rgb(a, f"image {i}") for i, a in enumerate(arr)])
         elif arr.ndim in (2, 3):
@@ -334,7 +334,7 @@ class Detector:
 
     def __repr__(self) -> str:
         m = self.config.model
-        return (f"Detector(widths={tuple(m.widths)}, image_size={self.image_size}, device={self.device}, "
+        return (f"Detector(widths={tuple(m.widths)}, image_size={self.config.train.image_size}, device={self.device}, "
                 f"trained={self.model is not None}, thresholds={self.thresholds}, version={__version__})")
 
 

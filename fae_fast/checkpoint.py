@@ -199,7 +199,24 @@ def save_model_file(path, *, model_state: dict[str, torch.Tensor], config, image
         "thresholds": _thresholds(thresholds),
         "meta": dict(meta or {}),
     }
+    _check_loadable(payload["meta"])
     return atomic_save(payload, path)
+
+
+def _check_loadable(meta: dict) -> None:
+    """Refuse metadata that ``torch.load(weights_only=True)`` would not read back (numpy scalars, paths, objects):
+    a model file must never be written that its own loader rejects."""
+    import io
+
+    for key, value in meta.items():
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        buf.seek(0)
+        try:
+            torch.load(buf, weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"meta[{key!r}] = {value!r} cannot be stored in a model file (use plain Python numbers, "
+                             f"strings, lists, dicts or tensors): {type(exc).__name__}") from None
 
 
 def load_model_file(path, map_location="cpu") -> ModelFile:

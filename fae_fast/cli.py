@@ -40,6 +40,8 @@ def _load_config(args) -> FAEConfig:
         cfg.train.steps = args.steps
     if getattr(args, "size", None):
         cfg.train.image_size = parse_size(args.size)
+    elif not getattr(args, "config", None) and hasattr(args, "size"):
+        cfg.train.image_size = "auto"  # the default of `train` when neither --size nor --config says otherwise
     if getattr(args, "batch_size", None):
         cfg.train.batch_size = args.batch_size
     if getattr(args, "lr", None):
@@ -53,29 +55,7 @@ def _load_config(args) -> FAEConfig:
     return cfg
 
 
-def _write_json(path, obj) -> None:
-    """Strict JSON (undefined metrics, nan, become null), written atomically."""
-    _atomic.write_text(path, json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
-
-
-def _finite(o):
-    if isinstance(o, float) and (o != o or o in (float("inf"), float("-inf"))):
-        return None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+_write_json = _atomic.write_json
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -127,15 +107,22 @@ def _expand_inputs(inputs) -> list[Path]:
 
 
 def predict_to_folder(det, paths: list[Path], out: Path, *, image_threshold=None, pixel_threshold=None,
-                      batch_size: int = 32, save_maps: bool = False) -> list[dict]:
+                      batch_size: int = 32, save_maps: bool = False, names: list[str] | None = None) -> list[dict]:
     """Score ``paths`` and write, per image, a heatmap overlay and a mask at the image's own resolution (the map
     is brought back from the model's size), plus ``results.csv`` and ``results.json``; returns the rows.
 
-    The colour scale is fixed across images (0 to twice the pixel threshold), so overlays compare.
+    The colour scale is fixed across images (0 to twice the pixel threshold), so overlays compare. Output files
+    are named after ``names`` (default: the file stems), which must be distinct: nothing is overwritten.
     """
     from .data import map_to_original, read_image
     from .report import overlay
 
+    names = [p.stem for p in paths] if names is None else list(names)
+    if len(names) != len(paths):
+        raise ValueError(f"{len(names)} output names for {len(paths)} inputs")
+    if len(set(names)) != len(names):
+        dup = sorted({s for s in names if names.count(s) > 1})
+        raise CLIError(f"inputs share file stems {dup[:5]}: outputs would overwrite each other")
     out.mkdir(parents=True, exist_ok=True)
     it = det.thresholds["image"] if image_threshold is None else float(image_threshold)
     pt = det.thresholds["pixel"] if pixel_threshold is None else float(pixel_threshold)
@@ -151,12 +138,14 @@ def predict_to_folder(det, paths: list[Path], out: Path, *, image_threshold=None
             img = read_image(p)
             amap = map_to_original(maps[i, 0].numpy(), img.shape[:2], keep)
             mask = amap > pt if pt is not None else None
-            stem = p.stem
+            stem = names[start + i]
             _atomic.write_png(out / f"{stem}_overlay.png", overlay(img, amap, 0.0, vmax, mask=mask))
             if mask is not None:
                 _atomic.write_png(out / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
             if save_maps:
-                _atomic.write_with(out / f"{stem}_map.npy", lambda f, a=amap: np.save(f, a))
+                buf = io.BytesIO()  # np.save on a path would append ".npy" to the temporary name
+                np.save(buf, amap)
+                _atomic.write_bytes(out / f"{stem}_map.npy", buf.getvalue())
             score = float(scores[i])
             rows.append({"file": str(p), "score": score,
                          "label": None if it is None else bool(score > it),
@@ -176,10 +165,6 @@ def cmd_predict(args) -> int:
 
     det = Detector.load(args.model, device=args.device)
     paths = _expand_inputs(args.inputs)
-    stems = [p.stem for p in paths]
-    if len(set(stems)) != len(stems):
-        dup = sorted({s for s in stems if stems.count(s) > 1})
-        raise CLIError(f"inputs share file stems {dup[:5]}: outputs would overwrite each other")
     rows = predict_to_folder(det, paths, Path(args.out), image_threshold=args.image_threshold,
                              pixel_threshold=args.pixel_threshold, batch_size=args.batch_size,
                              save_maps=args.save_maps)
@@ -204,7 +189,7 @@ def cmd_demo(args) -> int:
         out = Path(tmp.name)
     try:
         cfg = demo_config(args.steps, args.seed)
-        data = make_dataset(out / "data", size=tuple(cfg.train.image_size), seed=args.seed)
+        data = make_dataset(out / "data", size=tuple(cfg.train.image_size), seed=args.seed, overwrite=True)
         print(f"[demo] synthetic dataset in {data} ({time.perf_counter() - t0:.1f} s)")
         det = Detector(cfg, device=args.device)
         det.fit(data / "train" / "good", progress=not args.quiet)
@@ -214,7 +199,7 @@ def cmd_demo(args) -> int:
         _write_json(out / "eval.json", result)
         print(format_table(result))
         test_paths = sorted((data / "test").glob("*/*.png"))
-        predict_to_folder(det, test_paths, out / "overlays")
+        predict_to_folder(det, test_paths, out / "overlays", names=[f"{p.parent.name}_{p.stem}" for p in test_paths])
         print(f"[demo] done in {time.perf_counter() - t0:.1f} s; model, eval.json, report/ and overlays/ in {out}"
               if tmp is None else f"[demo] done in {time.perf_counter() - t0:.1f} s (temporary folder removed; "
                                   f"pass --out DIR to keep the outputs)")
@@ -256,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="MVTec category root or a folder of normal images")
     t.add_argument("--out", required=True, help="model file to write")
     t.add_argument("--steps", type=int)
-    t.add_argument("--size", default="auto",
+    t.add_argument("--size",
                    help="image size HxW (e.g. 256 or 208x512), or 'auto' (default): the data's aspect ratio at "
                         "the preset's pixel count (256^2 for default/fast), sides multiples of 16")
     t.add_argument("--preset", default="default", choices=PRESETS)

@@ -633,8 +633,9 @@ class Corruptor:
 
         The field is built here, on the device and from ``g``, and passed as ``field=``: the op's own field
         generator takes a host int seed (drawing one from a device generator would sync) and sizes its blur
-        from ``smoothness.max()`` (another sync). White noise is blurred at a resolution reduced by
-        ``smoothness_min / 2`` (the field has no detail below that) and bilinearly upsampled.
+        from ``smoothness.max()`` (another sync). White noise is blurred on a grid coarser by
+        ``smoothness_min / 2`` (the field has no detail below that), bilinearly upsampled, then scaled to an RMS
+        of alpha.
         """
         cfg = self.cfg
         n, _, H, W = masks.shape
@@ -646,17 +647,19 @@ class Corruptor:
                  + cfg.elastic_alpha[0]) * mhw
         smooth = (torch.rand(n, generator=g, device=dev)
                   * (cfg.elastic_smoothness[1] - cfg.elastic_smoothness[0]) + cfg.elastic_smoothness[0]) * mhw
-        # the field has no detail below its correlation length: build it on a grid of that spacing
-        f = max(1, int(cfg.elastic_smoothness[0] * mhw))
+        # the field has no detail below its correlation length: build it on a grid of half the smallest one
+        # (every blur then spans at least two cells, so the bilinear upsampling shows no facets)
+        f = max(1, int(cfg.elastic_smoothness[0] * mhw / 2))
         h, w = -(-H // f), -(-W // f)
         z = torch.randn((n, 2, h, w), generator=g, device=dev)
         # per-sample Gaussian blur as two batched matmuls with (n, h, h) and (n, w, w) kernel matrices (rows
         # renormalised at the border): one bmm instead of a slow grouped convolution, any per-sample width
         z = _gauss_matrix(smooth / f, h)[:, None] @ z @ _gauss_matrix(smooth / f, w)[:, None].transpose(-1, -2)
-        rms = z.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
-        z = z / rms * alpha.view(n, 1, 1, 1)
         if (h, w) != (H, W):
             z = F.interpolate(z, size=(H, W), mode="bilinear", align_corners=False)
+        # unit RMS on the full-resolution field (interpolation lowers it): alpha is the RMS displacement
+        rms = z.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
+        z = z / rms * alpha.view(n, 1, 1, 1)
         return ops.elastic_warp(masks, alpha, smooth, 0, field=z, backend=self.backend)
 
     def _soft_edges(self, masks, g):

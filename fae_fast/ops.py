@@ -49,7 +49,8 @@ def _seed(seed):
 
 
 def _per_sample(name, v, batch, device):
-    """A (B,) float tensor from a tensor or a Python number; checks length and finiteness."""
+    """A contiguous (B,) float tensor from a tensor or a Python number; checks length and device (not the values:
+    that would wait for the device)."""
     if isinstance(v, numbers.Real) and not isinstance(v, bool):
         v = torch.full((batch,), float(v), device=device)
     if not isinstance(v, torch.Tensor):
@@ -60,7 +61,7 @@ def _per_sample(name, v, batch, device):
         v = v.float()
     if v.device != device:
         raise ValueError(f"{name} is on {v.device} but the images are on {device}")
-    return v
+    return v.contiguous()  # the kernels index it as a plain array (an expanded or strided view would misread)
 
 
 def _noise_arg(noise, like):

@@ -36,10 +36,13 @@ Example:
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from ._atomic import write_png
 
 __all__ = ["DEFECT_TYPES", "make_dataset", "surface", "add_defect"]
 
@@ -276,26 +279,21 @@ def _rng(seed: int, split: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(split), int(index)]))
 
 
-def _write_png(path: Path, arr: np.ndarray) -> None:
-    if arr.ndim == 3:
-        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
-    if not cv2.imwrite(str(path), arr):
-        raise OSError(f"could not write {path}")
-
-
 def make_dataset(root, *, n_train: int = 200, n_test_good: int = 40, n_test_defect: int = 20,
                  size: tuple[int, int] = (128, 128), seed: int = 0,
-                 defects: tuple[str, ...] = DEFECT_TYPES) -> Path:
+                 defects: tuple[str, ...] = DEFECT_TYPES, overwrite: bool = False) -> Path:
     """Write the synthetic dataset in MVTec AD layout under ``root`` and return ``Path(root)``.
 
     Args:
-        root: category folder to create (existing files of the same names are overwritten).
+        root: category folder to create; it must be empty or missing unless ``overwrite``.
         n_train: normal training images.
         n_test_good: normal test images.
         n_test_defect: defective test images *per defect type*.
         size: (H, W) of every image.
         seed: the whole dataset is a function of ``seed`` (and the counts and size).
         defects: defect types to generate, a subset of :data:`DEFECT_TYPES`.
+        overwrite: replace the ``train``, ``test`` and ``ground_truth`` folders of an existing dataset in
+            ``root`` (files elsewhere in ``root`` are left alone), so that no image of an earlier run remains.
 
     Returns:
         ``Path(root)``.
@@ -313,6 +311,11 @@ def make_dataset(root, *, n_train: int = 200, n_test_good: int = 40, n_test_defe
     if unknown:
         raise ValueError(f"unknown defect types {unknown}; known: {list(DEFECT_TYPES)}")
     root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{root} is not empty: pass overwrite=True to replace a dataset written there")
+        for sub in ("train", "test", "ground_truth"):
+            shutil.rmtree(root / sub, ignore_errors=True)
     width = max(3, len(str(max(n_train, n_test_good, n_test_defect, 1) - 1)))
     jobs = [("train/good", None, _SPLITS["train"], n_train), ("test/good", None, _SPLITS["test_good"], n_test_good)]
     jobs += [(f"test/{d}", d, 2 + DEFECT_TYPES.index(d), n_test_defect) for d in defects]
@@ -325,10 +328,11 @@ def make_dataset(root, *, n_train: int = 200, n_test_good: int = 40, n_test_defe
             rng = _rng(seed, split, i)
             img = surface(rng, (H, W))
             stem = f"{i:0{width}d}"
-            if kind is not None:
-                mask = add_defect(img, kind, rng)
-                _write_png(root / "ground_truth" / kind / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
-            _write_png(out / f"{stem}.png", _finish(img, rng))
+            mask = add_defect(img, kind, rng) if kind is not None else None
+            # atomically, the image before its mask: an interrupted run never leaves a mask without its image
+            write_png(out / f"{stem}.png", _finish(img, rng))
+            if mask is not None:
+                write_png(root / "ground_truth" / kind / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
     return root
 
 

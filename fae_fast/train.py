@@ -13,8 +13,9 @@ with AdamW, linear warmup + cosine decay, gradient clipping, bf16 autocast on CU
 the per-step noise seeds derived from it), so a CPU run is reproducible bit for bit, and a run resumed from a
 training-state checkpoint continues exactly where it stopped.
 
-The loop never waits for the device except when it logs (every ``log_every`` steps): the loss is accumulated
-on the device and read back only then.
+With bf16 or fp32 the loop never waits for the device except when it logs (every ``log_every`` steps: the loss
+is accumulated on the device and read back only then) and when it writes a checkpoint; fp16's GradScaler reads
+its overflow flag on the host every step.
 
 Example:
     >>> from fae_fast.train import train
@@ -275,6 +276,12 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
     if resume is not None:
         state = load_train_state(resume, map_location="cpu")
         _check_resume_config(resume, state["config"], cfg)
+        saved_dev = state.get("device_type", dev.type)
+        if saved_dev != dev.type:
+            # the generator states (and so every random draw) are per device type: a resumed run could not
+            # continue the same streams
+            raise ValueError(f"{resume} was written by a run on {saved_dev}, this run is on {dev.type}: resume on "
+                             f"the device type the run started on")
         if list(state.get("fingerprint", [])) != fingerprint:
             warnings.warn(f"the training images differ from those of {resume} (shape or checksum); resuming "
                           "anyway", UserWarning, stacklevel=2)
@@ -293,6 +300,7 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "generator": gen.get_state(), "sampler": sampler.state_dict(),
             "step": step, "history": history, "config": cfg.to_dict(), "fingerprint": fingerprint,
+            "device_type": dev.type,
         })
 
     # ---- the loop

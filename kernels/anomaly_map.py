@@ -12,8 +12,10 @@ pass, not only the first. n passes are therefore ``L @ E @ R`` with ``L = A_H^n`
 (H, W, k, n): built once in float64 on the host side, rounded to float32, cached.
 
 The kernel computes an output tile as ``L[tile, halo rows] @ E[halo rows, halo cols] @ R[halo cols, tile]``,
-E computed on the fly from x and r block by block; no intermediate map ever leaves the chip, the cost does not
-grow with n, and any halo (n = 8, k = 31: 120 pixels) is just a longer loop: no fallback path is needed.
+E computed on the fly from x and r block by block; no intermediate map ever leaves the chip, the cost grows with
+the halo n * (k // 2) (not with the passes as such), and any halo (n = 8, k = 31: 120 pixels) is just a longer
+loop: no fallback path is needed. With smoothing, a non-finite error (inf, nan) is clamped to 1e30 before the
+products (the reference would spread inf and nan instead); without smoothing the map is the raw error.
 
 Registered as ``fae_fast_triton::anomaly_map`` with ``torch.library.triton_op``.
 """
@@ -86,6 +88,9 @@ def _anomaly_map_kernel(x_ptr, r_ptr, lh_ptr, rw_ptr, map_ptr, score_ptr, C, H, 
             for cc in range(c_lo, c_hi, BK):
                 cb = cc + tl.arange(0, BK)
                 e = _error_block(x_ptr, r_ptr, b, ra, cb, C, H, W, sxb, sxc, sxh, sxw, srb, src, srh, srw)
+                # the band matrices are mostly exact zeros and inf * 0 = nan inside a dot: bound non-finite
+                # errors (an fp16 overflow, a diverged model) to 1e30 so that they stay local and huge
+                e = tl.where(e == e, tl.minimum(e, 1e30), 1e30)
                 rw = tl.load(rw_ptr + cb[:, None] * W + oj[None, :], mask=(cb[:, None] < W) & (oj[None, :] < W),
                              other=0.0)
                 t = tl.dot(e, rw, t, input_precision=PRECISION)

@@ -48,6 +48,7 @@ def _part(variant, seeds, sweep_rows=()):
                                                ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap",
                                                 "image_f1max")}} for s in seeds]
     return {"dataset": "/d", "image_size": [32, 32], "steps": 5, "smoothing_default": [4, 3], "seeds": list(seeds),
+            "config": {"model": {"widths": [16, 32]}},
             "seconds": 1.0, "runs": runs, "smoothing_runs": {"n=4,k=3": list(sweep_rows)}}
 
 
@@ -66,3 +67,9 @@ def test_merge_recomputes_mean_and_std_over_all_parts():
     c["steps"] = 6
     with pytest.raises(ValueError, match="different steps"):
         merge_results([a, c])
+    with pytest.raises(ValueError, match="repeat runs"):
+        merge_results([a, _part("fae", [1])])
+    d = _part("opaque", [0])
+    d["config"] = {"model": {"widths": [8, 16]}}
+    with pytest.raises(ValueError, match="different config"):
+        merge_results([a, d])

@@ -131,6 +131,19 @@ def test_tile_shapes_agree():
 
 # ---------------------------------------------------------------- through the dispatcher
 
+def test_non_finite_error_stays_local_and_huge():
+    """inf * 0 inside the band products would smear nan over the tile: the kernel bounds the error instead."""
+    x, r = _inputs((1, 3, 20, 20))
+    r[0, 1, 9, 9] = float("inf")
+    amap, score = K.anomaly_map_triton(x, r, n=1, k=3)
+    assert not torch.isnan(amap).any()
+    assert float(score) >= 1e29
+    ref, _ = reference.anomaly_map(x, r, n=1, k=3)
+    far = torch.ones(20, 20, dtype=torch.bool)
+    far[7:12, 7:12] = False  # outside the 3x3 neighbourhood (and a margin) the maps agree
+    assert_close(amap[0, 0][far], ref[0, 0][far], dtype=torch.float32)
+
+
 def test_ops_backend_triton_and_validation():
     x, r = _inputs((2, 3, 7, 13))
     amap, score = ops.anomaly_map(x, r, n=4, k=7, backend="triton")

@@ -79,5 +79,8 @@ def test_to_uint8_batch_layouts():
     assert torch.equal(b[1].permute(1, 2, 0), torch.from_numpy(hwc[1]))
     b16, _ = to_uint8_batch((hwc.astype(np.uint16) * 257), (3, 4))
     assert torch.equal(b16, b)
+    # 16-bit values between multiples of 257 round like the file reader: 200 -> 1, 128 -> 0, 65535 -> 255
+    odd = np.array([[[200, 128, 65535]]], dtype=np.uint16)
+    assert to_uint8_batch(odd, (1, 1))[0].flatten().tolist() == [1, 0, 255]
     with pytest.raises(TypeError, match="unsupported image input"):
         to_uint8_batch({"a": 1}, (3, 4))

@@ -72,3 +72,30 @@ def test_validation_names_the_value(call, match):
     x, t, m = _batch()
     with pytest.raises((TypeError, ValueError), match=match):
         call(x, t, m)
+
+
+def test_env_override_applies_only_to_ops_that_have_the_backend(monkeypatch):
+    monkeypatch.setenv("FAE_FAST_BACKEND", "ext")
+    x, t, m = _batch()
+    ops.anomaly_map(x, t)  # anomaly_map has no ext backend: it resolves as auto
+    assert ops.last_backend("anomaly_map") == "torch"
+    with pytest.raises(_backend.BackendUnavailable):
+        ops.anomaly_map(x, t, backend="ext")  # an explicit request still fails loudly
+
+
+def test_per_sample_arguments_may_be_strided_views():
+    x, t, m = _batch(b=3)
+    sig = torch.tensor([[0.1, 9.0], [0.0, 9.0], [0.05, 9.0]])[:, 0]  # stride 2
+    noise = torch.randn(3, 3, 8, 8)
+    a = ops.corrupt_and_noise(x, t, m, sig, 4, backend="torch")
+    b = ops.corrupt_and_noise(x, t, m, sig.clone(), 4, backend="torch")
+    assert torch.equal(a, b)
+    pytest.importorskip("triton")
+    for s in (sig, torch.tensor([0.07]).expand(3)):
+        tri = ops.corrupt_and_noise(x, t, m, s, 4, noise=noise * s.view(-1, 1, 1, 1), backend="triton")
+        ref = ops.corrupt_and_noise(x, t, m, s, 4, noise=noise * s.view(-1, 1, 1, 1), backend="torch")
+        torch.testing.assert_close(tri, ref)
+        eps_tri = ops.corrupt_and_noise(x, t, m, s, 4, backend="triton") - \
+            ops.corrupt_and_noise(x, t, m, torch.zeros(3), 4, backend="triton")
+        per_sample_std = eps_tri.flatten(1).std(dim=1)
+        torch.testing.assert_close(per_sample_std, s.contiguous(), atol=0.035, rtol=0.3)

@@ -161,3 +161,12 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["m.pt"]  # neither a temp file nor a half-written state
     monkeypatch.undo()
     assert ckpt.load_model_file(p).thresholds == {"image": 1.0, "pixel": 2.0}
+
+
+def test_meta_that_the_loader_would_refuse_is_refused_before_writing(tmp_path):
+    import numpy as np
+
+    p = tmp_path / "m.pt"
+    with pytest.raises(ValueError, match=r"meta\['auroc'\]"):
+        _save(p, meta={"auroc": np.float64(0.9)})
+    assert not p.exists()

@@ -37,9 +37,11 @@ def test_predict_writes_overlays_masks_csv_and_json(tiny):
     out = root / "pred"
     inputs = [str(data / "test" / "good" / "001.png"), str(data / "test" / "good" / "002.png"),
               str(data / "test" / "scratch" / "000.png")]
-    assert main(["predict", "--model", str(model), *inputs, "--out", str(out)]) == 0
+    assert main(["predict", "--model", str(model), *inputs, "--out", str(out), "--save-maps"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert len(res["results"]) == 3
+    amap = np.load(out / "000_map.npy")
+    assert amap.shape == (32, 32) and amap.dtype == np.float32 and np.isfinite(amap).all()
     for row in res["results"]:
         assert (out / row["overlay"]).is_file()
     csv_lines = (out / "results.csv").read_text().strip().splitlines()

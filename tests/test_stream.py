@@ -178,6 +178,29 @@ def test_bad_frames_become_errors_at_their_index(engine, camera):
         assert s.get(timeout=10).index == 7
 
 
+def test_grey_frame_is_copied_at_submit(engine, camera, monkeypatch):
+    """copy_frames=True: a grey frame's buffer may be reused right after submit (no view of it is queued)."""
+    imgs, _ = camera
+    grey = np.ascontiguousarray(imgs[1][:, :, 0])
+    grey_hw1 = np.ascontiguousarray(imgs[2][:, :, 1:2])
+    ref = engine.predict(torch.from_numpy(np.stack([np.repeat(grey[:, :, None], 3, axis=2),
+                                                    np.repeat(grey_hw1, 3, axis=2)])).permute(0, 3, 1, 2))
+    gate = Gate(engine, monkeypatch)
+    s = InlineStream(engine, max_batch=4, max_delay_ms=0, return_map=True)
+    s.submit(imgs[0])
+    assert gate.entered.wait(5)  # the worker is busy: the grey frames stay queued
+    s.submit(grey)
+    s.submit(grey_hw1)
+    grey[:] = 255 - grey  # the caller reuses its buffers at once
+    grey_hw1[:] = 0
+    gate.open.set()
+    got = drain(s, 3)
+    s.close()
+    for r, i in zip(got[1:], range(2)):
+        assert abs(r.pred_score - float(ref.pred_score[i])) <= 1e-6 * max(1.0, r.pred_score)
+        assert_close(torch.from_numpy(r.anomaly_map), ref.anomaly_map[i], rtol=1e-5, atol=1e-8)
+
+
 def test_poll_stops_at_a_failed_frame(engine, camera):
     imgs, _ = camera
     s = InlineStream(engine, max_batch=8, max_delay_ms=50)

@@ -99,3 +99,14 @@ def test_bad_arguments(tmp_path):
         make_dataset(tmp_path, size=(8, 8))
     with pytest.raises(ValueError, match="n_train"):
         make_dataset(tmp_path, n_train=-1)
+
+
+def test_an_existing_dataset_is_replaced_only_when_asked(tmp_path):
+    root = synthetic.make_dataset(tmp_path / "d", n_train=3, n_test_good=1, n_test_defect=1, size=(16, 16))
+    with pytest.raises(ValueError, match="not empty"):
+        synthetic.make_dataset(root, n_train=1, n_test_good=1, n_test_defect=1, size=(16, 16))
+    (root / "notes.txt").write_text("mine")
+    synthetic.make_dataset(root, n_train=1, n_test_good=1, n_test_defect=1, size=(16, 16), overwrite=True)
+    assert len(list((root / "train" / "good").glob("*.png"))) == 1  # nothing left from the first run
+    assert (root / "notes.txt").read_text() == "mine"
+    assert not list(root.rglob(".*.tmp"))

@@ -296,3 +296,13 @@ def test_cuda_compute_maps_matches_cpu(images):
     # bf16 changes every value a little; the map must still single out the same regions
     corr = torch.corrcoef(torch.stack([bf_maps.flatten(), cpu_maps.flatten()]))[0, 1]
     assert torch.isfinite(bf_maps).all() and corr > 0.9, float(corr)
+
+
+def test_resume_on_another_device_type_is_refused(images, tmp_path):
+    p = tmp_path / "state.pt"
+    train(_cfg(steps=2), images, progress=False, checkpoint=p, stop_at=1)
+    state = ckpt.load_train_state(p)
+    state["device_type"] = "cuda"  # as if written by a GPU run
+    ckpt.save_train_state(p, state)
+    with pytest.raises(ValueError, match="written by a run on cuda, this run is on cpu"):
+        train(_cfg(steps=2), images, progress=False, resume=p)

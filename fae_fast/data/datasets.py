@@ -444,7 +444,9 @@ class TrainSampler:
             self._pos += take
             need -= take
         idx = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return idx.to(self.images.device, non_blocking=True)
+        # non_blocking only towards CUDA: a non-blocking device->host copy may be read before it lands
+        dst = self.images.device
+        return idx.to(dst, non_blocking=dst.type == "cuda")
 
     def next(self) -> torch.Tensor:
         """The next batch: ``uint8 (B, 3, H, W)`` on the images' device."""

@@ -358,9 +358,9 @@ def main(argv=None) -> int:
         print(f"{r['scenario']:16s} {r['provider']:14s} {r['batch']:5d} {r['img_per_s']:11.1f} "
               f"{r['p50_ms']:9.3f} {r['p99_ms']:9.3f}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(dict(header, rows=rows), f, indent=1)
+        from .._atomic import write_text
+
+        write_text(args.json, json.dumps(dict(header, rows=rows), indent=1))
         print(f"wrote {args.json}")
     return 0
 

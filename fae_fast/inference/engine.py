@@ -491,7 +491,10 @@ class Engine:
         return buf
 
     def _host_to_host(self, x: torch.Tensor, return_map: bool):
-        """CPU batch -> CUDA -> CPU results through pinned buffers; the copies are asynchronous, one sync at the end.
+        """CPU batch -> CUDA -> CPU results through pinned buffers; the copies are asynchronous.
+
+        A batch that fits one chunk syncs once, at the end; a batch split into several chunks syncs after every
+        chunk (the pinned buffers of one padded size are reused by the next chunk, so they must be drained first).
 
         The EfficientAD latency protocol measures exactly this: the clock starts before the host->device copy and
         stops when the map is on the host.

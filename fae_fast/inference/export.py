@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .. import reference
+from .._atomic import atomic_path, write_text
 
 __all__ = ["ReferenceGraph", "export_onnx", "export_aoti", "load_aoti", "onnx_metadata"]
 
@@ -128,39 +129,44 @@ def export_onnx(model: nn.Module, path, *, image_size, n: int | None = None, k: 
     """
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
-    n, k = _nk(image_size, n, k)
-    graph = model if isinstance(model, ReferenceGraph) else ReferenceGraph(model, n=n, k=k, fold_bn=fold_bn)
+    if isinstance(model, ReferenceGraph):  # the graph's own smoothing is what the file computes
+        graph, n, k = model, model.n, model.k
+    else:
+        n, k = _nk(image_size, n, k)
+        graph = ReferenceGraph(model, n=n, k=k, fold_bn=fold_bn)
     graph = graph.cpu().eval()
     x = _example(image_size, in_channels, input_dtype, "cpu")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     names = dict(input_names=["images"], output_names=["anomaly_map", "pred_score"])
-    with torch.no_grad():
-        if dynamo:
-            batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
-            prog = torch.onnx.export(graph, (x,), None, opset_version=opset, dynamo=True,
-                                     dynamic_shapes={"x": {0: batch}}, **names)
-            prog.save(str(path))
-        else:
-            torch.onnx.export(graph, (x,), str(path), opset_version=opset, dynamo=False,
-                              dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"},
-                                            "pred_score": {0: "batch"}}, **names)
     meta = onnx_metadata(image_size=image_size, n=n, k=k, thresholds=thresholds, input_dtype=input_dtype)
     try:
         import onnx
     except ImportError:  # the file is complete without metadata; onnx is only needed to add it
-        meta_path = path.with_suffix(path.suffix + ".json")
-        meta_path.write_text(json.dumps(meta, indent=1))
-        return path
-    m = onnx.load(str(path))
-    got = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None)
-    if got != opset:
-        warnings.warn(f"{path}: asked for ONNX opset {opset}, the exporter wrote opset {got}", RuntimeWarning,
-                      stacklevel=2)
-    for key, value in meta.items():
-        prop = m.metadata_props.add()
-        prop.key, prop.value = key, value
-    onnx.save(m, str(path))
+        onnx = None
+    # everything goes to a temporary file beside ``path``, renamed onto it only once complete
+    with atomic_path(path) as tmp:
+        with torch.no_grad():
+            if dynamo:
+                batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+                prog = torch.onnx.export(graph, (x,), None, opset_version=opset, dynamo=True,
+                                         dynamic_shapes={"x": {0: batch}}, **names)
+                prog.save(str(tmp))
+            else:
+                torch.onnx.export(graph, (x,), str(tmp), opset_version=opset, dynamo=False,
+                                  dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"},
+                                                "pred_score": {0: "batch"}}, **names)
+        if onnx is not None:
+            m = onnx.load(str(tmp), format="protobuf")
+            got = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None)
+            if got != opset:
+                warnings.warn(f"{path}: asked for ONNX opset {opset}, the exporter wrote opset {got}",
+                              RuntimeWarning, stacklevel=2)
+            for key, value in meta.items():
+                prop = m.metadata_props.add()
+                prop.key, prop.value = key, value
+            onnx.save(m, str(tmp), format="protobuf")
+    if onnx is None:
+        write_text(path.with_suffix(path.suffix + ".json"), json.dumps(meta, indent=1))
     return path
 
 
@@ -179,9 +185,12 @@ def export_aoti(model: nn.Module, path, *, image_size, n: int | None = None, k: 
     Returns:
         The package path; :func:`load_aoti` runs it. The metadata goes to ``<path>.json``.
     """
-    n, k = _nk(image_size, n, k)
+    if isinstance(model, ReferenceGraph):  # the graph's own smoothing is what the package computes
+        graph, n, k = model, model.n, model.k
+    else:
+        n, k = _nk(image_size, n, k)
+        graph = ReferenceGraph(model, n=n, k=k, fold_bn=fold_bn)
     device = torch.device(device)
-    graph = model if isinstance(model, ReferenceGraph) else ReferenceGraph(model, n=n, k=k, fold_bn=fold_bn)
     graph = graph.to(device).eval()
     x = _example(image_size, in_channels, input_dtype, device)
     batch = torch.export.Dim("batch", min=1, max=int(max_batch))
@@ -192,7 +201,7 @@ def export_aoti(model: nn.Module, path, *, image_size, n: int | None = None, k: 
     torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
     meta = onnx_metadata(image_size=image_size, n=n, k=k, thresholds=thresholds, input_dtype=input_dtype)
     meta["device"] = device.type
-    Path(str(path) + ".json").write_text(json.dumps(meta, indent=1))
+    write_text(str(path) + ".json", json.dumps(meta, indent=1))
     return path
 
 

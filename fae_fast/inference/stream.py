@@ -237,7 +237,10 @@ class InlineStream:
             raise ValueError(f"shape {tuple(frame.shape)}, expected ({H}, {W}, {C}) or ({H}, {W}) (numpy) / "
                              f"({C}, {H}, {W}) (torch)")
         if a.shape[2] != C:
-            a = np.broadcast_to(a, (H, W, C))  # grey: replicated when the batch is stacked
+            if self.copy_frames:  # a real copy: broadcast_to would be a view of the caller's buffer
+                a = np.repeat(a, C, axis=2)
+            else:
+                a = np.broadcast_to(a, (H, W, C))  # grey: replicated when the batch is stacked
         elif self.copy_frames:
             a = np.array(a, copy=True)
         return a
