@@ -132,6 +132,23 @@ def _read(path: str | os.PathLike, map_location, what: str) -> dict:
     return obj
 
 
+def _read_checked(path, map_location, marker: str, version: int, what: str, on_format: str, on_version: str):
+    """Read ``path`` and check its marker (ValueError), format version (ValueError naming both) and the fae_fast
+    version that wrote it (a warning naming both). Returns (object, format_version, written_by)."""
+    obj = _read(path, map_location, what)
+    if obj.get("format") != marker:
+        raise _marker_error(path, obj, marker, what)
+    fv = obj.get("format_version")
+    if fv != version:
+        raise ValueError(f"{path} has {what} format_version {fv!r}, but this fae_fast {__version__} reads "
+                         f"format_version {version}; {on_format}")
+    written_by = str(obj.get("fae_fast_version", "unknown"))
+    if written_by != __version__:
+        warnings.warn(f"{path} was written by fae_fast {written_by}, this is fae_fast {__version__} (same {what} "
+                      f"format {version}); {on_version}", UserWarning, stacklevel=3)
+    return obj, fv, written_by
+
+
 def _marker_error(path, obj: dict, expected: str, what: str) -> ValueError:
     marker = obj.get("format")
     if marker == TRAIN_STATE_MARKER:
@@ -229,17 +246,8 @@ def load_model_file(path, map_location="cpu") -> ModelFile:
     Warns:
         UserWarning: the file was written by another fae_fast version with the same format (names both).
     """
-    obj = _read(path, map_location, "model file")
-    if obj.get("format") != FORMAT_MARKER:
-        raise _marker_error(path, obj, FORMAT_MARKER, "model file")
-    fv = obj.get("format_version")
-    if fv != FORMAT_VERSION:
-        raise ValueError(f"{path} has model-file format_version {fv!r}, but this fae_fast {__version__} reads "
-                         f"format_version {FORMAT_VERSION}; re-export it with a matching fae_fast version")
-    written_by = str(obj.get("fae_fast_version", "unknown"))
-    if written_by != __version__:
-        warnings.warn(f"{path} was written by fae_fast {written_by}, this is fae_fast {__version__} (same file "
-                      f"format {FORMAT_VERSION}); loading it anyway", UserWarning, stacklevel=2)
+    obj, fv, written_by = _read_checked(path, map_location, FORMAT_MARKER, FORMAT_VERSION, "model file",
+                                        "re-export it with a matching fae_fast version", "loading it anyway")
     missing = [k for k in ("state", "config", "image_size", "thresholds") if k not in obj]
     if missing:
         raise ValueError(f"{path} is a damaged fae_fast model file: missing {missing}")
@@ -276,17 +284,8 @@ def load_train_state(path, map_location="cpu") -> dict[str, Any]:
     Raises:
         ValueError: not a training-state file (a model file, a random pickle, garbage) or another format version.
     """
-    obj = _read(path, map_location, "training-state file")
-    if obj.get("format") != TRAIN_STATE_MARKER:
-        raise _marker_error(path, obj, TRAIN_STATE_MARKER, "training-state file")
-    fv = obj.get("format_version")
-    if fv != TRAIN_STATE_VERSION:
-        raise ValueError(f"{path} has training-state format_version {fv!r}, but this fae_fast {__version__} "
-                         f"reads format_version {TRAIN_STATE_VERSION}")
-    written_by = str(obj.get("fae_fast_version", "unknown"))
-    if written_by != __version__:
-        warnings.warn(f"{path} was written by fae_fast {written_by}, this is fae_fast {__version__}; resuming "
-                      "anyway, but bit-exact continuation is only promised within one version",
-                      UserWarning, stacklevel=2)
+    obj, _, _ = _read_checked(path, map_location, TRAIN_STATE_MARKER, TRAIN_STATE_VERSION, "training-state file",
+                              "resume with the fae_fast version that wrote it",
+                              "resuming anyway, but bit-exact continuation is only promised within one version")
     return obj
 

@@ -32,3 +32,13 @@ def bsdata_dir():
     if not os.path.isdir(os.path.join(path, "train", "good")):
         pytest.skip(f"BSData not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The loaded extension module ``fae_fast._ext``; skips with the reason when it is not built or disabled."""
+    try:
+        from fae_fast import _ext
+    except ImportError as exc:
+        pytest.skip(f"compiled extension fae_fast._C not available: {exc}")
+    return _ext

@@ -16,15 +16,6 @@ from tests.helpers import TOL, assert_close
 pytestmark = pytest.mark.ext
 
 
-@pytest.fixture(scope="module")
-def ext():
-    try:
-        from fae_fast import _ext
-    except ImportError as exc:
-        pytest.skip(f"compiled extension fae_fast._C not available: {exc}")
-    return _ext
-
-
 def _mask(shape, dtype, gen_seed=0):
     g = torch.Generator().manual_seed(gen_seed)
     if dtype == torch.uint8:

@@ -14,15 +14,6 @@ from tests.helpers import assert_close
 pytestmark = pytest.mark.ext
 
 
-@pytest.fixture(scope="module")
-def ext():
-    try:
-        from fae_fast import _ext
-    except ImportError as exc:
-        pytest.skip(f"compiled extension fae_fast._C not available: {exc}")
-    return _ext
-
-
 def _strokes(B, S, H, W, wmax=4.0, gen_seed=0, margin=0.2):
     """Control points that spill a little outside the image, widths in (-0.5, wmax) so some draw nothing."""
     g = torch.Generator().manual_seed(gen_seed)
