@@ -256,6 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="auto",
                    help="HxW, or 'auto': the data's aspect ratio at the preset's pixel count")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--sigma-max", type=float, help="noise range r of every variant (sigma ~ U(0, r))")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the result JSON here (e.g. bench/results/ablation_<data>_<machine>.json)")
     p.add_argument("--markdown", help="write the Markdown tables here")
@@ -277,6 +278,8 @@ def main(argv=None) -> int:
             base.train.steps = args.steps
         if args.batch_size:
             base.train.batch_size = args.batch_size
+        if args.sigma_max is not None:
+            base.noise.sigma_max = args.sigma_max
         base.train.image_size = parse_size(args.size)
         if base.train.image_size == "auto":
             from .api import resolve_auto_size
