@@ -212,7 +212,7 @@ def cmd_demo(args) -> int:
 def demo_config(steps: int | None = None, seed: int = 0) -> FAEConfig:
     """The demo's small, CPU-friendly configuration (preset ``tiny``)."""
     cfg = preset("tiny")
-    cfg.train.steps = 200 if steps is None else steps
+    cfg.train.steps = 400 if steps is None else steps
     cfg.train.batch_size = 8
     cfg.train.lr = 3e-3
     cfg.train.checkpoint_every = 10 ** 9
