@@ -6,7 +6,6 @@ even when the ``.so`` cannot be loaded at all (undefined symbols after a torch u
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
 

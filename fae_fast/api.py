@@ -10,7 +10,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,11 +335,3 @@ class Detector:
         m = self.config.model
         return (f"Detector(widths={tuple(m.widths)}, image_size={self.config.train.image_size}, device={self.device}, "
                 f"trained={self.model is not None}, thresholds={self.thresholds}, version={__version__})")
-
-
-def config_replace(cfg: FAEConfig, **sections: dict) -> FAEConfig:
-    """A copy of ``cfg`` with fields of its sections replaced, e.g. ``config_replace(c, train={"steps": 10})``."""
-    out = copy.deepcopy(cfg)
-    for name, fields in sections.items():
-        setattr(out, name, dataclasses.replace(getattr(out, name), **fields))
-    return out
