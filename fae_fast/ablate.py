@@ -1,21 +1,28 @@
-"""Ablations of the paper's claims as a command: ``fae-fast ablate --data DIR``.
+"""Ablations and learning curves as a command: ``fae-fast ablate --data DIR``.
 
-Trains and evaluates, with several seeds, the FAE against its ablations (DESIGN.md 1.2; arXiv 2511.07233):
+Trains and evaluates, with several seeds, the recipe against its ablations (DESIGN.md 1.2; arXiv 2511.07233):
 
 =====================  ======================================================================================
 variant                what changes
 =====================  ======================================================================================
-``fae``                the default recipe: corruption + symmetric same-eps noise
+``fae``                the recipe as configured (``--preset``, ``--set``)
 ``no_noise``           corruption only (sigma = 0)
+``same_noise``         the paper's same-eps noise on input and target (whatever the base's noise mode)
 ``input_noise``        noise on the input only (the target is the clean image: anchors the Jacobian to zero)
 ``independent_noise``  independent eps on input and target
 ``no_thin_strokes``    no Bezier strokes among the occlusion shapes
 ``opaque``             opacity beta = 1 always (no semi-transparent occlusions)
-``plain_ae``           a plain autoencoder: no corruption and no noise (the floor)
+``residual_head``      output ``x + head(features)`` (identity-anchored head)
+``plain_head``         output ``head(features)``, the paper's plain 1x1 output convolution
+``plain_ae``           a fair plain autoencoder: no skip connections, plain head, no corruption, no noise
 =====================  ======================================================================================
 
-plus a sweep of the smoothing (n passes x k window) evaluated on the ``fae`` models without retraining. The
-output is a table of mean +- std over seeds of I-AUROC, P-AUROC, AU-PRO and P-AP, as JSON and Markdown.
+Each run is also scored with a sweep of the smoothing (n passes x k window) and of the map normalisation by
+per-pixel statistics of held-out normal images (``none``, ``mean``, ``zscore``), without retraining. With
+``--eval-every N`` every run records a learning curve: the test metrics every N steps, so that "not enough
+steps" and "a wrong recipe" can be told apart. The output, as JSON and Markdown: mean +- std over seeds of
+I-AUROC, P-AUROC, AU-PRO, P-AP and I-F1max, overall and per defect type, each run's full config, the commit and
+the machine.
 
 Everything not named above is the same for every variant (data, size, steps, seeds), so the rows compare.
 """
@@ -25,7 +32,9 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,20 +49,13 @@ from .config import FAEConfig, parse_size, preset, smoothing_for_size
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1max")
 
 
-def _no_noise(c):
-    c.noise.mode = "none"
-
-
-def _input_noise(c):
-    c.noise.mode = "input"
-
-
-def _independent(c):
-    c.noise.mode = "independent"
-
-
-def _no_strokes(c):
-    c.corruption.w_stroke = 0.0
+def _set(**changes) -> Callable[[FAEConfig], None]:
+    """A variant that sets ``section__key=value`` entries of the config."""
+    def apply(c: FAEConfig) -> None:
+        for key, value in changes.items():
+            section, name = key.split("__")
+            setattr(getattr(c, section), name, value)
+    return apply
 
 
 def _opaque(c):
@@ -63,17 +65,57 @@ def _opaque(c):
 def _plain_ae(c):
     c.corruption.p = 0.0
     c.noise.mode = "none"
+    c.model.gated_skips, c.model.skip_mode, c.model.residual = False, "none", False
 
 
 VARIANTS: dict[str, Callable[[FAEConfig], None]] = {
     "fae": lambda c: None,
-    "no_noise": _no_noise,
-    "input_noise": _input_noise,
-    "independent_noise": _independent,
-    "no_thin_strokes": _no_strokes,
+    "no_noise": _set(noise__mode="none"),
+    "same_noise": _set(noise__mode="symmetric"),
+    "input_noise": _set(noise__mode="input"),
+    "independent_noise": _set(noise__mode="independent"),
+    "no_thin_strokes": _set(corruption__w_stroke=0.0),
     "opaque": _opaque,
+    "residual_head": _set(model__residual=True),
+    "plain_head": _set(model__residual=False),
     "plain_ae": _plain_ae,
 }
+NORMALIZE = ("none", "mean", "zscore")
+
+
+def parse_value(text: str):
+    """A config value from the command line: JSON (numbers, true/false, null, lists), ``HxW`` pairs, or a string."""
+    t = text.strip()
+    if "x" in t.lower() and all(p.strip().isdigit() for p in t.lower().split("x")):
+        return [int(p) for p in t.lower().split("x")]
+    try:
+        return json.loads(t)
+    except json.JSONDecodeError:
+        return t
+
+
+def apply_overrides(cfg: FAEConfig, items) -> FAEConfig:
+    """``cfg`` with ``section.key=value`` overrides applied (a copy; unknown keys raise ``ValueError``)."""
+    d = cfg.to_dict()
+    for item in items or ():
+        key, sep, value = str(item).partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.steps=800)")
+        if section not in d or name not in d[section]:
+            raise ValueError(f"override {item!r}: unknown config key {key.strip()!r}")
+        d[section][name] = parse_value(value)
+    return FAEConfig.from_dict(d)
+
+
+def describe(cfg: FAEConfig) -> str:
+    """What a run actually trained, in one line (its label in tables)."""
+    m, nz, c, t = cfg.model, cfg.noise, cfg.corruption, cfg.train
+    skips = "gate" if m.gated_skips else m.skip_mode
+    noise = "none" if nz.mode == "none" or nz.sigma_max == 0 else f"{nz.mode} sigma<={nz.sigma_max:g}"
+    crop = "" if t.crop_size is None else f", crops {t.crop_size[0]}x{t.crop_size[1]}"
+    return (f"widths {'-'.join(map(str, m.widths))}, skips {skips}, {'residual' if m.residual else 'plain'} head, "
+            f"noise {noise}, corruption p={c.p:g}, {t.steps} steps x {t.batch_size}{crop}")
 
 
 def variant_config(base: FAEConfig, name: str, seed: int) -> FAEConfig:
@@ -97,25 +139,185 @@ def maps_for_settings(model, images: torch.Tensor, settings, *, batch_size: int 
     """Anomaly maps of ``images`` for several (n, k): one forward pass per batch, one map per setting.
 
     Returns:
-        {(n, k): (maps (N, H, W) float32 numpy, scores (N,) float32 numpy)}.
+        {(n, k): (maps (N, 1, H, W) float32, scores (N,) float32)} on the CPU.
     """
     from .scoring import _autocast, autocast_dtype, resolve_device
 
     dev = resolve_device(device or next(model.parameters()).device)
     dtype = autocast_dtype("auto", dev)
     N, _, H, W = images.shape
-    out = {s: (np.empty((N, H, W), np.float32), np.empty((N,), np.float32)) for s in settings}
+    out = {s: (torch.empty((N, 1, H, W)), torch.empty((N,))) for s in settings}
+    was_training = model.training
     model.eval()
-    with torch.inference_mode():
-        for i in range(0, N, batch_size):
-            xb = images[i:i + batch_size].to(dev)
-            with _autocast(dev, dtype):
-                recon = model(xb.float() / 255.0)
-            for s in settings:
-                amap, score = ops.anomaly_map(xb, recon, n=s[0], k=s[1])
-                out[s][0][i:i + len(xb)] = amap[:, 0].float().cpu().numpy()
-                out[s][1][i:i + len(xb)] = score.float().cpu().numpy()
+    try:
+        with torch.inference_mode():
+            for i in range(0, N, batch_size):
+                xb = images[i:i + batch_size].to(dev)
+                with _autocast(dev, dtype):
+                    recon = model(xb.float() / 255.0)
+                for s in settings:
+                    amap, score = ops.anomaly_map(xb, recon, n=s[0], k=s[1])
+                    out[s][0][i:i + len(xb)] = amap.float().cpu()
+                    out[s][1][i:i + len(xb)] = score.float().cpu()
+    finally:
+        model.train(was_training)
     return out
+
+
+def edge_max_fraction(maps: torch.Tensor, band: float = 0.05) -> float:
+    """Fraction of the maps whose maximum lies in the outer ``band`` of the frame (on good images this should be
+    about the band's share of the area, ~19% for 5%; far more means systematic false positives at the edges)."""
+    N, _, H, W = maps.shape
+    idx = maps.reshape(N, -1).argmax(1)
+    y, x = idx // W, idx % W
+    by, bx = max(1, int(round(band * H))), max(1, int(round(band * W)))
+    edge = (y < by) | (y >= H - by) | (x < bx) | (x >= W - bx)
+    return float(edge.float().mean()) if N else float("nan")
+
+
+class _Scorer:
+    """Scores a model on the test set (and its held-out normal images for the normalisation statistics)."""
+
+    def __init__(self, test, hold_images: torch.Tensor, device):
+        self.test, self.hold, self.device = test, hold_images, device
+        self.labels, self.masks = test.labels.numpy(), test.masks[:, 0].numpy()
+
+    def __call__(self, model, settings, modes) -> dict:
+        """{(n, k, mode): evaluate() result} plus the edge diagnostic under the key "edge"."""
+        from .evaluate import evaluate
+        from .scoring import map_statistics, normalize_maps
+
+        test = maps_for_settings(model, self.test.images, settings, device=self.device)
+        hold = maps_for_settings(model, self.hold, settings, device=self.device) \
+            if any(m != "none" for m in modes) and len(self.hold) >= 2 else {}
+        out = {}
+        good = torch.from_numpy(self.labels == 0)
+        for s in settings:
+            stats = map_statistics(hold[s][0]) if s in hold else None
+            for mode in modes:
+                if mode != "none" and stats is None:
+                    continue
+                maps = normalize_maps(test[s][0], stats, mode)
+                scores = maps.amax(dim=(1, 2, 3))
+                res = evaluate(scores.numpy(), maps[:, 0].numpy(), self.labels, self.masks, self.test.defect_types)
+                res["edge_max_fraction_good"] = edge_max_fraction(maps[good]) if good.any() else float("nan")
+                out[(s[0], s[1], mode)] = res
+        return out
+
+
+def _row(res: dict) -> dict:
+    row = {m: float(res["overall"][m]) for m in METRICS}
+    row["per_defect"] = {t: {m: float(v[m]) for m in METRICS} for t, v in res.get("per_defect", {}).items()}
+    row["edge_max_fraction_good"] = res.get("edge_max_fraction_good")
+    return row
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """The checkout's commit (with ``-dirty`` when it has uncommitted changes to tracked files), or None."""
+    where = str(Path(path or __file__).resolve().parent)
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("-dirty" if dirty else "")) if sha else None
+
+
+def machine_info(device="auto") -> dict:
+    """The machine a result was measured on (name it in every result file)."""
+    return {"node": platform.node(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+
+
+def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), seeds=(0, 1, 2),
+                 base: FAEConfig | None = None, device="auto", progress: bool = False, eval_every: int = 0,
+                 sweep: bool = True, save_models: str | Path | None = None, log=print) -> dict:
+    """Train every (variant, seed), evaluate on ``data``'s test split, and summarise.
+
+    Args:
+        data: MVTec-layout category root.
+        variants: names from :data:`VARIANTS`.
+        seeds: training seeds (each changes initialisation, corruption and noise draws, and the holdout split).
+        base: the recipe every variant starts from (image size, steps, ...).
+        device: training and inference device.
+        eval_every: record the test metrics every this many steps (0: only at the end).
+        sweep: also score each run with the smoothing x normalisation sweep (else only the config's setting).
+        save_models: a folder: each run's model is saved there as ``<variant>_seed<seed>.fae``.
+
+    Returns:
+        A JSON-ready dict with ``runs`` (per run: metrics, per defect type, config, learning curve), ``summary``
+        (variant -> metric -> mean/std/n), ``scoring`` ("variant|n=..,k=..,mode" -> metric -> mean/std/n),
+        the commit and the machine.
+    """
+    from .data import load_images, load_test_set, normal_image_paths
+    from .train import split_holdout, train
+
+    base = copy.deepcopy(base) if base is not None else FAEConfig()
+    size = tuple(base.train.image_size)
+    keep = base.train.keep_aspect
+    t0 = time.perf_counter()
+    train_images = load_images(normal_image_paths(Path(data)), size, keep_aspect=keep)
+    test = load_test_set(Path(data), size, keep_aspect=keep)
+    log(f"[ablate] {len(train_images)} train / {len(test)} test images at {size[0]}x{size[1]} "
+        f"({time.perf_counter() - t0:.1f} s); commit {git_commit()}")
+    n, k = smoothing_for_size(base.map, *size)
+    default_mode = getattr(base.map, "normalize", "none")
+    grid = smoothing_grid(n, k) if sweep else [(n, k)]
+    modes = NORMALIZE if sweep else (default_mode,)
+    runs, scoring_runs = [], {}
+    for name in variants:
+        for seed in seeds:
+            cfg = variant_config(base, name, seed)
+            _, hold_idx = split_holdout(len(train_images), float(cfg.train.holdout_fraction), int(seed))
+            scorer = _Scorer(test, train_images[hold_idx], device)
+            curve: list[dict] = []
+
+            def on_eval(step, model, scorer=scorer, curve=curve):
+                res = scorer(model, [(n, k)], (default_mode,))[(n, k, default_mode)]
+                curve.append({"step": int(step), **_row(res)})
+                log(f"[ablate]   {name} seed {seed} step {step}: "
+                    + ", ".join(f"{m} {curve[-1][m]:.4f}" for m in METRICS[:3]))
+
+            t1 = time.perf_counter()
+            res = train(cfg, train_images, device=device, progress=progress,
+                        callback=on_eval if eval_every else None, callback_every=int(eval_every))
+            train_s = time.perf_counter() - t1
+            if save_models:
+                from .api import Detector
+
+                det = Detector(cfg, device=device)
+                det.model, det.thresholds, det.history = res.model, dict(res.thresholds), res.history
+                det.save(Path(save_models) / f"{name}_seed{seed}.fae")
+            scored = scorer(res.model, grid, modes)
+            main = _row(scored[(n, k, default_mode)])
+            runs.append({"variant": name, "seed": int(seed), "label": describe(cfg), "config": cfg.to_dict(),
+                         "train_seconds": round(train_s, 2),
+                         "final_loss": float(res.history[-1]["loss"]) if res.history else None,
+                         "curve": curve, **main})
+            for (a, b, mode), r in scored.items():
+                scoring_runs.setdefault(f"{name}|n={a},k={b},{mode}", []).append(_row(r))
+            log(f"[ablate] {name:18s} seed {seed}: " + ", ".join(f"{m} {main[m]:.4f}" for m in METRICS)
+                + f" ({train_s:.0f} s)")
+            del res, scored
+    result = {
+        "dataset": str(Path(data).resolve()),
+        "image_size": list(size),
+        "smoothing_default": [n, k],
+        "normalize_default": default_mode,
+        "steps": base.train.steps,
+        "seeds": list(seeds),
+        "commit": git_commit(),
+        "machine": machine_info(device),
+        "config": base.to_dict(),
+        "runs": runs,
+        "scoring_runs": scoring_runs,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return summarise(result)
 
 
 def _mean_std(values):
@@ -125,81 +327,21 @@ def _mean_std(values):
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
 
 
-def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), seeds=(0, 1, 2),
-                 base: FAEConfig | None = None, device="auto", progress: bool = False, log=print) -> dict:
-    """Train every (variant, seed), evaluate on ``data``'s test split, and summarise.
-
-    Args:
-        data: MVTec-layout category root.
-        variants: names from :data:`VARIANTS`.
-        seeds: training seeds (each changes initialisation, corruption and noise draws, and the holdout split).
-        base: the recipe every variant starts from (image size, steps, ...).
-        device: training and inference device.
-
-    Returns:
-        A JSON-ready dict with ``runs`` (per run metrics), ``summary`` (variant -> metric -> mean/std/n) and
-        ``smoothing`` ((n, k) -> metric -> mean/std/n, on the ``fae`` runs).
-    """
-    from .data import load_images, load_test_set, normal_image_paths
-    from .evaluate import evaluate
-    from .train import train
-
-    base = copy.deepcopy(base) if base is not None else FAEConfig()
-    size = tuple(base.train.image_size)
-    keep = base.train.keep_aspect
-    t0 = time.perf_counter()
-    train_images = load_images(normal_image_paths(Path(data)), size, keep_aspect=keep)
-    test = load_test_set(Path(data), size, keep_aspect=keep)
-    labels, masks = test.labels.numpy(), test.masks[:, 0].numpy()
-    log(f"[ablate] {len(train_images)} train / {len(test)} test images at {size[0]}x{size[1]} "
-        f"({time.perf_counter() - t0:.1f} s)")
-    n, k = smoothing_for_size(base.map, *size)
-    grid = smoothing_grid(n, k)
-    runs, sweep = [], {f"n={a},k={b}": [] for a, b in grid}
-    for name in variants:
-        for seed in seeds:
-            cfg = variant_config(base, name, seed)
-            t1 = time.perf_counter()
-            res = train(cfg, train_images, device=device, progress=progress)
-            train_s = time.perf_counter() - t1
-            settings = grid if name == "fae" else [(n, k)]
-            per = maps_for_settings(res.model, test.images, settings, device=device)
-            for (a, b), (maps, scores) in per.items():
-                metrics = evaluate(scores, maps, labels, masks, test.defect_types)["overall"]
-                row = {m: float(metrics[m]) for m in METRICS}
-                if (a, b) == (n, k):
-                    runs.append({"variant": name, "seed": int(seed), "train_seconds": round(train_s, 2),
-                                 "final_loss": float(res.history[-1]["loss"]) if res.history else None, **row})
-                    log(f"[ablate] {name:18s} seed {seed}: " + ", ".join(f"{m} {row[m]:.4f}" for m in METRICS)
-                        + f" ({train_s:.0f} s)")
-                if name == "fae":
-                    sweep[f"n={a},k={b}"].append(row)
-            del res, per
-    result = {
-        "dataset": str(Path(data).resolve()),
-        "image_size": list(size),
-        "smoothing_default": [n, k],
-        "steps": base.train.steps,
-        "seeds": list(seeds),
-        "device": str(device),
-        "machine": {"node": platform.node(), "cpu_count": __import__("os").cpu_count(),
-                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                    "torch": torch.__version__},
-        "config": base.to_dict(),
-        "runs": runs,
-        "smoothing_runs": sweep,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    return summarise(result)
-
-
 def summarise(result: dict) -> dict:
-    """(Re)compute ``summary`` and ``smoothing`` (mean/std/n over seeds) from the per-run rows."""
+    """(Re)compute ``summary`` (per variant, overall and per defect type) and ``scoring`` (mean/std/n over seeds)
+    from the per-run rows."""
+    def stats(rows):
+        out = {m: _mean_std([r[m] for r in rows]) for m in METRICS}
+        types = sorted({t for r in rows for t in r.get("per_defect", {})})
+        if types:
+            out["per_defect"] = {t: {m: _mean_std([r["per_defect"][t][m] for r in rows
+                                                    if t in r.get("per_defect", {})]) for m in METRICS}
+                                 for t in types}
+        return out
+
     variants = list(dict.fromkeys(r["variant"] for r in result["runs"]))
-    result["summary"] = {v: {m: _mean_std([r[m] for r in result["runs"] if r["variant"] == v]) for m in METRICS}
-                         for v in variants}
-    result["smoothing"] = {key: {m: _mean_std([r[m] for r in rows]) for m in METRICS}
-                           for key, rows in result.get("smoothing_runs", {}).items() if rows}
+    result["summary"] = {v: stats([r for r in result["runs"] if r["variant"] == v]) for v in variants}
+    result["scoring"] = {key: stats(rows) for key, rows in result.get("scoring_runs", {}).items() if rows}
     return result
 
 
@@ -207,12 +349,12 @@ def merge_results(parts: list[dict]) -> dict:
     """One result from ablations run in parts (e.g. in parallel processes) on the same data and recipe."""
     if not parts:
         raise ValueError("nothing to merge")
-    keys = ("dataset", "image_size", "steps", "smoothing_default", "config")
+    keys = ("dataset", "image_size", "steps", "smoothing_default", "config", "commit")
     for part in parts[1:]:
         for key in keys:
-            if part[key] != parts[0][key]:
+            if part.get(key) != parts[0].get(key):
                 raise ValueError(f"cannot merge ablations with different {key}"
-                                 + ("" if key == "config" else f": {parts[0][key]!r} vs {part[key]!r}"))
+                                 + ("" if key == "config" else f": {parts[0].get(key)!r} vs {part.get(key)!r}"))
     out = copy.deepcopy(parts[0])
     out["runs"] = [r for part in parts for r in part["runs"]]
     seen = [(r["variant"], r["seed"]) for r in out["runs"]]
@@ -221,26 +363,44 @@ def merge_results(parts: list[dict]) -> dict:
         raise ValueError(f"the parts repeat runs {dup}: each (variant, seed) must come from one part")
     sweep: dict[str, list] = {}
     for part in parts:
-        for key, rows in part.get("smoothing_runs", {}).items():
+        for key, rows in part.get("scoring_runs", {}).items():
             sweep.setdefault(key, []).extend(rows)
-    out["smoothing_runs"] = sweep
+    out["scoring_runs"] = sweep
     out["seeds"] = sorted({s for part in parts for s in part["seeds"]})
     out["seconds"] = sum(part["seconds"] for part in parts)
     return summarise(out)
 
 
+def _cells(row: dict) -> str:
+    return " | ".join(f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}" for m in METRICS)
+
+
 def markdown_table(result: dict) -> str:
-    """The summary and the smoothing sweep as Markdown tables (mean +- std in percent)."""
-    head = "| variant | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
-    lines = [head]
+    """The summary (overall and per defect type), the scoring sweep and the learning curves as Markdown
+    (mean +- std over seeds, in percent)."""
+    head = "| {} | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
+    lines = [f"Commit {result.get('commit')}, {result.get('machine', {}).get('node')}, "
+             f"{result['image_size'][0]}x{result['image_size'][1]}, {result['steps']} steps\n\n",
+             head.format("variant")]
+    labels = {r["variant"]: r.get("label", "") for r in result["runs"]}
     for v, row in result["summary"].items():
-        cells = [f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}" for m in METRICS]
-        lines.append(f"| {v} (n={row[METRICS[0]]['n']}) | " + " | ".join(cells) + " |\n")
-    if result.get("smoothing"):
-        lines.append("\nSmoothing sweep on the `fae` models:\n\n" + head.replace("variant", "n, k"))
-        for key, row in result["smoothing"].items():
-            cells = [f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}" for m in METRICS]
-            lines.append(f"| {key} | " + " | ".join(cells) + " |\n")
+        lines.append(f"| {v} (n={row[METRICS[0]]['n']}) | {_cells(row)} |\n")
+        for t, trow in row.get("per_defect", {}).items():
+            lines.append(f"| {v} / {t} | {_cells(trow)} |\n")
+    lines.append("\n" + "".join(f"- `{v}`: {lab}\n" for v, lab in labels.items()))
+    if result.get("scoring"):
+        lines.append("\nScoring sweep (smoothing n, k and map normalisation), same models:\n\n"
+                     + head.format("variant, n, k, normalisation"))
+        for key, row in result["scoring"].items():
+            lines.append(f"| {key} | {_cells(row)} |\n")
+    curves = [r for r in result["runs"] if r.get("curve")]
+    if curves:
+        lines.append("\nLearning curves (test metrics during training):\n\n| variant | seed | step | "
+                     + " | ".join(METRICS[:3]) + " |\n|---|---|---|---|---|---|\n")
+        for r in curves:
+            for pt in r["curve"]:
+                lines.append(f"| {r['variant']} | {r['seed']} | {pt['step']} | "
+                             + " | ".join(f"{100 * pt[m]:.1f}" for m in METRICS[:3]) + " |\n")
     return "".join(lines)
 
 
@@ -248,7 +408,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fae-fast ablate", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="MVTec-layout category root")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge results of ablations run in parts instead")
-    p.add_argument("--variants", default="fae,no_noise,input_noise,independent_noise,no_thin_strokes,opaque,plain_ae",
+    p.add_argument("--variants", default="fae,no_noise,same_noise,input_noise,independent_noise,plain_ae",
                    help=f"comma-separated, from {','.join(VARIANTS)}")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--preset", default="default")
@@ -257,6 +417,14 @@ def main(argv=None) -> int:
                    help="HxW, or 'auto': the data's aspect ratio at the preset's pixel count")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--sigma-max", type=float, help="noise range r of every variant (sigma ~ U(0, r))")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config value of the base recipe, e.g. --set train.crop_size=96x96 "
+                        "(repeatable)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="learning curves: test metrics every N steps (0: only at the end)")
+    p.add_argument("--no-sweep", action="store_true", help="score with the config's smoothing only")
+    p.add_argument("--save-models", metavar="DIR", help="save each run's model as DIR/<variant>_seed<seed>.fae")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 per process when running several)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the result JSON here (e.g. bench/results/ablation_<data>_<machine>.json)")
     p.add_argument("--markdown", help="write the Markdown tables here")
@@ -271,22 +439,31 @@ def main(argv=None) -> int:
     if unknown:
         print(f"fae-fast ablate: error: unknown variants {unknown}; choose from {sorted(VARIANTS)}", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"fae-fast ablate: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
         base = preset(args.preset)
         if args.steps is not None:
             base.train.steps = args.steps
-        if args.batch_size:
+        if args.batch_size is not None:
             base.train.batch_size = args.batch_size
         if args.sigma_max is not None:
             base.noise.sigma_max = args.sigma_max
         base.train.image_size = parse_size(args.size)
+        base = apply_overrides(base, args.overrides)
         if base.train.image_size == "auto":
             from .api import resolve_auto_size
 
             base.train.image_size = resolve_auto_size(args.data, base.train.auto_pixels)
-        result = run_ablation(args.data, variants=variants, seeds=seeds, base=base, device=args.device)
-    except (ValueError, FileNotFoundError) as exc:
+        if args.save_models:
+            Path(args.save_models).mkdir(parents=True, exist_ok=True)
+        result = run_ablation(args.data, variants=variants, seeds=seeds, base=base, device=args.device,
+                              eval_every=args.eval_every, sweep=not args.no_sweep, save_models=args.save_models)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"fae-fast ablate: error: {exc}", file=sys.stderr)
         return 2
     return _emit(result, args)

@@ -24,6 +24,9 @@ class CorruptionConfig:
     w_polygon: float = 0.3
     w_stroke: float = 0.3
     perlin_scales: tuple[int, ...] = (2, 4, 8, 16, 32)  # grid cells across the image for Perlin octaves
+    # the coarsest octave of a blob is drawn among the scales <= this (finer ones add detail on top): a base
+    # octave of 32 cells made "blobs" of ~30 specks of 4 px at 112x280, which the model learns to pass through
+    perlin_base_max: int = 4
     perlin_coverage: tuple[float, float] = (0.01, 0.15)  # fraction of the image a blob occlusion covers
     polygon_size: tuple[float, float] = (0.03, 0.3)  # ellipse/polygon radius, fraction of min(H, W)
     stroke_width: tuple[float, float] = (1.0, 4.0)   # pixels (scratches, cracks)
@@ -60,7 +63,7 @@ class ModelConfig:
     norm: str = "batch"                 # "batch" | "group" | "instance" | "none"
     act: str = "relu"                   # "relu" | "silu" | "gelu"
     gated_skips: bool = True            # out = s * e + (1 - s) * d, s = sigmoid(conv([e, d]))
-    skip_mode: str = "concat"           # "concat" | "add", used when gated_skips is False
+    skip_mode: str = "concat"           # "concat" | "add" | "none" (no skips: plain AE), when gated_skips is False
     downsample: str = "maxpool"         # "maxpool" | "conv" (stride-2 conv-norm-act)
     upsample: str = "bilinear"          # "bilinear" (+1x1 conv) | "transpose"
     residual: bool = True               # output x + head(features), head zero-initialised: starts as identity
@@ -87,10 +90,14 @@ class TrainConfig:
     image_size: tuple[int, int] | str = (256, 256)  # (H, W), non-square allowed; or "auto" (below)
     auto_pixels: int = 256 * 256        # "auto" size: the data's aspect ratio at about this many pixels
     keep_aspect: bool = False           # resize keeping aspect ratio and pad, instead of stretching
+    # train on random (h, w) crops of the resident images and infer on whole images (the U-Net is fully
+    # convolutional): resolution for thin defects without the cost of whole frames per step; None = whole images
+    crop_size: tuple[int, int] | None = None
     holdout_fraction: float = 0.1       # normal images kept out of training for thresholds
     threshold_quantile: float = 0.99    # image threshold = this quantile of held-out normal scores (chosen)
     pixel_threshold_quantile: float = 0.999
-    augment_flip: bool = True
+    # off: inspection images have a fixed geometry (thread slant, lighting) that test images never mirror
+    augment_flip: bool = False
     augment_rot90: bool = False
     amp: str = "auto"                   # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" | "fp32"
     compile: bool = False

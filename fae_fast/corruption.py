@@ -389,6 +389,8 @@ class Corruptor:
             raise ValueError("shape weights w_perlin, w_polygon, w_stroke are all zero")
         if cfg.soft_edge > 1:
             raise ValueError(f"CorruptionConfig.soft_edge is a probability, got {cfg.soft_edge!r}")
+        if int(cfg.perlin_base_max) < 1:
+            raise ValueError(f"CorruptionConfig.perlin_base_max must be >= 1, got {cfg.perlin_base_max!r}")
         if not cfg.perlin_scales or any(int(s) < 1 for s in cfg.perlin_scales):
             raise ValueError(f"CorruptionConfig.perlin_scales must be positive ints, got {cfg.perlin_scales!r}")
         rng("perlin_coverage", 0.0, 1.0)
@@ -531,7 +533,10 @@ class Corruptor:
         # batch mixes large smooth blobs with finer speckled ones
         rank = sorted(range(no), key=lambda o: scales[o])  # octave o is the rank[o]-th coarsest
         order = _const(tuple(float(rank.index(o)) for o in range(no)), dev)
-        o0 = torch.randint(0, no, (n, 1), generator=g, device=dev).float()
+        # the base octave is one of the coarse ones (scale <= perlin_base_max, at least the coarsest): coherent
+        # blobs with finer detail on their edges, not confetti
+        n_base = max(1, sum(1 for sc in scales if sc <= int(cfg.perlin_base_max)))
+        o0 = torch.randint(0, n_base, (n, 1), generator=g, device=dev).float()
         pers = torch.rand((n, 1), generator=g, device=dev) * 0.35 + 0.3
         rel = order[None, :] - o0
         amps = torch.where(rel >= 0, pers.pow(rel.clamp_min(0)), torch.zeros_like(rel))

@@ -13,7 +13,7 @@ import torch
 from . import _backend
 
 __all__ = ["corrupt_and_noise", "noisy_target_loss", "anomaly_map", "elastic_warp", "rasterize_strokes",
-           "last_backend"]
+           "last_backend", "noise_backend"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _IMAGE_DTYPES = _FLOATS + (torch.uint8,)
@@ -23,6 +23,19 @@ _last: dict[str, str] = {}
 def last_backend(op: str) -> str | None:
     """The backend the most recent call of ``op`` ran on (for logs and tests)."""
     return _last.get(op)
+
+
+def noise_backend(device, backend: str = "auto") -> str:
+    """The one backend for :func:`corrupt_and_noise` *and* :func:`noisy_target_loss` on ``device``.
+
+    The two ops regenerate the same eps from a seed only within one backend (the reference draws with
+    ``torch.Generator``, the Triton kernels with Philox): mixing them would silently turn same-eps noise into
+    independent noise. Both resolve ``backend`` here; where they would differ (one of them fell back), both run on
+    the reference.
+    """
+    names = {_backend.resolve(op, backend, torch.device(device))[0]
+             for op in ("corrupt_and_noise", "noisy_target_loss")}
+    return names.pop() if len(names) == 1 else "torch"
 
 
 def _tensor(name, t, dims, dtypes):

@@ -145,3 +145,45 @@ def thresholds_from_holdout(scores: torch.Tensor, maps: torch.Tensor, image_q: f
     if scores.numel() == 0 or maps.numel() == 0:
         raise ValueError("thresholds need at least one held-out normal image (got none)")
     return {"image": _quantile(scores, float(image_q)), "pixel": _quantile(maps, float(pixel_q))}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# normalising the error map by per-pixel statistics of normal images
+
+NORMALIZE_MODES = ("none", "mean", "zscore")
+
+
+def map_statistics(maps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-pixel statistics of the anomaly maps of normal images, for :func:`normalize_maps`.
+
+    Args:
+        maps: (N, 1, H, W) float maps of held-out normal images (N >= 2).
+
+    Returns:
+        ``{"mean": (1, 1, H, W), "scale": (1, 1, H, W)}``: the per-pixel mean, and the per-pixel std plus the
+        median of all per-pixel stds (a floor: with a few dozen images a pixel's own std is noisy, and dividing
+        by a near-zero one would turn quiet pixels into false alarms).
+    """
+    if not isinstance(maps, torch.Tensor) or maps.dim() != 4 or maps.shape[1] != 1:
+        raise ValueError(f"maps must be a (N, 1, H, W) tensor, got {getattr(maps, 'shape', type(maps).__name__)}")
+    if maps.shape[0] < 2:
+        raise ValueError(f"per-pixel statistics need at least 2 normal images, got {maps.shape[0]}")
+    m = maps.double()
+    mean = m.mean(0, keepdim=True)
+    std = m.std(0, keepdim=True, correction=1)
+    floor = std.flatten().median()
+    return {"mean": mean.float(), "scale": (std + floor).clamp_min(1e-12).float()}
+
+
+def normalize_maps(maps: torch.Tensor, stats: dict[str, torch.Tensor] | None, mode: str) -> torch.Tensor:
+    """``mode`` "none": maps as they are; "mean": ``maps - mean``; "zscore": ``(maps - mean) / scale``
+    (``stats`` from :func:`map_statistics`). A pixel where normal images always reconstruct badly (edges, glare,
+    the frame border) then stops outscoring a real defect elsewhere."""
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"normalize mode must be one of {NORMALIZE_MODES}, got {mode!r}")
+    if mode == "none":
+        return maps
+    if stats is None:
+        raise ValueError(f"normalize mode {mode!r} needs per-pixel statistics of normal images")
+    out = maps - stats["mean"].to(maps.device)
+    return out if mode == "mean" else out / stats["scale"].to(maps.device)

@@ -40,7 +40,7 @@ from .checkpoint import load_train_state, save_train_state
 from .config import FAEConfig, smoothing_for_size
 from .scoring import autocast_dtype, compute_maps, resolve_device, thresholds_from_holdout
 
-__all__ = ["NOISE_MODES", "TrainResult", "train", "step_seed", "split_holdout", "lr_factor"]
+__all__ = ["NOISE_MODES", "TrainResult", "train", "step_seed", "split_holdout", "lr_factor", "holdout_thresholds"]
 
 NOISE_MODES = ("symmetric", "none", "input", "independent")
 _MASK64 = (1 << 64) - 1
@@ -165,46 +165,166 @@ def _fingerprint(images: torch.Tensor) -> list[int]:
     return [*map(int, images.shape), int(flat[:, ::97].sum(dtype=torch.int64))]
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency, but a bar is never worth failing a run over
-        return None
-    return tqdm(total=total, initial=initial, desc="fae_fast train", unit="step", dynamic_ncols=True)
+class _Progress:
+    """Progress of the loop: a tqdm bar on a terminal; otherwise (logs, CI, nohup) one plain line on stderr at most
+    every ``every_s`` seconds, with the ETA, so that a long run is never silent."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, every_s: float = 30.0):
+        self.total, self.done, self.enabled, self.every_s = total, initial, enabled, every_s
+        self.bar = None
+        self.t0 = self.t_print = time.perf_counter()
+        self.initial = initial
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=total, initial=initial, desc="fae_fast train", unit="step", dynamic_ncols=True)
+            except ImportError:  # tqdm is a dependency, but a bar is never worth failing a run over
+                self.bar = None
+
+    def update(self, done: int, rec: dict | None) -> None:
+        self.done = done
+        if self.bar is not None:
+            if rec is not None:
+                self.bar.set_postfix(loss=f"{rec['loss']:.4g}", img_s=f"{rec['img_per_s']:.0f}")
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        if not self.enabled or (now - self.t_print < self.every_s and done != self.total):
+            return
+        self.t_print = now
+        rate = (done - self.initial) / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        loss = f", loss {rec['loss']:.4g}" if rec is not None else ""
+        print(f"fae_fast train: step {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%){loss}, "
+              f"{rate:.2f} steps/s, ETA {_fmt_seconds(eta)}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-# --------------------------------------------------------------------------------------------------------------
-# the loop
+def _fmt_seconds(t: float) -> str:
+    if not math.isfinite(t):
+        return "?"
+    t = int(round(t))
+    return f"{t // 3600}h{t // 60 % 60:02d}m" if t >= 3600 else f"{t // 60}m{t % 60:02d}s"
 
 
-def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None = None,
-          checkpoint: str | Path | None = None, resume: str | Path | None = None, device=None,
-          progress: bool = True, log_every: int = 10, stop_at: int | None = None) -> TrainResult:
-    """Train a Filtering Autoencoder on normal images.
+class _Trainer:
+    """What a training run evolves (network, AdamW, schedule, loss scaler, generator, sampler) and its step.
 
-    Args:
-        cfg: the full configuration (``cfg.train.image_size`` must equal the images' (H, W)).
-        images: uint8 (N, 3, H, W) normal images, on any device (they are moved to the training device).
-        holdout: uint8 (M, 3, H, W) normal images for the thresholds; None holds out
-            ``cfg.train.holdout_fraction`` of ``images`` (a seeded random split).
-        checkpoint: training-state file written atomically every ``cfg.train.checkpoint_every`` steps and at the
-            end; None writes none.
-        resume: a training-state file to continue from (same config except steps/device/compile/checkpointing).
-        device: "auto" | "cpu" | "cuda[:i]" | torch.device; None uses ``cfg.train.device``.
-        progress: a tqdm bar (only when stderr is a terminal).
-        log_every: steps between history entries (each costs one device sync).
-        stop_at: end this call after this many steps in total (checkpointing there), e.g. for time-boxed jobs;
-            a later call with ``resume=`` continues the same schedule.
-
-    Returns:
-        :class:`TrainResult`.
+    Every random draw of a step comes from ``self.gen`` (corruption, sigma, the batch) or from the per-step noise
+    seeds, so :meth:`state_dict` / :meth:`load_state` resume a run bit for bit.
     """
-    from .corruption import Corruptor
-    from .data import TrainSampler
-    from .models import build_model
 
+    def __init__(self, cfg: FAEConfig, train_images: torch.Tensor, dev: torch.device):
+        from .corruption import Corruptor
+        from .data import TrainSampler
+        from .models import build_model
+
+        tc = self.tc = cfg.train
+        self.cfg, self.dev = cfg, dev
+        self.steps = int(tc.steps)
+        self.amp_dtype = autocast_dtype(tc.amp, dev)
+        self.train_images = train_images
+        H, W = int(train_images.shape[2]), int(train_images.shape[3])
+        crop = None if tc.crop_size is None else tuple(int(v) for v in tc.crop_size)
+        if crop is not None and (crop[0] > H or crop[1] > W):
+            raise ValueError(f"cfg.train.crop_size {crop} is larger than the images ({H}x{W})")
+        # seeded init without touching the caller's RNG: the model is built on the CPU, so only the CPU generator
+        # is forked and seeded (torch.manual_seed would also reseed every CUDA generator of the caller)
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(int(tc.seed))
+            model = build_model(cfg.model)
+        model = model.to(dev)
+        if tc.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.train()
+        self.opt = torch.optim.AdamW(_param_groups(model, float(tc.weight_decay)), lr=float(tc.lr),
+                                     fused=dev.type == "cuda")
+        warmup, steps = int(tc.warmup_steps), self.steps
+
+        def schedule(i: int) -> float:  # a plain function: LambdaLR stores no state for it
+            return lr_factor(i, warmup, steps)
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
+        self.gen = torch.Generator(device=dev)
+        self.gen.manual_seed(int(tc.seed))
+        self.sampler = TrainSampler(train_images, int(tc.batch_size), self.gen, flip=bool(tc.augment_flip),
+                                    rot90=bool(tc.augment_rot90), crop=crop)
+        self.corruptor = Corruptor(cfg.corruption, image_size=crop or (H, W), device=dev)
+        # with crops, textures are borrowed from the batch's own crops (same scale); otherwise from every image
+        self.pool = None if crop is not None else train_images
+        self.fwd = torch.compile(model) if tc.compile else model
+        # one backend for noise injection and loss: the reference and the Triton kernel draw different eps from a
+        # seed, so a fallback of one op alone would silently turn same-eps noise into independent noise
+        self.noise_backend = ops.noise_backend(dev)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.autocast = (torch.autocast(device_type=dev.type, dtype=self.amp_dtype)
+                         if self.amp_dtype is not None else contextlib.nullcontext())
+        self.fingerprint = _fingerprint(train_images)
+
+    def step(self, step: int) -> torch.Tensor:
+        """One optimisation step (0-based ``step``); returns the detached loss on the device (no sync)."""
+        cfg, tc, dev, gen = self.cfg, self.tc, self.dev, self.gen
+        mode, sigma_max, seed0 = cfg.noise.mode, float(cfg.noise.sigma_max), int(tc.seed)
+        xb = self.sampler.next()                            # uint8 (B, 3, h, w) on dev
+        B = xb.shape[0]
+        c = self.corruptor(xb.float().div_(255.0), gen, pool=self.pool)
+        sigma = torch.rand(B, generator=gen, device=dev) * sigma_max
+        zeros = torch.zeros_like(sigma)
+        seed = step_seed(seed0, step)
+        sigma_in = zeros if mode == "none" else sigma
+        sigma_tgt = sigma if mode in ("symmetric", "independent") else zeros
+        seed_tgt = step_seed(seed0, step, stream=1) if mode == "independent" else seed
+        # the ops read the uint8 batch directly: a quarter of the bytes of a float copy
+        inp = ops.corrupt_and_noise(xb, c.texture, c.mask_beta, sigma_in, seed, backend=self.noise_backend)
+        if tc.channels_last:
+            inp = inp.contiguous(memory_format=torch.channels_last)
+        with self.autocast:
+            recon = self.fwd(inp)
+        loss = ops.noisy_target_loss(recon, xb, sigma_tgt, seed_tgt, backend=self.noise_backend)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if tc.grad_clip and tc.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.params, float(tc.grad_clip))
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return loss.detach()
+
+    def state_dict(self, step: int, history: list) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                "generator": self.gen.get_state(), "sampler": self.sampler.state_dict(), "step": step,
+                "history": history, "config": self.cfg.to_dict(), "fingerprint": self.fingerprint,
+                "device_type": self.dev.type}
+
+    def load_state(self, path) -> tuple[int, list]:
+        """Continue from the training-state file ``path``: returns (steps done, history)."""
+        state = load_train_state(path, map_location="cpu")
+        _check_resume_config(path, state["config"], self.cfg)
+        saved_dev = state.get("device_type", self.dev.type)
+        if saved_dev != self.dev.type:
+            # the generator states (and so every random draw) are per device type: a resumed run could not
+            # continue the same streams
+            raise ValueError(f"{path} was written by a run on {saved_dev}, this run is on {self.dev.type}: resume "
+                             f"on the device type the run started on")
+        if list(state.get("fingerprint", [])) != self.fingerprint:
+            warnings.warn(f"the training images differ from those of {path} (shape or checksum); resuming "
+                          "anyway", UserWarning, stacklevel=3)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.gen.set_state(state["generator"])
+        self.sampler.load_state_dict(state["sampler"])
+        return int(state["step"]), list(state["history"])
+
+
+def _check_train_args(cfg: FAEConfig, images, holdout, log_every: int) -> None:
     if not isinstance(cfg, FAEConfig):
         raise TypeError(f"cfg must be a FAEConfig, got {type(cfg).__name__}")
     tc = cfg.train
@@ -225,14 +345,59 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
         raise ValueError(f"cfg.noise.mode must be one of {NOISE_MODES}, got {cfg.noise.mode!r}")
     if not 0.0 <= cfg.noise.sigma_max:
         raise ValueError(f"cfg.noise.sigma_max must be >= 0, got {cfg.noise.sigma_max}")
-    steps = int(tc.steps)
-    if steps < 0:
-        raise ValueError(f"cfg.train.steps must be >= 0, got {steps}")
+    if int(tc.steps) < 0:
+        raise ValueError(f"cfg.train.steps must be >= 0, got {tc.steps}")
     if int(log_every) < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
+
+
+def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torch.Tensor, dev,
+                       batch_size: int = 32) -> tuple[dict[str, float], torch.Tensor]:
+    """Image and pixel thresholds from the anomaly maps of held-out normal images: (thresholds, scores)."""
+    H, W = int(hold_images.shape[2]), int(hold_images.shape[3])
+    n, k = smoothing_for_size(cfg.map, H, W)
+    maps, scores = compute_maps(model, hold_images, n=n, k=k, batch_size=batch_size, device=dev,
+                                amp=cfg.train.amp)
+    thresholds = thresholds_from_holdout(scores, maps, float(cfg.train.threshold_quantile),
+                                         float(cfg.train.pixel_threshold_quantile))
+    return thresholds, scores
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None = None,
+          checkpoint: str | Path | None = None, resume: str | Path | None = None, device=None,
+          progress: bool = True, log_every: int = 10, stop_at: int | None = None,
+          callback=None, callback_every: int = 0) -> TrainResult:
+    """Train a Filtering Autoencoder on normal images.
+
+    Args:
+        cfg: the full configuration (``cfg.train.image_size`` must equal the images' (H, W)).
+        images: uint8 (N, 3, H, W) normal images, on any device (they are moved to the training device).
+        holdout: uint8 (M, 3, H, W) normal images for the thresholds; None holds out
+            ``cfg.train.holdout_fraction`` of ``images`` (a seeded random split).
+        checkpoint: training-state file written atomically every ``cfg.train.checkpoint_every`` steps and at the
+            end; None writes none.
+        resume: a training-state file to continue from (same config except steps/device/compile/checkpointing).
+        device: "auto" | "cpu" | "cuda[:i]" | torch.device; None uses ``cfg.train.device``.
+        progress: a tqdm bar on a terminal, otherwise a line with the ETA on stderr every 30 s.
+        log_every: steps between history entries (each costs one device sync).
+        stop_at: end this call after this many steps in total (checkpointing there), e.g. for time-boxed jobs;
+            a later call with ``resume=`` continues the same schedule.
+        callback: ``callback(steps_done, model)`` every ``callback_every`` steps and after the last one, with the
+            model in eval mode (e.g. learning curves); it draws nothing from the training's random streams.
+        callback_every: steps between callback calls (0: only after the last step).
+
+    Returns:
+        :class:`TrainResult`.
+    """
+    _check_train_args(cfg, images, holdout, log_every)
+    tc = cfg.train
+    steps = int(tc.steps)
     end = steps if stop_at is None else min(steps, int(stop_at))
     dev = resolve_device(tc.device if device is None else device)
-    amp_dtype = autocast_dtype(tc.amp, dev)
 
     # ---- data split
     if holdout is None:
@@ -243,103 +408,29 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
         hold_idx, train_images, hold_images = None, images, holdout
     if train_images.shape[0] == 0:
         raise ValueError("no training images left after the holdout split")
-    train_images = train_images.to(dev).contiguous()
+    trainer = _Trainer(cfg, train_images.to(dev).contiguous(), dev)
+    start, history = (0, []) if resume is None else trainer.load_state(resume)
+    if start > end:
+        raise ValueError(f"{resume} is at step {start}, past the requested end {end}")
 
-    # ---- model, optimiser, schedule, randomness
-    # seeded init without touching the caller's RNG: the model is built on the CPU, so only the CPU generator
-    # is forked and seeded (torch.manual_seed would also reseed every CUDA generator of the caller)
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(int(tc.seed))
-        model = build_model(cfg.model)
-    model = model.to(dev)
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    opt = torch.optim.AdamW(_param_groups(model, float(tc.weight_decay)), lr=float(tc.lr),
-                            fused=dev.type == "cuda")
-    warmup = int(tc.warmup_steps)
-
-    def schedule(i: int) -> float:  # a plain function: LambdaLR stores no state for it
-        return lr_factor(i, warmup, steps)
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(int(tc.seed))
-    sampler = TrainSampler(train_images, int(tc.batch_size), gen, flip=bool(tc.augment_flip),
-                           rot90=bool(tc.augment_rot90))
-    corruptor = Corruptor(cfg.corruption, image_size=(H, W), device=dev)
-    fwd = torch.compile(model) if tc.compile else model
-
-    start, history = 0, []
-    fingerprint = _fingerprint(train_images)
-    if resume is not None:
-        state = load_train_state(resume, map_location="cpu")
-        _check_resume_config(resume, state["config"], cfg)
-        saved_dev = state.get("device_type", dev.type)
-        if saved_dev != dev.type:
-            # the generator states (and so every random draw) are per device type: a resumed run could not
-            # continue the same streams
-            raise ValueError(f"{resume} was written by a run on {saved_dev}, this run is on {dev.type}: resume on "
-                             f"the device type the run started on")
-        if list(state.get("fingerprint", [])) != fingerprint:
-            warnings.warn(f"the training images differ from those of {resume} (shape or checksum); resuming "
-                          "anyway", UserWarning, stacklevel=2)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        gen.set_state(state["generator"])
-        sampler.load_state_dict(state["sampler"])
-        start, history = int(state["step"]), list(state["history"])
-        if start > end:
-            raise ValueError(f"{resume} is at step {start}, past the requested end {end}")
-
-    def save_state(step: int) -> None:
-        save_train_state(checkpoint, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(), "generator": gen.get_state(), "sampler": sampler.state_dict(),
-            "step": step, "history": history, "config": cfg.to_dict(), "fingerprint": fingerprint,
-            "device_type": dev.type,
-        })
+    def run_callback(done: int) -> None:
+        trainer.model.eval()
+        try:
+            callback(done, trainer.model)
+        finally:
+            trainer.model.train()
 
     # ---- the loop
-    B, sigma_max, mode, seed0 = int(tc.batch_size), float(cfg.noise.sigma_max), cfg.noise.mode, int(tc.seed)
-    zeros = torch.zeros(B, device=dev)
-    params = [p for p in model.parameters() if p.requires_grad]
-    autocast = (torch.autocast(device_type=dev.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
-    bar = _progress_bar(end, start, progress)
+    B = int(tc.batch_size)
+    bar = _Progress(end, start, progress)
     loss_sum, n_logged = torch.zeros((), device=dev), 0
     t_log = time.perf_counter()
     try:
         for step in range(start, end):
-            xb = sampler.next()                                 # uint8 (B, 3, H, W) on dev
-            c = corruptor(xb.float().div_(255.0), gen, pool=train_images)
-            sigma = torch.rand(B, generator=gen, device=dev) * sigma_max
-            seed = step_seed(seed0, step)
-            sigma_in = zeros if mode == "none" else sigma
-            sigma_tgt = sigma if mode in ("symmetric", "independent") else zeros
-            seed_tgt = step_seed(seed0, step, stream=1) if mode == "independent" else seed
-            # the ops read the uint8 batch directly: a quarter of the bytes of a float copy
-            inp = ops.corrupt_and_noise(xb, c.texture, c.mask_beta, sigma_in, seed)
-            if tc.channels_last:
-                inp = inp.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                recon = fwd(inp)
-            loss = ops.noisy_target_loss(recon, xb, sigma_tgt, seed_tgt)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if tc.grad_clip and tc.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, float(tc.grad_clip))
-            scaler.step(opt)
-            scaler.update()
-            lr_used = opt.param_groups[0]["lr"]  # a Python float: no sync
-            sched.step()
-            loss_sum += loss.detach()
+            lr_used = trainer.opt.param_groups[0]["lr"]  # a Python float: no sync
+            loss_sum += trainer.step(step)
             n_logged += 1
-            done = step + 1
+            done, rec = step + 1, None
             if done % int(log_every) == 0 or done == end:
                 mean_loss = float(loss_sum) / n_logged               # the one sync per log interval
                 now = time.perf_counter()
@@ -348,31 +439,27 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
                 history.append(rec)
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"training diverged at step {done}: loss {mean_loss}")
-                if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.4g}", img_s=f"{rec['img_per_s']:.0f}")
                 loss_sum.zero_()
                 n_logged, t_log = 0, time.perf_counter()
-            if bar is not None:
-                bar.update(1)
+            bar.update(done, rec if rec is not None else (history[-1] if history else None))
             if checkpoint is not None and tc.checkpoint_every and done % int(tc.checkpoint_every) == 0 \
                     and done != end:
-                save_state(done)
+                save_train_state(checkpoint, trainer.state_dict(done, history))
+            if callback is not None and callback_every and done % int(callback_every) == 0 and done != end:
+                run_callback(done)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if checkpoint is not None:
-        save_state(end)
+        save_train_state(checkpoint, trainer.state_dict(end, history))
+    if callback is not None:
+        run_callback(end)
 
     # ---- thresholds from held-out normal images
-    model.eval()
+    model = trainer.model.eval()
     if hold_images.shape[0] == 0:
         warnings.warn("no held-out normal images (holdout_fraction is 0 and no holdout given): thresholds are "
                       "computed on the training images and will be optimistic", UserWarning, stacklevel=2)
-        hold_images = train_images
-    n, k = smoothing_for_size(cfg.map, H, W)
-    maps, scores = compute_maps(model, hold_images, n=n, k=k, batch_size=max(1, min(64, 2 * B)), device=dev,
-                                amp=tc.amp)
-    thresholds = thresholds_from_holdout(scores, maps, float(tc.threshold_quantile),
-                                         float(tc.pixel_threshold_quantile))
+        hold_images = trainer.train_images
+    thresholds, scores = holdout_thresholds(model, cfg, hold_images, dev, batch_size=max(1, min(64, 2 * B)))
     return TrainResult(model=model, thresholds=thresholds, history=history, holdout_scores=scores, step=end,
                        config=cfg, holdout_indices=hold_idx)

@@ -9,17 +9,50 @@ from fae_fast.synthetic import make_dataset
 
 def test_variant_configs_change_only_what_they_name():
     base = preset("tiny")
-    assert variant_config(base, "fae", 3).noise.mode == "symmetric"
+    assert variant_config(base, "fae", 3).noise.mode == base.noise.mode
     assert variant_config(base, "no_noise", 0).noise.mode == "none"
+    assert variant_config(base, "same_noise", 0).noise.mode == "symmetric"
     assert variant_config(base, "independent_noise", 0).noise.mode == "independent"
     ae = variant_config(base, "plain_ae", 0)
     assert ae.corruption.p == 0.0 and ae.noise.mode == "none"
+    assert ae.model.skip_mode == "none" and not ae.model.gated_skips and not ae.model.residual
     op = variant_config(base, "opaque", 0)
     assert op.corruption.beta_min == op.corruption.beta_max == 1.0
     assert variant_config(base, "no_thin_strokes", 0).corruption.w_stroke == 0.0
+    assert variant_config(base, "residual_head", 0).model.residual is True
+    assert variant_config(base, "plain_head", 0).model.residual is False
     assert variant_config(base, "fae", 3).train.seed == 3
-    assert base.noise.mode == "symmetric" and base.corruption.p == 0.8  # base untouched
+    assert base.to_dict() == preset("tiny").to_dict()  # base untouched
     assert set(VARIANTS) >= {"fae", "no_noise", "input_noise", "independent_noise", "plain_ae"}
+
+
+def test_plain_ae_is_not_the_identity():
+    """The fair plain AE has no skips and no residual head: it cannot copy its input (the old one was exactly
+    the identity, with zero loss and zero gradient from step 0)."""
+    import torch
+
+    from fae_fast.models import build_model
+
+    cfg = variant_config(preset("tiny"), "plain_ae", 0)
+    net = build_model(cfg.model).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (net(x) - x).abs().mean() > 0.05
+
+
+def test_overrides_set_any_key_and_name_unknown_ones():
+    import pytest
+
+    from fae_fast.ablate import apply_overrides
+
+    cfg = apply_overrides(preset("tiny"), ["train.crop_size=32x48", "noise.sigma_max=0.02", "model.residual=false",
+                                            "noise.mode=none"])
+    assert cfg.train.crop_size == (32, 48) and cfg.noise.sigma_max == 0.02 and cfg.model.residual is False
+    assert cfg.noise.mode == "none"
+    with pytest.raises(ValueError, match="unknown config key 'train.nope'"):
+        apply_overrides(preset("tiny"), ["train.nope=1"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        apply_overrides(preset("tiny"), ["steps=3"])
 
 
 def test_smoothing_grid_holds_the_default_and_valid_windows():
@@ -29,17 +62,32 @@ def test_smoothing_grid_holds_the_default_and_valid_windows():
 
 
 def test_tiny_ablation_end_to_end(tmp_path, capsys):
-    data = make_dataset(tmp_path / "d", n_train=10, n_test_good=3, n_test_defect=2, size=(32, 32), seed=2)
-    out = tmp_path / "ablation.json"
-    rc = main(["ablate", "--data", str(data), "--variants", "fae,plain_ae", "--seeds", "0", "--steps", "2",
-               "--size", "32", "--preset", "tiny", "--batch-size", "4", "--device", "cpu", "--json", str(out)])
+    data = make_dataset(tmp_path / "d", n_train=20, n_test_good=3, n_test_defect=2, size=(32, 32), seed=2)
+    out, models = tmp_path / "ablation.json", tmp_path / "models"
+    rc = main(["ablate", "--data", str(data), "--variants", "fae,no_noise,plain_ae", "--seeds", "0", "--steps", "4",
+               "--size", "32", "--preset", "tiny", "--batch-size", "4", "--device", "cpu", "--json", str(out),
+               "--eval-every", "2", "--save-models", str(models), "--set", "train.crop_size=24x24",
+               "--set", "train.holdout_fraction=0.2"])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert [(r["variant"], r["seed"]) for r in res["runs"]] == [("fae", 0), ("plain_ae", 0)]
-    for r in res["runs"]:
-        assert 0.0 <= r["image_auroc"] <= 1.0 and 0.0 <= r["pixel_auroc"] <= 1.0
-    assert len(res["smoothing"]) == len(smoothing_grid(*res["smoothing_default"]))
-    assert "| fae (n=1) |" in markdown_table(res)
+    assert [(r["variant"], r["seed"]) for r in res["runs"]] == [("fae", 0), ("no_noise", 0), ("plain_ae", 0)]
+    by = {r["variant"]: r for r in res["runs"]}
+    # each run carries the config it really trained with, and its label says so
+    assert by["no_noise"]["config"]["noise"]["mode"] == "none" and "noise none" in by["no_noise"]["label"]
+    assert by["fae"]["config"]["noise"]["mode"] == "symmetric" and "symmetric" in by["fae"]["label"]
+    assert by["fae"]["config"]["train"]["crop_size"] == [24, 24]
+    # learning curve at steps 2 and 4; per-defect rows; the commit and the machine named
+    assert [pt["step"] for pt in by["fae"]["curve"]] == [2, 4]
+    assert by["fae"]["curve"][-1]["pixel_auroc"] == by["fae"]["pixel_auroc"]
+    types = set(by["fae"]["per_defect"])
+    assert types and types == set(res["summary"]["fae"]["per_defect"])
+    assert "commit" in res and res["machine"]["node"]
+    # the scoring sweep: every smoothing setting with every normalisation (the holdout has 4 images)
+    n_settings = len(smoothing_grid(*res["smoothing_default"]))
+    assert sum(k.startswith("fae|") for k in res["scoring"]) == 3 * n_settings
+    assert sorted(p.name for p in models.iterdir()) == ["fae_seed0.fae", "no_noise_seed0.fae", "plain_ae_seed0.fae"]
+    table = markdown_table(res)
+    assert "| fae (n=1) |" in table and "Learning curves" in table and "zscore" in table
     assert "plain_ae" in capsys.readouterr().out
 
 
@@ -48,8 +96,8 @@ def _part(variant, seeds, sweep_rows=()):
                                                ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap",
                                                 "image_f1max")}} for s in seeds]
     return {"dataset": "/d", "image_size": [32, 32], "steps": 5, "smoothing_default": [4, 3], "seeds": list(seeds),
-            "config": {"model": {"widths": [16, 32]}},
-            "seconds": 1.0, "runs": runs, "smoothing_runs": {"n=4,k=3": list(sweep_rows)}}
+            "config": {"model": {"widths": [16, 32]}}, "commit": "abc",
+            "seconds": 1.0, "runs": runs, "scoring_runs": {"fae|n=4,k=3,none": list(sweep_rows)}}
 
 
 def test_merge_recomputes_mean_and_std_over_all_parts():
@@ -73,3 +121,7 @@ def test_merge_recomputes_mean_and_std_over_all_parts():
     d["config"] = {"model": {"widths": [8, 16]}}
     with pytest.raises(ValueError, match="different config"):
         merge_results([a, d])
+    e = _part("opaque", [0])
+    e["commit"] = "def"
+    with pytest.raises(ValueError, match="different commit"):  # comparisons run on one commit
+        merge_results([a, e])

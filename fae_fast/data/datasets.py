@@ -375,7 +375,8 @@ class TrainSampler:
         generator: a ``torch.Generator`` (CPU or on the images' device; random numbers are drawn on its device and
             moved), or an int seed for a new CPU generator.
         flip: random horizontal and vertical flips.
-        rot90: random 90-degree rotations (needs H == W).
+        rot90: random 90-degree rotations (needs H == W, or a square ``crop``).
+        crop: (h, w): each image of a batch is a random h x w window of its source image (None: whole images).
 
     Example:
         >>> s = TrainSampler(images, 32, torch.Generator().manual_seed(0), rot90=True)   # doctest: +SKIP
@@ -383,7 +384,7 @@ class TrainSampler:
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, generator, flip: bool = True,
-                 rot90: bool = False):
+                 rot90: bool = False, crop: Sequence[int] | None = None):
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3:
@@ -394,8 +395,14 @@ class TrainSampler:
             raise ValueError("images is empty (N == 0)")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if rot90 and images.shape[2] != images.shape[3]:
-            raise ValueError(f"rot90=True needs square images, got H x W = {images.shape[2]} x {images.shape[3]}")
+        if crop is not None:
+            crop = check_image_size(crop, "crop")
+            if crop[0] > images.shape[2] or crop[1] > images.shape[3]:
+                raise ValueError(f"crop {crop[0]}x{crop[1]} is larger than the images "
+                                 f"({images.shape[2]}x{images.shape[3]})")
+        out_hw = tuple(images.shape[2:]) if crop is None else crop
+        if rot90 and out_hw[0] != out_hw[1]:
+            raise ValueError(f"rot90=True needs square batches, got H x W = {out_hw[0]} x {out_hw[1]}")
         if isinstance(generator, int):
             generator = torch.Generator().manual_seed(generator)
         if not isinstance(generator, torch.Generator):
@@ -405,6 +412,7 @@ class TrainSampler:
         self.generator = generator
         self.flip = bool(flip)
         self.rot90 = bool(rot90)
+        self.crop = crop
         self.epoch = 0
         self._perm = None
         self._pos = 0
@@ -451,6 +459,8 @@ class TrainSampler:
     def next(self) -> torch.Tensor:
         """The next batch: ``uint8 (B, 3, H, W)`` on the images' device."""
         x = self.images.index_select(0, self._indices())
+        if self.crop is not None:
+            x = self._random_crop(x)
         if not (self.flip or self.rot90):
             return x
         b, gdev = x.shape[0], self.generator.device
@@ -466,6 +476,18 @@ class TrainSampler:
         x = torch.where(bits[:, 1], x.flip(-2), x)
         x = torch.where(bits[:, 2], x.flip(-1), x)
         return x.contiguous()
+
+    def _random_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """One uniformly placed (h, w) window per image, gathered in one indexing op (no per-image loop)."""
+        (b, c, H, W), (h, w) = x.shape, self.crop
+        gdev = self.generator.device
+        oy = torch.randint(0, H - h + 1, (b,), generator=self.generator, device=gdev).to(x.device)
+        ox = torch.randint(0, W - w + 1, (b,), generator=self.generator, device=gdev).to(x.device)
+        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        bi = torch.arange(b, device=x.device)[:, None, None, None]
+        ci = torch.arange(c, device=x.device)[None, :, None, None]
+        return x[bi, ci, rows, cols]
 
     __next__ = next
 

@@ -29,7 +29,7 @@ NORMS = ("batch", "group", "instance", "none")
 ACTS = ("relu", "silu", "gelu", "leaky_relu")
 DOWNSAMPLES = ("maxpool", "conv")
 UPSAMPLES = ("bilinear", "transpose")
-SKIPS = ("gate", "concat", "add")
+SKIPS = ("gate", "concat", "add", "none")
 
 
 def _make_norm(norm: str, channels: int) -> nn.Module:
@@ -121,7 +121,8 @@ class _SkipMerge(nn.Module):
     """Mix encoder features e and decoder features d (both (B, C, H, W)).
 
     ``gate``: ``s * e + (1 - s) * d`` with ``s = sigmoid(conv1x1([e, d]))`` -> C channels;
-    ``concat``: ``[e, d]`` -> 2C channels; ``add``: ``e + d`` -> C channels.
+    ``concat``: ``[e, d]`` -> 2C channels; ``add``: ``e + d`` -> C channels; ``none``: ``d`` alone (no skip:
+    the network is a plain bottleneck autoencoder, the fair baseline of the ablations).
     """
 
     def __init__(self, channels: int, mode: str):
@@ -138,6 +139,8 @@ class _SkipMerge(nn.Module):
             return torch.cat((e, d), dim=1)
         if self.mode == "add":
             return e + d
+        if self.mode == "none":
+            return d
         s = torch.sigmoid(self.gate(torch.cat((e, d), dim=1)))
         return d + s * (e - d)  # == s * e + (1 - s) * d with one multiply
 
@@ -152,7 +155,7 @@ class UNet(nn.Module):
         norm: "batch" | "group" | "instance" | "none".
         act: "relu" | "silu" | "gelu" | "leaky_relu".
         gated_skips: learned gate ``s * e + (1 - s) * d``; when False the skip is ``skip_mode``.
-        skip_mode: "concat" | "add", used when ``gated_skips`` is False.
+        skip_mode: "concat" | "add" | "none" (no skip connections), used when ``gated_skips`` is False.
         downsample: "maxpool" | "conv" (stride-2 3x3 conv-norm-act).
         upsample: "bilinear" (+1x1 conv) | "transpose" (2x2 stride-2 transposed conv).
         residual: output ``x + head(features)`` (identity-anchored; the head starts at zero so the untrained
@@ -181,8 +184,8 @@ class UNet(nn.Module):
             raise ValueError(f"act must be one of {ACTS}, got {act!r}")
         if downsample not in DOWNSAMPLES:
             raise ValueError(f"downsample must be one of {DOWNSAMPLES}, got {downsample!r}")
-        if not gated_skips and skip_mode not in ("concat", "add"):
-            raise ValueError(f"skip_mode must be 'concat' or 'add', got {skip_mode!r}")
+        if not gated_skips and skip_mode not in ("concat", "add", "none"):
+            raise ValueError(f"skip_mode must be 'concat', 'add' or 'none', got {skip_mode!r}")
         self.in_channels = int(in_channels)
         self.widths = widths
         self.residual = bool(residual)
