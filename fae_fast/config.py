@@ -27,6 +27,9 @@ class CorruptionConfig:
     # the coarsest octave of a blob is drawn among the scales <= this (finer ones add detail on top): a base
     # octave of 32 cells made "blobs" of ~30 specks of 4 px at 112x280, which the model learns to pass through
     perlin_base_max: int = 4
+    # > 0: each Perlin occlusion is one blob (a Gaussian envelope of its area) with edges roughened by the noise
+    # at this weight; 0: the top of a noise field over the whole frame (many separate pieces)
+    perlin_envelope: float = 0.3
     perlin_coverage: tuple[float, float] = (0.01, 0.15)  # fraction of the image a blob occlusion covers
     polygon_size: tuple[float, float] = (0.03, 0.3)  # ellipse/polygon radius, fraction of min(H, W)
     stroke_width: tuple[float, float] = (1.0, 4.0)   # pixels (scratches, cracks)

@@ -521,7 +521,8 @@ class Corruptor:
         if not parts:
             return torch.zeros(0, 1, H, W, device=dev)
         masks = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
-        return self._elastic(masks, g)
+        # bilinear resampling of values in [0, 1] can round to 1 + 1 ulp: keep masks a true blend weight
+        return self._elastic(masks, g).clamp_(0.0, 1.0)
 
     def _perlin_masks(self, n, H, W, g, dev):
         """Thresholded fractal Perlin blobs covering a fraction U(perlin_coverage) of the image each."""
@@ -541,12 +542,23 @@ class Corruptor:
         rel = order[None, :] - o0
         amps = torch.where(rel >= 0, pers.pow(rel.clamp_min(0)), torch.zeros_like(rel))
         noise = perlin_noise(n, H, W, scales, amps, g, dev)  # (n, H, W)
+        cov = torch.rand(n, generator=g, device=dev) * (cfg.perlin_coverage[1] - cfg.perlin_coverage[0]) \
+            + cfg.perlin_coverage[0]
+        if cfg.perlin_envelope > 0:
+            # one blob with fractal edges, not the top peaks of a field spread over the whole frame (those are
+            # confetti: a median of ~25 pieces at 112x280): a Gaussian envelope of the blob's area at a random
+            # centre, plus the noise weighted by perlin_envelope (larger = more ragged)
+            cx = torch.rand(n, generator=g, device=dev) * W
+            cy = torch.rand(n, generator=g, device=dev) * H
+            r2 = (cov * (H * W) / math.pi).clamp_min(1.0).view(n, 1, 1)
+            ys = torch.arange(H, device=dev, dtype=torch.float32).view(1, H, 1)
+            xs = torch.arange(W, device=dev, dtype=torch.float32).view(1, 1, W)
+            d2 = (xs - cx.view(n, 1, 1)) ** 2 + (ys - cy.view(n, 1, 1)) ** 2
+            noise = torch.exp(d2 / (-2.0 * r2)) + float(cfg.perlin_envelope) * noise
         # per-mask threshold = the (1 - coverage) quantile, estimated on <= 4096 quasi-random pixels with one
         # batched topk instead of torch.quantile (a regular stride would alias with the Perlin grid, whose
         # corners are all exactly 0)
         sub = noise.reshape(n, H * W)[:, _r2_sample(H, W, 4096, dev)]
-        cov = torch.rand(n, generator=g, device=dev) * (cfg.perlin_coverage[1] - cfg.perlin_coverage[0]) \
-            + cfg.perlin_coverage[0]
         L = sub.shape[1]
         # the (cov * L)-th largest sample; topk of the at most cov_max * L largest is cheaper than a full sort
         k_top = min(L, int(math.ceil(cfg.perlin_coverage[1] * L)) + 1)

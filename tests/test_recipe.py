@@ -1,0 +1,165 @@
+"""Each knob of the training recipe does what it says (issue 10), on tiny synthetic data."""
+import numpy as np
+import pytest
+import torch
+
+from fae_fast import ops
+from fae_fast.config import CorruptionConfig, FAEConfig, preset
+from fae_fast.corruption import Corruptor
+from fae_fast.data import TrainSampler
+from fae_fast.scoring import map_statistics, normalize_maps
+
+
+# ---------------------------------------------------------------------------------------------- crops
+def test_sampler_crops_are_windows_of_the_source_images():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 20, 30), dtype=torch.uint8, generator=g)
+    s = TrainSampler(images, 7, torch.Generator().manual_seed(1), flip=False, crop=(8, 12))
+    seen = set()
+    for _ in range(6):
+        batch = s.next()
+        assert batch.shape == (7, 3, 8, 12) and batch.dtype == torch.uint8
+        for crop in batch:
+            hits = [(i, y, x) for i in range(5) for y in range(13) for x in range(19)
+                    if torch.equal(images[i, :, y:y + 8, x:x + 12], crop)]
+            assert hits, "a crop is not a window of any source image"
+            seen.add(hits[0][1:])
+    assert len(seen) > 10  # offsets vary over the whole valid range, not a fixed window
+
+
+def test_sampler_crop_larger_than_images_is_refused():
+    images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="crop 32x8 is larger than the images"):
+        TrainSampler(images, 2, 0, crop=(32, 8))
+
+
+def test_training_on_crops_keeps_the_full_resolution_model_and_thresholds():
+    from fae_fast.train import train
+
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.crop_size = (40, 56), (24, 24)
+    cfg.train.steps, cfg.train.batch_size, cfg.train.holdout_fraction = 3, 4, 0.25
+    images = torch.randint(0, 256, (8, 3, 40, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    res = train(cfg, images, device="cpu", progress=False)
+    assert res.step == 3 and np.isfinite(res.thresholds["image"])
+    with torch.no_grad():
+        assert res.model(torch.rand(1, 3, 40, 56)).shape == (1, 3, 40, 56)
+
+
+# ---------------------------------------------------------------------------------------------- Perlin base
+def _components(mask: np.ndarray) -> int:
+    import cv2
+
+    n, _ = cv2.connectedComponents((mask > 0.5).astype(np.uint8))
+    return n - 1
+
+
+@pytest.mark.parametrize("base_max, envelope, coherent", [(4, 0.3, True), (32, 0.0, False)])
+def test_perlin_blobs_are_coherent(base_max, envelope, coherent):
+    """The default blob is one piece with ragged edges; the old behaviour (base octave drawn from every scale up
+    to 32 cells, the top of a frame-wide field) shatters a mask into confetti."""
+    cfg = CorruptionConfig(perlin_base_max=base_max, perlin_envelope=envelope, elastic_alpha=(0.0, 0.0),
+                           soft_edge=0.0)
+    cor = Corruptor(cfg, image_size=(112, 280))
+    masks = cor._perlin_masks(48, 112, 280, torch.Generator().manual_seed(0), "cpu")[:, 0].numpy()
+    pieces = np.median([_components(m) for m in masks])
+    coverage = np.mean([(m > 0.5).mean() for m in masks])
+    assert abs(coverage - np.mean(cfg.perlin_coverage)) < 0.02  # the drawn coverage is kept either way
+    assert (pieces <= 3) if coherent else (pieces > 20)
+
+
+def test_perlin_base_max_is_validated():
+    with pytest.raises(ValueError, match="perlin_base_max"):
+        Corruptor(CorruptionConfig(perlin_base_max=0))
+
+
+# ---------------------------------------------------------------------------------------------- same-eps backends
+def test_noise_injection_and_loss_always_share_one_backend(monkeypatch):
+    """A fallback of one of the two noise ops alone would draw different eps on the two sides: both fall back."""
+    from fae_fast import _backend
+
+    real = _backend.resolve
+
+    def fake(op, backend, device):
+        if op == "corrupt_and_noise":
+            return "triton", None
+        return real(op, backend, device)
+
+    monkeypatch.setattr(_backend, "resolve", fake)
+    assert ops.noise_backend("cpu") == "torch"
+    monkeypatch.setattr(_backend, "resolve", lambda op, b, d: ("triton", None))
+    assert ops.noise_backend("cpu") == "triton"
+
+
+def test_training_uses_the_same_eps_tensor_on_both_sides(monkeypatch):
+    """The eps added to the input is the eps in the target (compared as tensors, not as arguments)."""
+    from fae_fast import reference
+    from fae_fast.train import train
+
+    drawn = {}
+    real_in, real_loss = reference.corrupt_and_noise, reference.noisy_target_loss
+
+    def spy_in(x, texture, mask, sigma, seed, noise=None):
+        out = real_in(x, texture, mask, sigma, seed, noise=noise)
+        clean = real_in(x, texture, mask, torch.zeros_like(sigma), seed, noise=noise)
+        drawn.setdefault("in", []).append((out - clean).detach())
+        return out
+
+    def spy_loss(recon, x, sigma, seed, noise=None):
+        target_eps = real_in(x, x, torch.zeros_like(x[:, :1], dtype=torch.float32), sigma, seed, noise=noise) \
+            - x.float() / 255.0
+        drawn.setdefault("tgt", []).append(target_eps.detach())
+        return real_loss(recon, x, sigma, seed, noise=noise)
+
+    monkeypatch.setattr(reference, "corrupt_and_noise", spy_in)
+    monkeypatch.setattr(reference, "noisy_target_loss", spy_loss)
+    monkeypatch.setenv("FAE_FAST_BACKEND", "torch")
+    from fae_fast import _backend
+    monkeypatch.setattr(_backend, "_cache", {})
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.steps, cfg.train.batch_size = (32, 32), 2, 4
+    cfg.noise.mode, cfg.noise.sigma_max = "symmetric", 0.1
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    train(cfg, images, device="cpu", progress=False)
+    assert len(drawn["in"]) == len(drawn["tgt"]) == 2
+    for a, b in zip(drawn["in"], drawn["tgt"]):
+        assert a.abs().max() > 1e-3
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- normalisation
+def test_zscore_normalisation_removes_a_systematic_hot_spot():
+    g = torch.Generator().manual_seed(0)
+    normal = torch.rand(20, 1, 16, 16, generator=g) * 0.1
+    normal[:, :, :, :2] += 1.0                    # every normal image reconstructs the left edge badly
+    test = torch.rand(2, 1, 16, 16, generator=g) * 0.1
+    test[:, :, :, :2] += 1.0
+    test[1, 0, 8, 8] += 0.6                       # a real defect, weaker than the hot edge
+    raw_argmax = test[1].flatten().argmax().item()
+    assert raw_argmax % 16 < 2                    # unnormalised, the edge wins
+    stats = map_statistics(normal)
+    for mode in ("mean", "zscore"):
+        z = normalize_maps(test, stats, mode)
+        assert z[1].flatten().argmax().item() == 8 * 16 + 8
+        assert z[1].max() > 2 * z[0].max()
+    assert normalize_maps(test, None, "none") is test
+    with pytest.raises(ValueError, match="needs per-pixel statistics"):
+        normalize_maps(test, None, "zscore")
+    with pytest.raises(ValueError, match="at least 2"):
+        map_statistics(normal[:1])
+
+
+# ---------------------------------------------------------------------------------------------- progress
+def test_progress_prints_an_eta_when_stderr_is_not_a_terminal(capsys):
+    from fae_fast.train import train
+
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.steps, cfg.train.batch_size = (32, 32), 3, 2
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    train(cfg, images, device="cpu", progress=True, log_every=1)
+    err = capsys.readouterr().err
+    assert "step 3/3 (100%)" in err and "ETA" in err
+
+
+def test_defaults_do_not_flip():
+    assert FAEConfig().train.augment_flip is False
