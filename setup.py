@@ -3,9 +3,16 @@
 * C++ (CPU, OpenMP) always, unless ``FAE_FAST_NO_EXT=1``;
 * CUDA sources too when torch has CUDA and a toolkit is found (``CUDA_HOME``), or ``FORCE_CUDA=1``.
 It prints what it chose.
+
+The extension only loads with the exact torch it was compiled against, so it must be built against the torch
+installed where it will run: ``pip install --no-build-isolation -e .`` (what scripts/install.sh runs). Without
+``--no-build-isolation`` pip builds in a fresh environment with whatever torch it downloads; this script refuses
+that build when the downloaded torch differs from the installed one, instead of producing an extension that is
+rejected at run time.
 """
 import glob
 import os
+import subprocess
 import sys
 
 from setuptools import setup
@@ -21,6 +28,7 @@ def _extensions():
     if not cpp:
         print("fae_fast setup: no C++ sources, building no extension", file=sys.stderr)
         return [], {}
+    _check_build_torch()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -46,6 +54,31 @@ def _extensions():
           f"against torch {torch.__version__} (CUDA {torch.version.cuda}, CUDA_HOME {CUDA_HOME})", file=sys.stderr)
     # ninja compiles the sources in parallel when it is installed; torch falls back to setuptools without it
     return [ext], {"build_ext": BuildExtension}
+
+
+def _check_build_torch():
+    """Exit with one clear message when the torch this build imports is not the torch installed outside it.
+
+    pip's build isolation puts its own environment on ``PYTHONPATH``; ``python -E`` ignores it and sees the
+    installed packages.
+    """
+    import importlib.metadata
+
+    try:
+        build = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # no torch, or one without metadata: `import torch` tells
+        return
+    probe = subprocess.run([sys.executable, "-E", "-c", "import importlib.metadata as m; print(m.version('torch'))"],
+                           capture_output=True, text=True, cwd=ROOT)
+    installed = probe.stdout.strip() if probe.returncode == 0 else ""
+    if not installed:
+        print(f"fae_fast setup: warning: no torch is installed outside this build; building against torch {build}, "
+              "the extension will load only with that exact torch", file=sys.stderr)
+    elif installed != build:
+        sys.exit(f"fae_fast setup: error: this build sees torch {build} (pip's isolated build environment) but torch "
+                 f"{installed} is installed, and an extension built against {build} would not load with it; build "
+                 "against the installed torch with `pip install --no-build-isolation -e .` (or without -e), or "
+                 "set FAE_FAST_NO_EXT=1 to install without the extension")
 
 
 ext_modules, cmdclass = _extensions()

@@ -31,7 +31,8 @@ try:
     from . import _C  # registers torch.ops.fae_fast.* (TORCH_LIBRARY) as a side effect
 except Exception as exc:  # ImportError, OSError (undefined symbol after a torch upgrade)
     raise ImportError(f"fae_fast._C cannot be loaded ({type(exc).__name__}: {exc}); "
-                      f"{_ext_status.build_time()}; {_ext_status.runtime()}") from exc
+                      f"{_ext_status.build_time()}; {_ext_status.runtime()}; build it against this torch with "
+                      f"`{_ext_status.fix_command()}`") from exc
 
 _ext_status.check_versions(_C.torch_version, _C.cuda_version, torch.__version__, torch.version.cuda)
 

@@ -3,11 +3,15 @@
 The build-time facts come from a marker string that ``csrc/ext.cpp`` compiles into the binary
 (``FAE_FAST_BUILD_INFO{torch=...;cuda=...;with_cuda=...}``), read from the file's bytes, so they can be named
 even when the ``.so`` cannot be loaded at all (undefined symbols after a torch upgrade is the usual case).
+
+Imports flow one way: :mod:`fae_fast._ext` imports this module, never the reverse.
 """
 from __future__ import annotations
 
 import os
 import re
+import shlex
+import sys
 
 import torch
 
@@ -47,11 +51,24 @@ def build_info(path: str | None = None) -> dict | None:
             "path": path}
 
 
+def fix_command() -> str:
+    """The command that (re)builds the extension against the torch of this interpreter.
+
+    ``--no-build-isolation`` is the point: without it pip builds in a fresh environment with whatever torch it
+    downloads there, and the extension then refuses to load with the torch installed here.
+    """
+    pip = f"{shlex.quote(sys.executable)} -m pip install --no-build-isolation"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "setup.py")):  # a source checkout (editable install)
+        return f"{pip} -e {shlex.quote(root)}"
+    return f"{pip} --force-reinstall --no-deps <path of the fae_fast source>"
+
+
 def build_time() -> str:
-    """``"build-time torch X, CUDA Y"`` of the compiled extension, or why there is none."""
+    """``"build-time torch X, CUDA Y"`` of the compiled extension, or that there is none."""
     info = build_info()
     if info is None:
-        return "extension not built (no fae_fast/_C*.so; run `python setup.py build_ext --inplace`)"
+        return "extension not built (no fae_fast/_C*.so)"
     return f"build-time torch {info['torch']}, CUDA {info['cuda']}"
 
 
@@ -71,15 +88,16 @@ def check_versions(built_torch: str, built_cuda: str, run_torch: str, run_cuda: 
     if built_torch != run_torch or (built_cuda or "") != run_cuda:
         raise ImportError(
             f"fae_fast._C was built against torch {built_torch}, CUDA {built_cuda or 'none'} but this process runs "
-            f"torch {run_torch}, CUDA {run_cuda or 'none'}; rebuild it with `python setup.py build_ext --inplace` "
-            "(or `pip install -e . --no-build-isolation`)")
+            f"torch {run_torch}, CUDA {run_cuda or 'none'} (a `pip install` without --no-build-isolation builds "
+            f"against the torch it downloads); rebuild it against this torch with `{fix_command()}`")
 
 
 def device_supported(device: torch.device) -> bool:
-    """True when the loaded extension has kernels for ``device``'s type."""
-    try:
-        from . import _ext
+    """True when the loaded extension has kernels for ``device``'s type (CPU always; CUDA when compiled with it).
 
-        return _ext.device_supported(device)
-    except Exception:
-        return False
+    Asks the already loaded ``fae_fast._C`` (False when it is not loaded), so this module never imports
+    :mod:`fae_fast._ext`.
+    """
+    lib = sys.modules.get("fae_fast._C")
+    kind = torch.device(device).type
+    return lib is not None and (kind == "cpu" or (kind == "cuda" and bool(lib.with_cuda)))

@@ -13,12 +13,20 @@ loading one never runs code from it):
 Each file carries a format marker that says which kind it is, so a training state handed to the model loader
 (or any other torch file) is refused with a clear message instead of failing later on a missing key.
 
+Each file also carries a SHA-256 checksum of everything else in it (tensors by dtype, shape and bytes, in a
+canonical order), verified on load: a damaged file (flipped bits in the weights) is refused instead of scoring
+every image as a defect. Files written before checksums existed load with a warning. A model file's tensors are
+checked against the network its config describes (built on the ``meta`` device, so nothing is allocated) and
+its size is bounded (:data:`MAX_PARAMETERS`) before any caller builds the model.
+
 Both are written by :func:`atomic_save`: a temporary file in the destination folder, flushed and fsync'ed, then
 ``os.replace``'d over the destination. A crash or an exception while writing leaves the previous file intact and
-never a half-written one under the final name.
+never a half-written one under the final name; a full disk raises :class:`fae_fast._atomic.WriteError`
+("no space left on device: PATH").
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -31,13 +39,16 @@ from . import _atomic
 from ._version import __version__
 from .config import FAEConfig, check_image_size
 
-__all__ = ["FORMAT_MARKER", "FORMAT_VERSION", "TRAIN_STATE_MARKER", "TRAIN_STATE_VERSION", "ModelFile",
-           "atomic_save", "save_model_file", "load_model_file", "save_train_state", "load_train_state"]
+__all__ = ["FORMAT_MARKER", "FORMAT_VERSION", "TRAIN_STATE_MARKER", "TRAIN_STATE_VERSION", "MAX_PARAMETERS",
+           "ModelFile", "atomic_save", "save_model_file", "load_model_file", "save_train_state", "load_train_state"]
 
 FORMAT_MARKER = "fae_fast.model"
 FORMAT_VERSION = 1  # bump when the layout of the model file changes incompatibly
 TRAIN_STATE_MARKER = "fae_fast.train_state"
 TRAIN_STATE_VERSION = 1
+# Largest network a model file may describe, in stored elements (the default 64-512 U-Net has 16.0 M; 2**28 is
+# 1 GiB in float32). Raise it with FAE_FAST_MAX_PARAMETERS=N or load_model_file(..., max_parameters=N).
+MAX_PARAMETERS = 2**28
 
 
 @dataclass
@@ -84,11 +95,35 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"cannot write {path}: it is a directory")
-    with _atomic.atomic_path(path) as tmp:  # the project's one temp + fsync + os.replace writer
-        with open(tmp, "wb") as f:
-            _write(obj, f)
-    _fsync_dir(path.parent)
+    with _atomic.atomic_path(path) as tmp:  # temp + fsync + os.replace + fsync of the folder; OSError -> WriteError
+        with open(tmp, "wb") as raw:
+            f = _KeepOSError(raw)
+            try:
+                _write(obj, f)
+            except RuntimeError:
+                # torch's zip writer turns a failed write into "RuntimeError: [enforce fail at
+                # inline_container.cc...]" and drops the errno: re-raise the OSError (ENOSPC...) it swallowed
+                if f.error is not None:
+                    raise f.error from None
+                raise
     return path
+
+
+class _KeepOSError:
+    """File wrapper that remembers the OSError a write raised (torch.save hides it behind a RuntimeError)."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
 
 
 def _write(obj: Any, f) -> None:
@@ -96,18 +131,54 @@ def _write(obj: Any, f) -> None:
     torch.save(obj, f)
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
+# --------------------------------------------------------------------------------------------------------------
+# checksums
+
+
+def _digest(obj: Any) -> str:
+    """SHA-256 of plain containers and tensors in a canonical order: dict keys sorted, tensors as dtype, shape
+    and their bytes in C order (so the device, strides and memory format do not matter)."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return "sha256:" + h.hexdigest()
+
+
+def _feed(h, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            _feed(h, key)
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}".encode())
+        for value in obj:
+            _feed(h, value)
+    else:  # str, int, float, bool, None: repr round-trips exactly
+        text = repr(obj).encode()
+        h.update(f"S{type(obj).__name__}{len(text)}:".encode())
+        h.update(text)
+
+
+def _with_checksum(payload: dict) -> dict:
+    return {**payload, "checksum": _digest(payload)}
+
+
+def _verify_checksum(path, obj: dict, what: str) -> None:
+    """Refuse a file whose contents do not match its checksum; warn about a file written without one."""
+    stored = obj.pop("checksum", None)
+    if stored is None:
+        warnings.warn(f"{path} has no checksum (written by fae_fast {obj.get('fae_fast_version', 'unknown')} "
+                      f"before {what}s carried one), so damage to it cannot be detected; save it again to add one",
+                      UserWarning, stacklevel=4)
         return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    actual = _digest(obj)
+    if stored != actual:
+        raise ValueError(f"{path} is damaged: its contents do not match the checksum stored in it (stored "
+                         f"{str(stored)[:23]}..., computed {actual[:23]}...); restore it from a copy or write it again")
 
 
 def _read(path: str | os.PathLike, map_location, what: str) -> dict:
@@ -134,7 +205,8 @@ def _read(path: str | os.PathLike, map_location, what: str) -> dict:
 
 def _read_checked(path, map_location, marker: str, version: int, what: str, on_format: str, on_version: str):
     """Read ``path`` and check its marker (ValueError), format version (ValueError naming both) and the fae_fast
-    version that wrote it (a warning naming both). Returns (object, format_version, written_by)."""
+    version that wrote it (a warning naming both), then its checksum (ValueError when it does not match).
+    Returns (object without its checksum, format_version, written_by)."""
     obj = _read(path, map_location, what)
     if obj.get("format") != marker:
         raise _marker_error(path, obj, marker, what)
@@ -142,6 +214,7 @@ def _read_checked(path, map_location, marker: str, version: int, what: str, on_f
     if fv != version:
         raise ValueError(f"{path} has {what} format_version {fv!r}, but this fae_fast {__version__} reads "
                          f"format_version {version}; {on_format}")
+    _verify_checksum(path, obj, what)
     written_by = str(obj.get("fae_fast_version", "unknown"))
     if written_by != __version__:
         warnings.warn(f"{path} was written by fae_fast {written_by}, this is fae_fast {__version__} (same {what} "
@@ -200,6 +273,12 @@ def save_model_file(path, *, model_state: dict[str, torch.Tensor], config, image
     Returns:
         The path written.
 
+    Raises:
+        ValueError: ``model_state`` is not the state of the network ``config`` describes (its loader would
+            refuse the file), or ``meta`` holds values the loader cannot read.
+        fae_fast._atomic.WriteError: the file could not be written (e.g. "no space left on device: PATH"); a
+            previous file at ``path`` is left intact.
+
     Example:
         >>> save_model_file("m.pt", model_state=model.state_dict(), config=cfg, image_size=(256, 256),
         ...                 thresholds={"image": 0.01, "pixel": 0.02})  # doctest: +SKIP
@@ -217,7 +296,8 @@ def save_model_file(path, *, model_state: dict[str, torch.Tensor], config, image
         "meta": dict(meta or {}),
     }
     _check_loadable(payload["meta"])
-    return atomic_save(payload, path)
+    _check_weights(path, payload["state"], FAEConfig.from_dict(payload["config"]), limit=None)
+    return atomic_save(_with_checksum(payload), path)
 
 
 def _check_loadable(meta: dict) -> None:
@@ -236,15 +316,27 @@ def _check_loadable(meta: dict) -> None:
                              f"strings, lists, dicts or tensors): {type(exc).__name__}") from None
 
 
-def load_model_file(path, map_location="cpu") -> ModelFile:
+def load_model_file(path, map_location="cpu", *, max_parameters: int | None = None) -> ModelFile:
     """Read a model file written by :func:`save_model_file`.
+
+    The returned ``state`` is known to fit the network ``config`` describes: callers may build that network
+    and ``load_state_dict`` it without allocating more than the file holds.
+
+    Args:
+        path: the model file.
+        map_location: where the tensors go (``torch.load``'s argument).
+        max_parameters: largest network accepted, in elements (None: ``FAE_FAST_MAX_PARAMETERS`` or
+            :data:`MAX_PARAMETERS`).
 
     Raises:
         ValueError: ``path`` is missing, not a file, not a torch file, not a fae_fast model file (a training
-            state, a random pickle), or has another ``format_version`` (the message names both versions).
+            state, a random pickle), has another ``format_version`` (the message names both versions), does not
+            match its checksum (damaged), or holds tensors that do not fit its config or a network larger
+            than ``max_parameters``.
 
     Warns:
-        UserWarning: the file was written by another fae_fast version with the same format (names both).
+        UserWarning: the file was written by another fae_fast version with the same format (names both), or
+            before model files carried a checksum.
     """
     obj, fv, written_by = _read_checked(path, map_location, FORMAT_MARKER, FORMAT_VERSION, "model file",
                                         "re-export it with a matching fae_fast version", "loading it anyway")
@@ -255,9 +347,62 @@ def load_model_file(path, map_location="cpu") -> ModelFile:
         config = FAEConfig.from_dict(obj["config"])
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path} holds an invalid config: {exc}") from exc
+    if not isinstance(obj["state"], dict):
+        raise ValueError(f"{path} is a damaged fae_fast model file: its state is a {type(obj['state']).__name__}")
+    _check_weights(path, obj["state"], config, limit=_max_parameters(max_parameters))
     return ModelFile(state=obj["state"], config=config, image_size=tuple(int(v) for v in obj["image_size"]),
                      thresholds=dict(obj["thresholds"]), version=written_by, meta=dict(obj.get("meta") or {}),
                      format_version=int(fv))
+
+
+def _max_parameters(value: int | None) -> int:
+    if value is not None:
+        return int(value)
+    env = os.environ.get("FAE_FAST_MAX_PARAMETERS")
+    if env is None:
+        return MAX_PARAMETERS
+    try:
+        return int(env)
+    except ValueError:
+        raise ValueError(f"FAE_FAST_MAX_PARAMETERS must be an integer, got {env!r}") from None
+
+
+def _check_weights(path, state: dict, config: FAEConfig, limit: int | None) -> None:
+    """Refuse ``state`` unless it is exactly the state of the network ``config`` describes, that network is at
+    most ``limit`` elements (None: no bound), and every tensor holds its own data.
+
+    The network is built on the ``meta`` device, so a config that claims a huge network costs no memory here.
+    """
+    from .models import build_model
+
+    m = config.model
+    levels = len(tuple(m.widths)) + len(tuple(m.dilations))
+    if levels > len(state):  # every level and dilation holds tensors: refuse before building anything
+        raise ValueError(f"{path}: its config describes {levels} levels and dilations but the file stores only "
+                         f"{len(state)} tensors")
+    try:
+        with torch.device("meta"):
+            expected = build_model(m).state_dict()
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"{path} holds an invalid model config: {exc}") from exc
+    size = sum(t.numel() for t in expected.values())
+    if limit is not None and size > limit:
+        raise ValueError(f"{path}: its config (widths {tuple(m.widths)}) describes a network of {size:,} elements, "
+                         f"more than the limit {limit:,} (raise it with FAE_FAST_MAX_PARAMETERS)")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: its weights do not fit the network its config describes (missing "
+                         f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                         f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
+    for key, want in expected.items():
+        got = state[key]
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise ValueError(f"{path}: weight {key!r} is {shape}, but its config (widths {tuple(m.widths)}) "
+                             f"needs {tuple(want.shape)}")
+        if got.untyped_storage().nbytes() < got.numel() * got.element_size():  # e.g. an expand()ed view
+            raise ValueError(f"{path}: weight {key!r} of shape {tuple(got.shape)} holds only "
+                             f"{got.untyped_storage().nbytes()} bytes of data")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,14 +420,19 @@ def save_train_state(path, state: dict[str, Any]) -> Path:
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     payload = dict(state)
     payload.update(format=TRAIN_STATE_MARKER, format_version=TRAIN_STATE_VERSION, fae_fast_version=__version__)
-    return atomic_save(payload, path)
+    payload.pop("checksum", None)
+    return atomic_save(_with_checksum(payload), path)
 
 
 def load_train_state(path, map_location="cpu") -> dict[str, Any]:
     """Read a training state written by :func:`save_train_state`.
 
     Raises:
-        ValueError: not a training-state file (a model file, a random pickle, garbage) or another format version.
+        ValueError: not a training-state file (a model file, a random pickle, garbage), another format version,
+            or damaged (its contents do not match its checksum).
+
+    Warns:
+        UserWarning: written by another fae_fast version, or before training states carried a checksum.
     """
     obj, _, _ = _read_checked(path, map_location, TRAIN_STATE_MARKER, TRAIN_STATE_VERSION, "training-state file",
                               "resume with the fae_fast version that wrote it",

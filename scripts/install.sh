@@ -30,3 +30,12 @@ fi
 # --no-build-isolation: the extension must be built against the torch installed above, not a fresh one
 pipi --no-build-isolation -e ".${extras}"
 "$PY" -c "import fae_fast, torch; print('fae_fast', fae_fast.__version__, 'with torch', torch.__version__)"
+# the extension must load with this torch (else every op silently takes the slow path): say so and fail here
+if [ "${FAE_FAST_NO_EXT:-0}" = 0 ]; then
+    "$PY" -c "
+try:
+    from fae_fast import _ext
+except ImportError as exc:
+    raise SystemExit(f'install.sh: the fae_fast C++ extension does not load: {exc}')
+print(_ext.describe())"
+fi

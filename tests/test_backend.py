@@ -99,3 +99,10 @@ def test_per_sample_arguments_may_be_strided_views():
             ops.corrupt_and_noise(x, t, m, torch.zeros(3), 4, backend="triton")
         per_sample_std = eps_tri.flatten(1).std(dim=1)
         torch.testing.assert_close(per_sample_std, s.contiguous(), atol=0.035, rtol=0.3)
+
+
+@pytest.mark.ext
+def test_auto_picks_the_extension_on_cpu_when_it_is_built(ext):
+    _, _, m = _batch()
+    ops.elastic_warp(m, 1.0, 2.0, seed=3)
+    assert ops.last_backend("elastic_warp") == "ext"  # the registry asks the loaded _C which devices it has

@@ -56,6 +56,17 @@ def test_no_ext_falls_back_with_one_warning():
     assert "build-time torch" in warn or "not built" in warn
 
 
+def test_unloadable_extension_warning_says_how_to_build_it():
+    # as when the binary is missing or has undefined symbols after a torch upgrade
+    prelude = "import sys; sys.modules['fae_fast._C'] = None  # makes `from . import _C` fail"
+    r = _run(_FALLBACK.format(prelude=prelude))
+    assert r.returncode == 0, r.stderr
+    assert "BACKEND torch torch" in r.stdout and "NWARN 1" in r.stdout, r.stdout
+    warn = r.stdout.split("WARN ", 2)[-1]
+    assert "fae_fast._C cannot be loaded" in warn and f"run-time torch {torch.__version__}" in warn
+    assert f"{sys.executable} -m pip install --no-build-isolation -e {ROOT}" in warn, warn
+
+
 def test_strict_turns_the_fallback_into_an_error():
     r = _run(_FALLBACK.format(prelude=""), FAE_FAST_NO_EXT="1", FAE_FAST_STRICT="1")
     assert r.returncode != 0
@@ -121,3 +132,62 @@ def test_version_mismatch_falls_back_naming_both_versions():
     warn = r.stdout.split("WARN ", 2)[-1]
     assert "runs torch 0.0.1+fake" in warn
     assert f"built against torch {_ext_status.build_info()['torch']}" in warn
+    assert "pip install --no-build-isolation -e" in warn  # the warning says how to fix it
+
+
+# ---- building against the installed torch (issue 11: the GPU machine build)
+
+def _setup_py(tmp_path, pythonpath=None):
+    env = dict(os.environ)
+    for k in ("FAE_FAST_NO_EXT", "FORCE_CUDA", "PYTHONNOUSERSITE"):
+        env.pop(k, None)
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "setup.py"), "--version"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_setup_refuses_an_isolated_build_with_another_torch(tmp_path):
+    # what pip's build isolation does: its own environment, with the torch it downloaded, first on PYTHONPATH
+    env_dir = tmp_path / "pip-build-env"
+    (env_dir / "torch").mkdir(parents=True)
+    (env_dir / "torch" / "__init__.py").write_text("__version__ = '9.9.9+downloaded'\n")
+    dist = env_dir / "torch-9.9.9+downloaded.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 9.9.9+downloaded\n")
+    r = _setup_py(tmp_path, pythonpath=env_dir)
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()[-1]
+    from importlib.metadata import version
+
+    assert "sees torch 9.9.9+downloaded" in err and f"torch {version('torch')} is installed" in err, r.stderr
+    assert "pip install --no-build-isolation -e ." in err
+    assert "Traceback" not in r.stderr
+
+
+def test_setup_accepts_the_installed_torch(tmp_path):
+    r = _setup_py(tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"against torch {torch.__version__}" in r.stderr
+
+
+def test_fix_command_names_no_build_isolation_and_this_checkout():
+    cmd = _ext_status.fix_command()
+    assert "-m pip install --no-build-isolation -e" in cmd and cmd.endswith(ROOT)
+    assert sys.executable in cmd
+
+
+def test_ext_status_never_imports_ext():
+    r = _run("""
+        import sys, torch
+        from fae_fast import _ext_status
+        print("SUPPORTED", _ext_status.device_supported(torch.device("cpu")))
+        print("IMPORTED", "fae_fast._ext" in sys.modules, "fae_fast._C" in sys.modules)
+    """)
+    assert "SUPPORTED False" in r.stdout and "IMPORTED False False" in r.stdout, r.stdout + r.stderr
+    import ast
+
+    src = open(os.path.join(ROOT, "fae_fast", "_ext_status.py")).read()
+    imported = {a.name for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert "_ext" not in imported  # one direction only: _ext imports _ext_status
