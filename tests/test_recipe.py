@@ -163,3 +163,28 @@ def test_progress_prints_an_eta_when_stderr_is_not_a_terminal(capsys):
 
 def test_defaults_do_not_flip():
     assert FAEConfig().train.augment_flip is False
+
+
+# ---------------------------------------------------------------------------------------------- it learns
+@pytest.mark.slow
+def test_a_briefly_trained_fae_detects_synthetic_defects(tmp_path):
+    """The FAE objective learns: 100 CPU steps on synthetic brushed metal detect holes, cracks, scratches, stains
+    and contamination clearly better than chance (an untrained identity-like model scores 0.5; a broken objective,
+    e.g. a target that is not the clean image, or masks that never reach the loss, falls well below these)."""
+    from fae_fast.data import load_images, load_test_set, normal_image_paths
+    from fae_fast.evaluate import evaluate
+    from fae_fast.scoring import compute_maps
+    from fae_fast.synthetic import make_dataset
+    from fae_fast.train import train
+
+    size = (48, 48)
+    data = make_dataset(tmp_path / "d", n_train=60, n_test_good=10, n_test_defect=4, size=size, seed=3)
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.steps, cfg.train.batch_size, cfg.train.lr = size, 100, 8, 3e-3
+    res = train(cfg, load_images(normal_image_paths(data), size), device="cpu", progress=False)
+    test = load_test_set(data, size)
+    maps, scores = compute_maps(res.model, test.images, n=4, k=3)
+    m = evaluate(scores.numpy(), maps[:, 0].numpy(), test.labels.numpy(), test.masks[:, 0].numpy())["overall"]
+    assert m["pixel_auroc"] >= 0.88, m
+    assert m["image_auroc"] >= 0.75, m
+    assert m["pixel_aupro"] >= 0.55, m
