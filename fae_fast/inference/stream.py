@@ -12,7 +12,12 @@
   same API runs without streams;
 * **explicit back-pressure**: at most ``capacity`` frames may be submitted and not yet delivered. When full,
   :meth:`InlineStream.submit` blocks (``on_full="block"``; with ``timeout`` it raises :class:`QueueFull` when the
-  time is up) or raises :class:`QueueFull` at once (``on_full="raise"``). A frame is never dropped silently;
+  time is up) or raises :class:`QueueFull` at once (``on_full="raise"``). A frame is never dropped silently.
+  A blocked submit only ever waits for someone who can make room: a reader on *another* thread, or the engine.
+  The thread that submits is never made to wait for results that only it could take (the single-thread loop
+  below: submit, then poll): when no other live thread reads from the stream, submit waits only until fewer
+  than ``capacity`` frames are queued or being scored, and results that are ready stay in the outbox for its
+  next :meth:`~InlineStream.poll` -- it cannot deadlock;
 * **errors per frame**: a bad frame (wrong shape or dtype) or a failing batch becomes a :class:`FrameError` at
   that frame's position in the output (its message names the frame index); the worker threads live on;
 * **clean shutdown**: :meth:`InlineStream.close` processes every pending frame before it returns; their results
@@ -135,7 +140,9 @@ class InlineStream:
         max_delay_ms: longest time the oldest queued frame waits for companions before its batch starts
             (0: never wait; batches form only from frames already queued).
         capacity: most frames submitted and not yet delivered (back-pressure bound, >= 1).
-        on_full: "block" (wait for room; ``timeout`` of :meth:`submit` bounds the wait) or "raise".
+        on_full: "block" (wait for room; ``timeout`` of :meth:`submit` bounds the wait) or "raise". A blocked
+            submit waits for a reader on another thread when there is one, otherwise only for the engine (so a
+            single thread that submits and polls never deadlocks; see the module docstring).
         return_map: put the (H, W) float32 map into each result (otherwise only score, label and mask are copied
             back to the host: 1 byte per pixel instead of 4).
         image_threshold, pixel_threshold: override the engine's thresholds for this stream
@@ -178,6 +185,7 @@ class InlineStream:
         self._outstanding = 0      # submitted, not yet delivered (the back-pressure count)
         self._completed = 0        # results produced (delivered or waiting in the outbox)
         self._closing = False
+        self._readers: set[threading.Thread] = set()  # threads that took results (get / poll / iteration)
         self._callback_errors: list[BaseException] = []
         self.stats = {"batches": 0, "frames": 0, "batch_sizes": collections.Counter()}
 
@@ -252,7 +260,9 @@ class InlineStream:
             frame: numpy (H, W, C) / (H, W) or torch (C, H, W) / (H, W) on the CPU, of the stream's dtype.
                 A frame of the wrong shape or dtype is accepted and comes back as a :class:`FrameError`
                 at its position, so the order and the count of results always match the submissions.
-            timeout: with ``on_full="block"``, the longest wait for room, in seconds (None: no limit).
+            timeout: with ``on_full="block"``, the longest wait for room, in seconds (None: no limit). When no
+                other live thread has read from the stream, the wait ends as soon as fewer than ``capacity``
+                frames are queued or being scored: results that only this thread can take never block it.
 
         Raises:
             QueueFull: no room (``on_full="raise"``), or none within ``timeout``.
@@ -271,7 +281,7 @@ class InlineStream:
                     raise QueueFull(f"stream full: {self._outstanding} frames submitted and not yet delivered "
                                     f"(capacity {self.capacity}); read results with poll()/get()")
                 deadline = None if timeout is None else t0 + timeout
-                while self._outstanding >= self.capacity and not self._closing:
+                while not self._room_locked() and not self._closing:
                     rem = None if deadline is None else deadline - time.perf_counter()
                     if rem is not None and rem <= 0:
                         raise QueueFull(f"stream still full after {timeout} s: {self._outstanding} frames "
@@ -289,6 +299,24 @@ class InlineStream:
             self._inbox.append(_Item(index, prepared, err, t0))
             self._cond.notify_all()
         return index
+
+    def _add_reader(self) -> None:
+        """Remember the calling thread as a reader (the caller holds ``self._cond``)."""
+        me = threading.current_thread()
+        if me not in self._readers:
+            self._readers = {t for t in self._readers if t.is_alive()}
+            self._readers.add(me)
+
+    def _room_locked(self) -> bool:
+        """Whether a blocked submit may go on (the caller holds ``self._cond``)."""
+        if self._outstanding < self.capacity:
+            return True
+        me = threading.current_thread()
+        if any(t is not me and t.is_alive() for t in self._readers):
+            return False  # another thread reads: it makes room, wait for it
+        # nobody but this thread can take the ready results: waiting for them would wait for ever (the
+        # single-thread submit-then-poll loop). Wait only for the engine: frames queued or being scored.
+        return self._outstanding - len(self._outbox) < self.capacity
 
     def submit_many(self, frames, *, timeout: float | None = None) -> list[int]:
         """Submit a burst (an iterable of frames, or a (B, H, W, C) numpy array); returns their indices."""
@@ -311,6 +339,7 @@ class InlineStream:
         """
         deadline = None if timeout is None else time.perf_counter() + timeout
         with self._cond:
+            self._add_reader()
             while not self._outbox:
                 if self._closing and self._completed == self._next_index:
                     raise StreamClosed("stream closed and every result delivered")
@@ -328,6 +357,7 @@ class InlineStream:
         :class:`FrameError` when the failed frame is first."""
         out = []
         with self._cond:
+            self._add_reader()
             while self._outbox:
                 if self._outbox[0].error is not None:
                     if out:
