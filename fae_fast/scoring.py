@@ -145,3 +145,32 @@ def thresholds_from_holdout(scores: torch.Tensor, maps: torch.Tensor, image_q: f
     if scores.numel() == 0 or maps.numel() == 0:
         raise ValueError("thresholds need at least one held-out normal image (got none)")
     return {"image": _quantile(scores, float(image_q)), "pixel": _quantile(maps, float(pixel_q))}
+
+
+def check_threshold(value, name: str) -> float | None:
+    """``value`` as a finite float (None stays None); the one validation of every image and pixel threshold.
+
+    A NaN threshold makes every ``score > t`` False (every part "good") and an infinite one makes a class
+    impossible, so both are refused.
+
+    Args:
+        value: a real number (Python, numpy or a one-element tensor) or None.
+        name: what to call it in the error, e.g. ``"image_threshold"`` or ``"model.fae: stored pixel threshold"``.
+
+    Raises:
+        TypeError: not a number (a string, a bool, a container).
+        ValueError: NaN or +-inf.
+    """
+    import math
+
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a number or None, got {type(value).__name__} {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number or None, got {type(value).__name__}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v}")
+    return v
