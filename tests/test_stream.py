@@ -375,18 +375,17 @@ def test_backpressure_against_a_reader_thread(engine, camera, monkeypatch):
     imgs, _ = camera
     s = InlineStream(engine, max_batch=4, max_delay_ms=0, capacity=3)
     got, peak = [], []
-    reading = threading.Event()
 
     def reader():
-        reading.set()
         for r in s:
             time.sleep(0.02)  # a slow consumer: the engine is faster
             got.append(r.index)
 
     t = threading.Thread(target=reader, daemon=True)
     t.start()
-    assert reading.wait(5)
-    time.sleep(0.05)  # the reader is waiting in get()
+    deadline = time.perf_counter() + 10
+    while not s._readers and time.perf_counter() < deadline:  # the reader has entered get()
+        time.sleep(0.001)
     for i in range(20):
         s.submit(imgs[i % len(imgs)], timeout=10)
         peak.append(s.pending())
