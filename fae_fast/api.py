@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from ._version import __version__
 from .config import FAEConfig, smoothing_for_size
+from .scoring import check_threshold
 
 __all__ = ["Detector", "Prediction", "to_uint8_batch"]
 
@@ -33,6 +35,8 @@ class Prediction:
         anomaly_map: (N, H, W) float32 smoothed error maps at the model's resolution.
         pred_mask: (N, H, W) bool, ``anomaly_map > pixel_threshold`` (None when there is no pixel threshold).
         pred_label: (N,) bool, ``pred_score > image_threshold`` (None when there is no image threshold).
+            A NaN score or map pixel (a model that broke on that image) counts as above the threshold: anomalous,
+            never "good" (see :func:`above`).
         image_threshold, pixel_threshold: the thresholds used.
     Arrays are numpy when the input was numpy or paths, torch (CPU) when it was torch.
     """
@@ -46,6 +50,49 @@ class Prediction:
 
     def __len__(self) -> int:
         return len(self.pred_score)
+
+
+def above(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``values > threshold`` for scores and maps, where NaN counts as above.
+
+    Written ``~(values <= threshold)``: NaN compares False both ways, so a NaN score or map pixel (an input or a
+    model gone wrong) is anomalous, never "good"; +inf is above any (finite) threshold. Scores and maps are
+    squared errors, never -inf, so for every other value this is exactly ``values > threshold``.
+    """
+    return ~(values <= threshold)
+
+
+# float images may overshoot [0, 1] by this much (interpolation rounding); they are clamped when converted
+_FLOAT_SLACK = 1e-3
+
+
+def value_problem(lo: float, hi: float) -> str | None:
+    """Why a float image whose values span ``[lo, hi]`` cannot be scored, or None when it can (finite, in [0, 1])."""
+    if math.isnan(lo) or math.isnan(hi):
+        return "has NaN pixels; float images must be finite and in [0, 1]"
+    if math.isinf(lo) or math.isinf(hi):
+        return "has Inf pixels; float images must be finite and in [0, 1]"
+    if lo < -_FLOAT_SLACK or hi > 1 + _FLOAT_SLACK:
+        return (f"has values outside [0, 1] (range [{lo:.3g}, {hi:.3g}]); float images must be in [0, 1] "
+                f"(8-bit values divided by 255)")
+    return None
+
+
+def check_float_images(t: torch.Tensor, noun: str = "image", first: int = 0) -> None:
+    """Raise ValueError naming the first image of a float (B, ...) batch that has NaN/Inf pixels or values outside
+    [0, 1] (integer batches always pass). ``first`` is the index of ``t[0]`` in the caller's numbering.
+
+    On a CUDA tensor this costs one host sync (the verdict); uint8 input, the camera path, is never checked.
+    """
+    if not t.dtype.is_floating_point or t.numel() == 0:
+        return
+    dims = tuple(range(1, t.dim()))
+    lo, hi = t.amin(dim=dims).float(), t.amax(dim=dims).float()  # NaN propagates through both
+    ok = (lo >= -_FLOAT_SLACK) & (hi <= 1 + _FLOAT_SLACK)  # False for NaN and +-inf
+    if bool(ok.all()):
+        return
+    i = int((~ok).nonzero()[0, 0])
+    raise ValueError(f"{noun} {first + i} {value_problem(float(lo[i]), float(hi[i]))}")
 
 
 def _resize_batch(x: torch.Tensor, size: tuple[int, int], keep_aspect: bool) -> torch.Tensor:
@@ -70,17 +117,17 @@ def _hwc_to_rgb(arr: np.ndarray, what: str) -> np.ndarray:
     return arr[:, :, :3]
 
 
-def _to_uint8(t: torch.Tensor, what: str) -> torch.Tensor:
+def _to_uint8(t: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """uint8 of a (B, C, H, W) batch; ``first`` is the index of ``t[0]`` in the caller's images (for errors)."""
     if t.dtype == torch.uint8:
         return t
     if getattr(torch, "uint16", None) is not None and t.dtype == torch.uint16:
         return ((t.to(torch.int32) + 128) // 257).to(torch.uint8)  # rounded, like the file reader
     if t.dtype.is_floating_point:
-        if t.numel() and (float(t.min()) < -1e-3 or float(t.max()) > 1 + 1e-3):
-            raise ValueError(f"{what}: float images must be in [0, 1], got range "
-                             f"[{float(t.min()):.3g}, {float(t.max()):.3g}]")
+        # NaN/Inf must be refused here: clamp + round would turn NaN into a black pixel, a "good" part
+        check_float_images(t, "image", first)
         return (t.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    raise TypeError(f"{what}: unsupported dtype {t.dtype} (use uint8, uint16 or float in [0, 1])")
+    raise TypeError(f"images: unsupported dtype {t.dtype} (use uint8, uint16 or float in [0, 1])")
 
 
 def to_uint8_batch(images, size: tuple[int, int], keep_aspect: bool = False) -> tuple[torch.Tensor, str]:
@@ -89,7 +136,15 @@ def to_uint8_batch(images, size: tuple[int, int], keep_aspect: bool = False) -> 
     Accepts: a path or a list of paths; numpy (H, W), (H, W, C) or (N, H, W, C) (channels last, C in 1, 3, 4);
     torch (C, H, W) or (B, C, H, W) (channels first); uint8, uint16 or float in [0, 1]. Also a list of numpy
     images of different sizes. Returns the batch and the kind of input ("numpy", "torch" or "paths").
+
+    Raises:
+        ValueError: a float image has NaN/Inf pixels or values outside [0, 1] (the message names its index).
     """
+    return _to_uint8_batch(images, size, keep_aspect, 0)
+
+
+def _to_uint8_batch(images, size, keep_aspect, first: int) -> tuple[torch.Tensor, str]:
+    """:func:`to_uint8_batch`, numbering the images from ``first`` in its errors."""
     from .data import load_images
 
     if isinstance(images, (str, os.PathLike)):
@@ -99,19 +154,21 @@ def to_uint8_batch(images, size: tuple[int, int], keep_aspect: bool = False) -> 
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("no images given")
-        batches = [to_uint8_batch(im, size, keep_aspect)[0] for im in images]
+        batches = []
+        for im in images:
+            batches.append(_to_uint8_batch(im, size, keep_aspect, first + sum(len(b) for b in batches))[0])
         return torch.cat(batches), "numpy" if isinstance(images[0], np.ndarray) else "torch"
     if isinstance(images, np.ndarray):
         arr = images
         if arr.dtype == np.uint16:
             arr = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)  # rounded, like the file reader
         if arr.ndim == 4:
-            arr = np.stack([_hwc_to_rgb(a, f"image {i}") for i, a in enumerate(arr)])
+            arr = np.stack([_hwc_to_rgb(a, f"image {first + i}") for i, a in enumerate(arr)])
         elif arr.ndim in (2, 3):
             arr = _hwc_to_rgb(arr, "image")[None]
         else:
             raise ValueError(f"numpy images must be (H, W), (H, W, C) or (N, H, W, C), got shape {arr.shape}")
-        t = _to_uint8(torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2), "images")
+        t = _to_uint8(torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2), first)
         return _resize_batch(t, size, keep_aspect), "numpy"
     if isinstance(images, torch.Tensor):
         t = images.detach()
@@ -121,7 +178,7 @@ def to_uint8_batch(images, size: tuple[int, int], keep_aspect: bool = False) -> 
             raise ValueError(f"torch images must be (C, H, W) or (B, C, H, W) with C in 1, 3, 4, "
                              f"got shape {tuple(images.shape)}")
         t = t[:, :3] if t.shape[1] != 1 else t.expand(-1, 3, -1, -1)
-        t = _to_uint8(t.cpu(), "images")
+        t = _to_uint8(t.cpu(), first)
         return _resize_batch(t.contiguous(), size, keep_aspect), "torch"
     raise TypeError(f"unsupported image input of type {type(images).__name__}")
 
@@ -159,7 +216,9 @@ class Detector:
         device: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
 
     The image threshold defaults to a quantile of held-out normal scores (``train.threshold_quantile``); both
-    thresholds can be set with :meth:`set_thresholds` or overridden per call of :meth:`predict`.
+    thresholds can be set with :meth:`set_thresholds` or overridden per call of :meth:`predict`. Thresholds must
+    be finite numbers (NaN would make every part "good"); float images must be finite and in [0, 1]: a NaN/Inf
+    or unscaled (0..255) float image raises ValueError naming it, in :meth:`fit` and :meth:`predict` alike.
     """
 
     def __init__(self, config: FAEConfig | None = None, *, device: str | torch.device = "auto"):
@@ -223,18 +282,41 @@ class Detector:
             images, _ = to_uint8_batch(data, size, self.config.train.keep_aspect)
         result = train_mod.train(self.config, images, checkpoint=checkpoint, resume=resume,
                                  device=self.device, progress=progress)
+        try:
+            thresholds = {k: check_threshold(result.thresholds[k], f"{k} threshold") for k in ("image", "pixel")}
+        except ValueError as exc:
+            raise ValueError(f"training gave a non-finite threshold ({exc}): the model diverged "
+                             f"(NaN/Inf loss); try a lower learning rate") from None
         self.model = result.model
-        self.thresholds = {"image": float(result.thresholds["image"]), "pixel": float(result.thresholds["pixel"])}
+        self.thresholds = thresholds
         self.history = list(result.history)
         return self
 
     def set_thresholds(self, image: float | None = None, pixel: float | None = None) -> "Detector":
-        """Replace the stored image and/or pixel threshold (kept by :meth:`save`)."""
+        """Replace the stored image and/or pixel threshold (kept by :meth:`save`); None leaves one unchanged.
+
+        Raises:
+            TypeError / ValueError: not a number, or not finite (nothing is changed).
+        """
+        image = check_threshold(image, "image threshold")
+        pixel = check_threshold(pixel, "pixel threshold")
         if image is not None:
-            self.thresholds["image"] = float(image)
+            self.thresholds["image"] = image
         if pixel is not None:
-            self.thresholds["pixel"] = float(pixel)
+            self.thresholds["pixel"] = pixel
         return self
+
+    def _thresholds_for(self, image_threshold, pixel_threshold) -> tuple[float | None, float | None]:
+        """The thresholds of one call (overrides or the stored ones), checked finite."""
+        if image_threshold is None:
+            it = check_threshold(self.thresholds.get("image"), "stored image threshold")
+        else:
+            it = check_threshold(image_threshold, "image_threshold")
+        if pixel_threshold is None:
+            pt = check_threshold(self.thresholds.get("pixel"), "stored pixel threshold")
+        else:
+            pt = check_threshold(pixel_threshold, "pixel_threshold")
+        return it, pt
 
     # ---------------------------------------------------------------- inference
     def anomaly_maps(self, images, *, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -261,14 +343,18 @@ class Detector:
             batch_size: images per forward pass.
 
         Returns:
-            :class:`Prediction` (numpy arrays for numpy/path input, CPU tensors for torch input).
+            :class:`Prediction` (numpy arrays for numpy/path input, CPU tensors for torch input). A NaN score or
+            map pixel (a model that broke on that image) is labelled anomalous.
+
+        Raises:
+            ValueError: a float image has NaN/Inf pixels or values outside [0, 1] (names the image), or a
+                threshold is not finite.
         """
+        it, pt = self._thresholds_for(image_threshold, pixel_threshold)
         _, maps, scores, kind = self._score(images, batch_size)
-        it = self.thresholds["image"] if image_threshold is None else float(image_threshold)
-        pt = self.thresholds["pixel"] if pixel_threshold is None else float(pixel_threshold)
         amap = maps[:, 0]
-        mask = amap > pt if pt is not None else None
-        label = scores > it if it is not None else None
+        mask = above(amap, pt) if pt is not None else None
+        label = above(scores, it) if it is not None else None
         if kind != "torch":
             amap, scores = amap.numpy(), scores.numpy()
             mask = mask.numpy() if mask is not None else None
@@ -309,17 +395,22 @@ class Detector:
         from .checkpoint import save_model_file
 
         model = self._require_model()
+        for k in ("image", "pixel"):  # a file whose thresholds its own loader refuses must never be written
+            check_threshold(self.thresholds.get(k), f"{k} threshold")
         save_model_file(path, model_state=model.state_dict(), config=self.config, image_size=self.image_size,
                         thresholds=dict(self.thresholds), meta={"history_tail": self.history[-5:]})
         return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "auto") -> "Detector":
-        """Load a file written by :meth:`save`; a file from another format version raises, naming both."""
+        """Load a file written by :meth:`save`; a file from another format version, or with non-finite stored
+        thresholds, raises ValueError naming the file."""
         from .checkpoint import load_model_file
         from .models import build_model
 
         mf = load_model_file(path, map_location="cpu")
+        thresholds = {k: check_threshold(mf.thresholds.get(k), f"{path}: stored {k} threshold")
+                      for k in ("image", "pixel")}
         det = cls(mf.config, device=device)
         det.config.train.image_size = tuple(mf.image_size)
         model = build_model(det.config.model)
@@ -328,7 +419,7 @@ class Detector:
         except RuntimeError as exc:
             raise ValueError(f"{path}: weights do not match the stored model config: {exc}") from exc
         det.model = model.to(det.device).eval()
-        det.thresholds = {"image": mf.thresholds.get("image"), "pixel": mf.thresholds.get("pixel")}
+        det.thresholds = thresholds
         return det
 
     def __repr__(self) -> str:

@@ -20,7 +20,8 @@ import torch
 
 from . import ops
 
-__all__ = ["resolve_device", "autocast_dtype", "compute_maps", "thresholds_from_holdout"]
+__all__ = ["resolve_device", "autocast_dtype", "compute_maps", "thresholds_from_holdout", "check_threshold",
+           "map_statistics", "normalize_maps", "NORMALIZE_MODES"]
 
 _AMP = ("auto", "bf16", "fp16", "fp32")
 
@@ -187,3 +188,32 @@ def normalize_maps(maps: torch.Tensor, stats: dict[str, torch.Tensor] | None, mo
         raise ValueError(f"normalize mode {mode!r} needs per-pixel statistics of normal images")
     out = maps - stats["mean"].to(maps.device)
     return out if mode == "mean" else out / stats["scale"].to(maps.device)
+
+
+def check_threshold(value, name: str) -> float | None:
+    """``value`` as a finite float (None stays None); the one validation of every image and pixel threshold.
+
+    A NaN threshold makes every ``score > t`` False (every part "good") and an infinite one makes a class
+    impossible, so both are refused.
+
+    Args:
+        value: a real number (Python, numpy or a one-element tensor) or None.
+        name: what to call it in the error, e.g. ``"image_threshold"`` or ``"model.fae: stored pixel threshold"``.
+
+    Raises:
+        TypeError: not a number (a string, a bool, a container).
+        ValueError: NaN or +-inf.
+    """
+    import math
+
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a number or None, got {type(value).__name__} {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number or None, got {type(value).__name__}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v}")
+    return v

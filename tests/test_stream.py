@@ -299,3 +299,97 @@ def test_cuda_stream_overlapped_matches_predict():
         assert np.array_equal(r.pred_mask, ref.pred_mask[r.index].numpy()) or \
             (r.pred_mask != ref.pred_mask[r.index].numpy()).mean() < 1e-3  # padding changes nothing but rounding
         np.testing.assert_allclose(r.anomaly_map, ref.anomaly_map[r.index].numpy(), rtol=1e-3, atol=1e-7)
+
+
+class SlowEngine:
+    """Wraps engine.run with a sleep per batch: an engine slower than the camera."""
+
+    def __init__(self, engine, monkeypatch, seconds):
+        real = engine.run
+
+        def run(x):
+            time.sleep(seconds)
+            return real(x)
+
+        monkeypatch.setattr(engine, "run", run)
+
+
+def run_in_thread(fn, timeout):
+    """Run ``fn`` in a daemon thread; fail (instead of hanging the suite) when it does not finish in time."""
+    out, errors = [], []
+
+    def target():
+        try:
+            out.append(fn())
+        except BaseException as exc:  # noqa: BLE001 -- re-raised in the test's thread
+            errors.append(exc)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"did not finish within {timeout} s (deadlock)"
+    if errors:
+        raise errors[0]
+    return out[0]
+
+
+def test_single_thread_camera_loop_never_deadlocks(engine, camera, monkeypatch):
+    """The module docstring's loop, one thread doing submit() then poll(), default capacity 64 and on_full="block",
+    an engine slower than the camera: it used to block for ever at frame 65 with 64 results in the outbox."""
+    imgs, x = camera
+    ref = engine.predict(x)
+    SlowEngine(engine, monkeypatch, 0.03)
+    n = 150
+
+    def camera_loop():
+        got = []
+        with InlineStream(engine) as stream:
+            assert stream.capacity == 64 and stream.on_full == "block"
+            for i in range(n):
+                stream.submit(imgs[i % len(imgs)])
+                got += stream.poll()
+        return got + list(stream)  # the frames flushed by close()
+
+    got = run_in_thread(camera_loop, timeout=30)
+    assert [r.index for r in got] == list(range(n))  # every frame answered once, in order
+    for r in got:
+        assert abs(r.pred_score - float(ref.pred_score[r.index % len(imgs)])) <= 1e-6 * max(1.0, r.pred_score)
+
+
+def test_single_thread_burst_larger_than_capacity(engine, camera, monkeypatch):
+    """submit_many of more frames than the capacity, then read, all on one thread: finishes, nothing lost."""
+    imgs, _ = camera
+    SlowEngine(engine, monkeypatch, 0.01)
+
+    def burst():
+        with InlineStream(engine, max_batch=4, max_delay_ms=0, capacity=5) as s:
+            idx = s.submit_many(imgs * 2)
+            return idx, drain(s, len(idx))
+
+    idx, got = run_in_thread(burst, timeout=30)
+    assert idx == list(range(24)) and [r.index for r in got] == idx
+
+
+def test_backpressure_against_a_reader_thread(engine, camera, monkeypatch):
+    """With another thread reading, submit still waits for that reader: undelivered frames never exceed capacity."""
+    imgs, _ = camera
+    s = InlineStream(engine, max_batch=4, max_delay_ms=0, capacity=3)
+    got, peak = [], []
+
+    def reader():
+        for r in s:
+            time.sleep(0.02)  # a slow consumer: the engine is faster
+            got.append(r.index)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    deadline = time.perf_counter() + 10
+    while not s._readers and time.perf_counter() < deadline:  # the reader has entered get()
+        time.sleep(0.001)
+    for i in range(20):
+        s.submit(imgs[i % len(imgs)], timeout=10)
+        peak.append(s.pending())
+    s.close()
+    t.join(10)
+    assert not t.is_alive() and got == list(range(20))
+    assert max(peak) <= 3

@@ -18,6 +18,10 @@ on a GPU (DESIGN.md section 4 has the plain-PyTorch anchors it is measured again
 Thresholds are applied *after* the graph (one compare), so the caller can override them on any call without
 recompiling, recapturing or re-exporting.
 
+Fail safe: thresholds must be finite (NaN would pass every part); :meth:`Engine.predict` refuses a float frame
+with NaN/Inf pixels or values outside [0, 1] (ValueError naming the frame; uint8 frames need no check); a NaN
+score or map pixel, from a model that broke on a frame, counts as above the threshold (:func:`apply_thresholds`).
+
 Agreement with the fp32 eager model (the reference: unfolded network in eval mode + reference anomaly map):
 
 * ``dtype=torch.float32``: scores and maps within ``rtol=1e-4, atol=1e-7`` (BN folding reorders the arithmetic;
@@ -37,15 +41,15 @@ Example:
 from __future__ import annotations
 
 import copy
-import numbers
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..api import Prediction
+from ..api import Prediction, above, check_float_images
 from ..config import check_image_size
+from ..scoring import check_threshold
 
 __all__ = ["Engine", "InferenceResult", "apply_thresholds", "resolve_dtype", "resolve_device", "plan_batches"]
 
@@ -115,22 +119,15 @@ def plan_batches(batch: int, sizes: Sequence[int] | None) -> list[tuple[int, int
 InferenceResult = Prediction
 
 
-def _threshold(name: str, v) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a number or None, got {type(v).__name__}")
-    v = float(v)
-    if v != v:
-        raise ValueError(f"{name} must not be NaN")
-    return v
-
-
 def apply_thresholds(amap: torch.Tensor, score: torch.Tensor, image_threshold: float | None,
                      pixel_threshold: float | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(pred_mask, pred_label) from maps (B, H, W) / (B, 1, H, W) and scores (B,); None where no threshold."""
-    mask = amap > pixel_threshold if pixel_threshold is not None else None
-    label = score > image_threshold if image_threshold is not None else None
+    """(pred_mask, pred_label) from maps (B, H, W) / (B, 1, H, W) and scores (B,); None where no threshold.
+
+    A NaN map pixel or score is above the threshold (:func:`fae_fast.api.above`): a model that breaks on an
+    image flags it, it never passes it as good.
+    """
+    mask = above(amap, pixel_threshold) if pixel_threshold is not None else None
+    label = above(score, image_threshold) if image_threshold is not None else None
     return mask, label
 
 
@@ -326,7 +323,8 @@ class Engine:
 
         The file gives the network, the image size, the smoothing (``smoothing_for_size`` of its MapConfig) and
         the default thresholds; ``kwargs`` go to :class:`Engine` and override those (e.g. ``thresholds=``,
-        ``dtype=``, ``device=``).
+        ``dtype=``, ``device=``). Non-finite stored thresholds raise ValueError naming the file, unless
+        ``thresholds=`` replaces them.
         """
         from ..checkpoint import load_model_file
         from ..config import smoothing_for_size
@@ -341,7 +339,9 @@ class Engine:
         n, k = smoothing_for_size(mf.config.map, *mf.image_size)
         kwargs.setdefault("n", n)
         kwargs.setdefault("k", k)
-        kwargs.setdefault("thresholds", {k: v for k, v in mf.thresholds.items() if k in ("image", "pixel")})
+        if "thresholds" not in kwargs:  # stored thresholds must be finite (given ones are checked by __init__)
+            kwargs["thresholds"] = {k: check_threshold(v, f"{path}: stored {k} threshold")
+                                    for k, v in mf.thresholds.items() if k in ("image", "pixel")}
         kwargs.setdefault("in_channels", mf.config.model.in_channels)
         return cls(model.eval(), image_size=tuple(mf.image_size), **kwargs)
 
@@ -365,18 +365,19 @@ class Engine:
 
     def set_thresholds(self, image: float | None = None, pixel: float | None = None) -> "Engine":
         """Replace the default image and/or pixel threshold (None leaves one unchanged); nothing is rebuilt."""
+        image, pixel = check_threshold(image, "image threshold"), check_threshold(pixel, "pixel threshold")
         if image is not None:
-            self._thresholds["image"] = _threshold("image threshold", image)
+            self._thresholds["image"] = image
         if pixel is not None:
-            self._thresholds["pixel"] = _threshold("pixel threshold", pixel)
+            self._thresholds["pixel"] = pixel
         return self
 
     def resolve_thresholds(self, image_threshold=None, pixel_threshold=None) -> tuple[float | None, float | None]:
         """The thresholds of one call: the overrides where given, else the engine's defaults."""
-        it = self._thresholds["image"] if image_threshold is None else _threshold("image_threshold",
-                                                                                  image_threshold)
-        pt = self._thresholds["pixel"] if pixel_threshold is None else _threshold("pixel_threshold",
-                                                                                  pixel_threshold)
+        it = self._thresholds["image"] if image_threshold is None else check_threshold(image_threshold,
+                                                                                       "image_threshold")
+        pt = self._thresholds["pixel"] if pixel_threshold is None else check_threshold(pixel_threshold,
+                                                                                       "pixel_threshold")
         return it, pt
 
     # ------------------------------------------------------------------ device-level API
@@ -421,7 +422,9 @@ class Engine:
         """Maps and scores of a batch already on the engine's device.
 
         Args:
-            x: (B, C, H, W) uint8 (0..255) or float in [0, 1], on ``self.device``.
+            x: (B, C, H, W) uint8 (0..255) or float in [0, 1], on ``self.device``. The values are not checked
+                here (the device-level call stays free of host syncs): :meth:`predict` refuses NaN/Inf and
+                out-of-range float frames, :class:`~fae_fast.inference.stream.InlineStream` flags them.
 
         Returns:
             (map (B, 1, H, W) float32, score (B,) float32) on the device. With CUDA graphs and a batch that is
@@ -550,10 +553,18 @@ class Engine:
 
         Returns:
             :class:`InferenceResult`; on the input's device for torch input (CPU input to a CUDA engine comes back
-            on the CPU, through pinned buffers), numpy for numpy input.
+            on the CPU, through pinned buffers), numpy for numpy input. A NaN score or map pixel (a model that
+            broke on that frame) is labelled anomalous (:func:`apply_thresholds`).
+
+        Raises:
+            ValueError: a float frame has NaN/Inf pixels or values outside [0, 1] (e.g. 0..255 not divided by
+                255); the message names the first such frame. Nothing is scored then.
         """
         x, kind = self.to_batch(images)
         it, pt = self.resolve_thresholds(image_threshold, pixel_threshold)
+        # float input only (uint8 cannot be out of range): a host pass for host input; for float input already on
+        # the GPU one host sync per call, the price of raising before anything is returned
+        check_float_images(x, "frame")
         need_map = return_map or pt is not None
         if x.device == self.device:
             m, s = self.run(x)
@@ -564,8 +575,7 @@ class Engine:
             m, s = self.run(x.to(self.device))
             m, s = m.to(x.device), s.to(x.device)
         amap = m[:, 0] if m is not None else None
-        mask, label = apply_thresholds(amap, s, it, pt) if amap is not None else (None, s > it if it is not None
-                                                                                    else None)
+        mask, label = apply_thresholds(amap, s, it, pt)  # amap is None only without a pixel threshold
         if not return_map:
             amap = None
         if kind == "numpy":

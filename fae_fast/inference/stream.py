@@ -12,9 +12,22 @@
   same API runs without streams;
 * **explicit back-pressure**: at most ``capacity`` frames may be submitted and not yet delivered. When full,
   :meth:`InlineStream.submit` blocks (``on_full="block"``; with ``timeout`` it raises :class:`QueueFull` when the
-  time is up) or raises :class:`QueueFull` at once (``on_full="raise"``). A frame is never dropped silently;
+  time is up) or raises :class:`QueueFull` at once (``on_full="raise"``). A frame is never dropped silently.
+  A blocked submit only ever waits for someone who can make room: a reader on *another* thread, or the engine.
+  The thread that submits is never made to wait for results that only it could take (the single-thread loop
+  below: submit, then poll): when no other live thread reads from the stream, submit waits only until fewer
+  than ``capacity`` frames are queued or being scored, and results that are ready stay in the outbox for its
+  next :meth:`~InlineStream.poll` -- it cannot deadlock;
 * **errors per frame**: a bad frame (wrong shape or dtype) or a failing batch becomes a :class:`FrameError` at
   that frame's position in the output (its message names the frame index); the worker threads live on;
+* **fail safe**: a frame that cannot be judged is answered as anomalous, never as good: a float32 frame with
+  NaN/Inf pixels or values outside [0, 1] (e.g. 0..255 not divided by 255), or a frame whose score comes out
+  NaN/Inf (a model that broke on it), gets ``pred_score = inf``, ``pred_label = True``, an all-True
+  ``pred_mask`` and a ``reason`` (its index and what was wrong) -- at its position, like every result, so the
+  camera loop rejects that part and goes on. A NaN map pixel is always in ``pred_mask``. (``Engine.predict`` and
+  ``Detector.predict`` raise ValueError instead: they can refuse a call, a stream must answer every frame.)
+  The input check is one (min, max) reduction per batch on the engine's device, copied back with the scores: no
+  extra host sync; uint8 frames (the camera default) cannot be out of range and are not checked;
 * **clean shutdown**: :meth:`InlineStream.close` processes every pending frame before it returns; their results
   stay available through :meth:`get` / :meth:`poll` / iteration (or have been passed to ``on_result``).
 
@@ -31,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import math
 import queue
 import threading
 import time
@@ -40,6 +54,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..api import above, value_problem
 from .engine import Engine, plan_batches
 
 __all__ = ["InlineStream", "FrameResult", "FrameError", "QueueFull", "StreamClosed"]
@@ -68,13 +83,18 @@ class FrameResult:
     Attributes:
         index: submission index (0, 1, 2, ... in the order of :meth:`InlineStream.submit`).
         pred_score: image score (max of the smoothed error map).
-        pred_label: ``pred_score > image_threshold`` (None without an image threshold).
-        pred_mask: (H, W) bool ``anomaly_map > pixel_threshold`` (None without a pixel threshold).
+        pred_label: ``pred_score > image_threshold`` (None without an image threshold); True for a frame with a
+            ``reason``, with or without a threshold.
+        pred_mask: (H, W) bool ``anomaly_map > pixel_threshold``, NaN pixels included (None without a pixel
+            threshold); all True for a frame with a ``reason``.
         anomaly_map: (H, W) float32 smoothed error map, when the stream was made with ``return_map=True``.
         latency_ms: from the submit call to the result being ready on the host.
         batch_size: number of frames in the batch this frame ran in.
         error: the :class:`FrameError` of a failed frame (``get`` / ``poll`` / iteration raise it instead of
             returning the result; ``on_result`` receives the result with this set).
+        reason: why the frame was judged anomalous without a usable score (NaN/Inf or out-of-range pixels, a
+            non-finite score), naming its index; None for a normally scored frame. Such a frame has
+            ``pred_score = inf`` and ``pred_label = True``: it is delivered like any result, never as "good".
     """
 
     index: int
@@ -85,6 +105,7 @@ class FrameResult:
     latency_ms: float = 0.0
     batch_size: int = 0
     error: FrameError | None = None
+    reason: str | None = None
 
 
 class _Item:
@@ -99,6 +120,7 @@ class _Slot:
 
     def __init__(self, max_batch, H, W, C, np_dtype, device, want_map, want_mask):
         tdtype = torch.from_numpy(np.zeros(1, dtype=np_dtype)).dtype
+        want_range = tdtype.is_floating_point  # per-frame (min, max) of float input, for the fail-safe check
         self.pin_in = torch.empty((max_batch, H, W, C), dtype=tdtype, pin_memory=True)
         self.pin_in_np = self.pin_in.numpy()
         self.dev_in = torch.empty((max_batch, H, W, C), dtype=tdtype, device=device)
@@ -108,6 +130,8 @@ class _Slot:
         self.pin_map = torch.empty((max_batch, H, W), dtype=torch.float32, pin_memory=True) if want_map else None
         self.dev_mask = torch.empty((max_batch, H, W), dtype=torch.bool, device=device) if want_mask else None
         self.pin_mask = torch.empty((max_batch, H, W), dtype=torch.bool, pin_memory=True) if want_mask else None
+        self.dev_range = torch.empty((2, max_batch), dtype=torch.float32, device=device) if want_range else None
+        self.pin_range = torch.empty((2, max_batch), dtype=torch.float32, pin_memory=True) if want_range else None
         self.h2d_done = torch.cuda.Event()
         self.compute_done = torch.cuda.Event()
         self.d2h_done = torch.cuda.Event()
@@ -116,11 +140,11 @@ class _Slot:
 class _Record:
     """One launched batch on its way to the completer: items in order, and where their outputs are."""
 
-    __slots__ = ("items", "good", "slot", "score", "map", "mask", "image_t", "pixel_t", "error")
+    __slots__ = ("items", "good", "slot", "score", "map", "mask", "range", "image_t", "pixel_t", "error")
 
     def __init__(self, items, good):
         self.items, self.good = items, good
-        self.slot = self.score = self.map = self.mask = None
+        self.slot = self.score = self.map = self.mask = self.range = None
         self.image_t = self.pixel_t = None
         self.error = None
 
@@ -135,7 +159,9 @@ class InlineStream:
         max_delay_ms: longest time the oldest queued frame waits for companions before its batch starts
             (0: never wait; batches form only from frames already queued).
         capacity: most frames submitted and not yet delivered (back-pressure bound, >= 1).
-        on_full: "block" (wait for room; ``timeout`` of :meth:`submit` bounds the wait) or "raise".
+        on_full: "block" (wait for room; ``timeout`` of :meth:`submit` bounds the wait) or "raise". A blocked
+            submit waits for a reader on another thread when there is one, otherwise only for the engine (so a
+            single thread that submits and polls never deadlocks; see the module docstring).
         return_map: put the (H, W) float32 map into each result (otherwise only score, label and mask are copied
             back to the host: 1 byte per pixel instead of 4).
         image_threshold, pixel_threshold: override the engine's thresholds for this stream
@@ -178,6 +204,7 @@ class InlineStream:
         self._outstanding = 0      # submitted, not yet delivered (the back-pressure count)
         self._completed = 0        # results produced (delivered or waiting in the outbox)
         self._closing = False
+        self._readers: set[threading.Thread] = set()  # threads that took results (get / poll / iteration)
         self._callback_errors: list[BaseException] = []
         self.stats = {"batches": 0, "frames": 0, "batch_sizes": collections.Counter()}
 
@@ -252,7 +279,9 @@ class InlineStream:
             frame: numpy (H, W, C) / (H, W) or torch (C, H, W) / (H, W) on the CPU, of the stream's dtype.
                 A frame of the wrong shape or dtype is accepted and comes back as a :class:`FrameError`
                 at its position, so the order and the count of results always match the submissions.
-            timeout: with ``on_full="block"``, the longest wait for room, in seconds (None: no limit).
+            timeout: with ``on_full="block"``, the longest wait for room, in seconds (None: no limit). When no
+                other live thread has read from the stream, the wait ends as soon as fewer than ``capacity``
+                frames are queued or being scored: results that only this thread can take never block it.
 
         Raises:
             QueueFull: no room (``on_full="raise"``), or none within ``timeout``.
@@ -271,7 +300,7 @@ class InlineStream:
                     raise QueueFull(f"stream full: {self._outstanding} frames submitted and not yet delivered "
                                     f"(capacity {self.capacity}); read results with poll()/get()")
                 deadline = None if timeout is None else t0 + timeout
-                while self._outstanding >= self.capacity and not self._closing:
+                while not self._room_locked() and not self._closing:
                     rem = None if deadline is None else deadline - time.perf_counter()
                     if rem is not None and rem <= 0:
                         raise QueueFull(f"stream still full after {timeout} s: {self._outstanding} frames "
@@ -289,6 +318,24 @@ class InlineStream:
             self._inbox.append(_Item(index, prepared, err, t0))
             self._cond.notify_all()
         return index
+
+    def _add_reader(self) -> None:
+        """Remember the calling thread as a reader (the caller holds ``self._cond``)."""
+        me = threading.current_thread()
+        if me not in self._readers:
+            self._readers = {t for t in self._readers if t.is_alive()}
+            self._readers.add(me)
+
+    def _room_locked(self) -> bool:
+        """Whether a blocked submit may go on (the caller holds ``self._cond``)."""
+        if self._outstanding < self.capacity:
+            return True
+        me = threading.current_thread()
+        if any(t is not me and t.is_alive() for t in self._readers):
+            return False  # another thread reads: it makes room, wait for it
+        # nobody but this thread can take the ready results: waiting for them would wait for ever (the
+        # single-thread submit-then-poll loop). Wait only for the engine: frames queued or being scored.
+        return self._outstanding - len(self._outbox) < self.capacity
 
     def submit_many(self, frames, *, timeout: float | None = None) -> list[int]:
         """Submit a burst (an iterable of frames, or a (B, H, W, C) numpy array); returns their indices."""
@@ -311,6 +358,7 @@ class InlineStream:
         """
         deadline = None if timeout is None else time.perf_counter() + timeout
         with self._cond:
+            self._add_reader()
             while not self._outbox:
                 if self._closing and self._completed == self._next_index:
                     raise StreamClosed("stream closed and every result delivered")
@@ -328,6 +376,7 @@ class InlineStream:
         :class:`FrameError` when the failed frame is first."""
         out = []
         with self._cond:
+            self._add_reader()
             while self._outbox:
                 if self._outbox[0].error is not None:
                     if out:
@@ -420,14 +469,24 @@ class InlineStream:
     def _stack(self, frames, out=None) -> np.ndarray:
         return np.stack(frames, axis=0, out=out)
 
+    @staticmethod
+    def _frame_range(x_nhwc: torch.Tensor, out: torch.Tensor) -> None:
+        """(min, max) of each frame of a contiguous (b, H, W, C) float batch into ``out`` (2, b); NaN propagates."""
+        b = x_nhwc.shape[0]
+        torch.aminmax(x_nhwc.view(b, -1), dim=1, out=(out[0], out[1]))
+
     def _launch_cpu(self, rec: _Record) -> None:
         b = len(rec.good)
-        x = torch.from_numpy(self._stack([it.frame for it in rec.good])).permute(0, 3, 1, 2)
+        xs = torch.from_numpy(self._stack([it.frame for it in rec.good]))
+        if xs.dtype.is_floating_point:
+            rec.range = torch.empty((2, b), dtype=torch.float32)
+            self._frame_range(xs, rec.range)
+        x = xs.permute(0, 3, 1, 2)
         m, s = self.engine.run(x)
         m = m[:, 0]
         rec.score = s.float().clone()
         if rec.pixel_t is not None:
-            rec.mask = m > rec.pixel_t
+            rec.mask = above(m, rec.pixel_t)
         if self.return_map:
             rec.map = m.clone()
         self._count(b)
@@ -442,11 +501,14 @@ class InlineStream:
             slot.h2d_done.record(self._h2d)
         with torch.cuda.stream(self._compute):
             self._compute.wait_event(slot.h2d_done)
+            if slot.dev_range is not None:  # float input: one reduction, copied back with the scores (no sync)
+                self._frame_range(slot.dev_in[:b], slot.dev_range[:, :b])
             x = slot.dev_in[:b].permute(0, 3, 1, 2)  # (b, C, H, W) channels_last view, no copy
             m, s = self.engine.run(x)
             slot.dev_score[:b].copy_(s[:b])
-            if rec.pixel_t is not None:
-                torch.gt(m[:b, 0], rec.pixel_t, out=slot.dev_mask[:b])
+            if rec.pixel_t is not None:  # above(): `not (m <= t)`, so NaN pixels are in the mask
+                torch.le(m[:b, 0], rec.pixel_t, out=slot.dev_mask[:b])
+                slot.dev_mask[:b].logical_not_()
             if self.return_map:
                 slot.dev_map[:b].copy_(m[:b, 0])
             slot.compute_done.record(self._compute)
@@ -457,8 +519,11 @@ class InlineStream:
                 slot.pin_mask[:b].copy_(slot.dev_mask[:b], non_blocking=True)
             if self.return_map:
                 slot.pin_map[:b].copy_(slot.dev_map[:b], non_blocking=True)
+            if slot.dev_range is not None:
+                slot.pin_range[:, :b].copy_(slot.dev_range[:, :b], non_blocking=True)
             slot.d2h_done.record(self._d2h)
         rec.score = slot.pin_score
+        rec.range = slot.pin_range
         rec.mask = slot.pin_mask if rec.pixel_t is not None else None
         rec.map = slot.pin_map if self.return_map else None
         self._count(b)
@@ -493,6 +558,7 @@ class InlineStream:
                 scores = rec.score[:len(rec.good)].tolist()
                 masks = rec.mask[:len(rec.good)].numpy() if rec.mask is not None else None
                 maps = rec.map[:len(rec.good)].numpy() if rec.map is not None else None
+                lows, highs = rec.range[:, :len(rec.good)].tolist() if rec.range is not None else (None, None)
         except BaseException as exc:  # noqa: BLE001 -- e.g. a CUDA error surfacing at the sync
             rec.error = exc
         now = time.perf_counter()
@@ -510,12 +576,19 @@ class InlineStream:
                 out.append(FrameResult(index=it.index, latency_ms=lat, batch_size=len(rec.good), error=err))
             else:
                 sc = scores[j]
+                reason = self._reason(it.index, sc, lows[j] if lows is not None else None,
+                                      highs[j] if highs is not None else None)
+                mask = masks[j].copy() if masks is not None else None
+                if reason is not None:  # fail safe: cannot be judged, so anomalous (never "good")
+                    label, sc = True, math.inf
+                    if mask is not None:
+                        mask[:] = True
+                else:
+                    label = (sc > rec.image_t) if rec.image_t is not None else None
                 out.append(FrameResult(
-                    index=it.index, pred_score=sc,
-                    pred_label=(sc > rec.image_t) if rec.image_t is not None else None,
-                    pred_mask=masks[j].copy() if masks is not None else None,
+                    index=it.index, pred_score=sc, pred_label=label, pred_mask=mask,
                     anomaly_map=maps[j].copy() if maps is not None else None,
-                    latency_ms=lat, batch_size=len(rec.good)))
+                    latency_ms=lat, batch_size=len(rec.good), reason=reason))
             j += 1
         if rec.slot is not None:  # host copies taken: the slot may take the next batch
             if rec.error is not None:
@@ -525,6 +598,16 @@ class InlineStream:
                     pass
             self._slots.put(rec.slot)
         return out
+
+    @staticmethod
+    def _reason(index: int, score: float, lo: float | None, hi: float | None) -> str | None:
+        """Why frame ``index`` cannot be judged (its input's value range ``[lo, hi]``, its score), or None."""
+        problem = value_problem(lo, hi) if lo is not None else None
+        if problem is not None:
+            return f"frame {index} {problem}"
+        if not math.isfinite(score):
+            return f"frame {index}: the model's score is {score} (NaN/Inf in its anomaly map)"
+        return None
 
     def _deliver(self, r: FrameResult) -> None:
         if self.on_result is not None:
