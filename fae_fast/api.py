@@ -389,6 +389,34 @@ class Detector:
                          pixel_threshold=self.thresholds["pixel"], title=f"fae_fast report: {Path(root).name}")
         return result
 
+    def calibrate(self, root: str | os.PathLike, *, batch_size: int = 32) -> dict:
+        """Set the F1-optimal image and pixel thresholds from a labelled validation set (DESIGN.md 1.6).
+
+        The held-out quantile thresholds of :meth:`fit` need no labels; where labelled defects exist, the thresholds
+        that maximise F1 on them (image level: defective vs good images; pixel level: every pixel) serve the line
+        better. Use a validation split, not the test set the model is judged on.
+
+        Args:
+            root: MVTec-layout folder with ``test/good``, ``test/<defect>`` and ``ground_truth`` (at least one good
+                and one defective image).
+
+        Returns:
+            The metrics of :meth:`evaluate` before the change, with ``thresholds`` the new ones and
+            ``previous_thresholds`` the old ones. The model keeps the new thresholds (``save`` stores them).
+        """
+        result = self.evaluate(root, batch_size=batch_size)
+        overall = result["overall"]
+        new = {"image": overall["image_f1_threshold"], "pixel": overall["pixel_f1_threshold"]}
+        try:
+            new = {k: check_threshold(v, f"F1-optimal {k} threshold") for k, v in new.items()}
+        except ValueError as exc:
+            raise ValueError(f"{root}: cannot calibrate ({exc}); it needs good and defective images with masks") \
+                from None
+        result["previous_thresholds"] = dict(self.thresholds)
+        self.thresholds = new
+        result["thresholds"] = dict(new)
+        return result
+
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> Path:
         """Write weights, config, image size, thresholds and the version to ``path`` (atomically)."""

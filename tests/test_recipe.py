@@ -188,3 +188,29 @@ def test_a_briefly_trained_fae_detects_synthetic_defects(tmp_path):
     assert m["pixel_auroc"] >= 0.88, m
     assert m["image_auroc"] >= 0.75, m
     assert m["pixel_aupro"] >= 0.55, m
+
+
+# ---------------------------------------------------------------------------------------------- F1 thresholds
+def test_calibrate_sets_the_f1_optimal_thresholds_from_labelled_data(tmp_path):
+    from fae_fast import Detector
+    from fae_fast.synthetic import make_dataset
+
+    data = make_dataset(tmp_path / "d", n_train=12, n_test_good=4, n_test_defect=2, size=(32, 32), seed=1)
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.batch_size = (32, 32), 4
+    det = Detector(cfg, device="cpu").fit(data, steps=3, progress=False)
+    before = dict(det.thresholds)
+    res = det.calibrate(data)
+    assert res["previous_thresholds"] == before
+    assert det.thresholds == {"image": res["overall"]["image_f1_threshold"],
+                              "pixel": res["overall"]["pixel_f1_threshold"]}
+    # with those thresholds the image-level F1 on the same data is the F1max the metrics reported
+    from fae_fast.data import load_test_set
+
+    test = load_test_set(data, (32, 32))
+    label = np.asarray(det.predict(test.images).pred_label, dtype=bool)
+    y = test.labels.numpy().astype(bool)
+    tp, fp, fn = int((label & y).sum()), int((label & ~y).sum()), int((~label & y).sum())
+    assert abs(2 * tp / (2 * tp + fp + fn) - res["overall"]["image_f1max"]) < 1e-6
+    det.save(tmp_path / "m.fae")
+    assert Detector.load(tmp_path / "m.fae").thresholds == det.thresholds
