@@ -227,6 +227,8 @@ class Detector:
         self.model: torch.nn.Module | None = None
         self.thresholds: dict[str, float | None] = {"image": None, "pixel": None}
         self.history: list[dict] = []
+        # per-pixel statistics of held-out normal maps (config.map.normalize != "none"), set by fit / load
+        self.map_stats: dict[str, torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- properties
     @property
@@ -290,6 +292,7 @@ class Detector:
         self.model = result.model
         self.thresholds = thresholds
         self.history = list(result.history)
+        self.map_stats = result.map_stats
         return self
 
     def set_thresholds(self, image: float | None = None, pixel: float | None = None) -> "Detector":
@@ -330,7 +333,8 @@ class Detector:
         batch, kind = to_uint8_batch(images, self.image_size, self.config.train.keep_aspect)
         n, k = self.smoothing
         maps, scores = compute_maps(model, batch, n=n, k=k, batch_size=batch_size, device=self.device,
-                                    amp=self.config.train.amp)
+                                    amp=self.config.train.amp, normalize=self.config.map.normalize,
+                                    stats=self.map_stats)
         return batch, maps, scores, kind
 
     def predict(self, images, *, image_threshold: float | None = None, pixel_threshold: float | None = None,
@@ -425,8 +429,14 @@ class Detector:
         model = self._require_model()
         for k in ("image", "pixel"):  # a file whose thresholds its own loader refuses must never be written
             check_threshold(self.thresholds.get(k), f"{k} threshold")
+        meta = {"history_tail": self.history[-5:]}
+        if self.config.map.normalize != "none":
+            from .scoring import check_map_statistics
+
+            check_map_statistics(self.map_stats, self.image_size, self.config.map.normalize)
+            meta["map_stats"] = {k: v.detach().cpu() for k, v in self.map_stats.items()}
         save_model_file(path, model_state=model.state_dict(), config=self.config, image_size=self.image_size,
-                        thresholds=dict(self.thresholds), meta={"history_tail": self.history[-5:]})
+                        thresholds=dict(self.thresholds), meta=meta)
         return Path(path)
 
     @classmethod
@@ -448,6 +458,12 @@ class Detector:
             raise ValueError(f"{path}: weights do not match the stored model config: {exc}") from exc
         det.model = model.to(det.device).eval()
         det.thresholds = thresholds
+        if det.config.map.normalize != "none":
+            from .scoring import check_map_statistics
+
+            stats = mf.meta.get("map_stats")
+            check_map_statistics(stats, det.image_size, det.config.map.normalize, what=str(path))
+            det.map_stats = {k: v.float() for k, v in stats.items()}
         return det
 
     def __repr__(self) -> str:

@@ -80,6 +80,10 @@ class MapConfig:
     k: int = 7
     ref_size: int = 256                 # n, k are the values at min(H, W) == ref_size
     scale_with_size: bool = True
+    # per-pixel normalisation by statistics of held-out normal images: "none" | "mean" (subtract the mean map) |
+    # "zscore" (and divide by the per-pixel std plus its median): pixels that are always hard to reconstruct
+    # (edges, glare, the frame border) stop outscoring real defects
+    normalize: str = "none"
 
 
 @dataclass

@@ -21,7 +21,8 @@ import torch
 from . import ops
 
 __all__ = ["resolve_device", "autocast_dtype", "compute_maps", "thresholds_from_holdout", "check_threshold",
-           "map_statistics", "normalize_maps", "NORMALIZE_MODES"]
+           "map_statistics", "normalize_maps", "check_map_statistics", "leave_one_out_normalized",
+           "NORMALIZE_MODES"]
 
 _AMP = ("auto", "bf16", "fp16", "fp32")
 
@@ -66,7 +67,8 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int, batch_size: int = 32,
-                 device=None, amp: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                 device=None, amp: str = "auto", normalize: str = "none",
+                 stats: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Anomaly maps and image scores of ``images``.
 
     Args:
@@ -77,6 +79,8 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
         batch_size: images per forward pass.
         device: where to run; None = the model's device. The model is not moved.
         amp: "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" | "fp32".
+        normalize, stats: per-pixel normalisation of the maps (:func:`normalize_maps`); the score is then the max
+            of the normalised map.
 
     Returns:
         (maps (N, 1, H, W) float32 on the CPU, scores (N,) float32 on the CPU).
@@ -92,6 +96,8 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
     dev = _model_device(model) if device is None else resolve_device(device)
     dtype = autocast_dtype(amp, dev)
     N, _, H, W = images.shape
+    if normalize != "none":
+        check_map_statistics(stats, (H, W), normalize)
     maps = torch.empty((N, 1, H, W), dtype=torch.float32)
     scores = torch.empty((N,), dtype=torch.float32)
     # pinned host buffers let the device->host copies overlap the next batch (CUDA only)
@@ -110,6 +116,9 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
                 with _autocast(dev, dtype):
                     recon = model(inp)
                 amap, score = ops.anomaly_map(xb, recon, n=n, k=k)
+                if normalize != "none":
+                    amap = normalize_maps(amap, stats, normalize)
+                    score = amap.amax(dim=(1, 2, 3))
                 maps[s:s + len(xb)].copy_(amap, non_blocking=pin)
                 scores[s:s + len(xb)].copy_(score, non_blocking=pin)
         if pin:
@@ -174,6 +183,45 @@ def map_statistics(maps: torch.Tensor) -> dict[str, torch.Tensor]:
     std = m.std(0, keepdim=True, correction=1)
     floor = std.flatten().median()
     return {"mean": mean.float(), "scale": (std + floor).clamp_min(1e-12).float()}
+
+
+def check_map_statistics(stats, size: tuple[int, int], mode: str = "zscore", what: str = "map statistics") -> None:
+    """``stats`` must be what :func:`map_statistics` returns for maps of ``size`` (H, W), with finite values."""
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"normalize mode must be one of {NORMALIZE_MODES}, got {mode!r}")
+    if mode == "none":
+        return
+    if not isinstance(stats, dict) or not {"mean", "scale"} <= set(stats):
+        raise ValueError(f"{what}: normalize mode {mode!r} needs per-pixel statistics {{'mean', 'scale'}} of normal "
+                         "images")
+    for key in ("mean", "scale"):
+        t = stats[key]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (1, 1, *size):
+            raise ValueError(f"{what}: {key} must be a (1, 1, {size[0]}, {size[1]}) tensor, got "
+                             f"{tuple(getattr(t, 'shape', ())) or type(t).__name__}")
+        if not bool(torch.isfinite(t).all()) or (key == "scale" and not bool((t > 0).all())):
+            raise ValueError(f"{what}: {key} holds non-finite{' or non-positive' if key == 'scale' else ''} values")
+
+
+def leave_one_out_normalized(maps: torch.Tensor, mode: str) -> torch.Tensor:
+    """Each map normalised by the statistics of the *other* maps (N >= 3): the held-out normal images give both
+    the statistics and the thresholds, and normalising an image by statistics that include it would shrink its
+    own extremes and set the thresholds too low."""
+    if mode == "none":
+        return maps
+    N = maps.shape[0]
+    if N < 3:
+        raise ValueError(f"leave-one-out statistics need at least 3 normal images, got {N}")
+    m = maps.double()
+    s1, s2 = m.sum(0, keepdim=True), (m * m).sum(0, keepdim=True)
+    mean = (s1 - m) / (N - 1)
+    out = m - mean
+    if mode == "zscore":
+        var = ((s2 - m * m) - (N - 1) * mean * mean) / (N - 2)
+        std = var.clamp_min(0.0).sqrt()
+        floor = std.flatten(1).median(dim=1).values.view(N, 1, 1, 1)
+        out = out / (std + floor).clamp_min(1e-12)
+    return out.float()
 
 
 def normalize_maps(maps: torch.Tensor, stats: dict[str, torch.Tensor] | None, mode: str) -> torch.Tensor:

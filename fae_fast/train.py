@@ -59,6 +59,7 @@ class TrainResult:
         history: one dict per logged step: ``step`` (steps done), ``loss`` (mean over the steps since the last
             log), ``lr``, ``img_per_s``.
         holdout_scores: (N_holdout,) float32 image scores of the held-out normal images (CPU).
+        map_stats: per-pixel statistics of the held-out maps (``cfg.map.normalize`` != "none"), else None.
         step: steps done (``cfg.train.steps`` unless stopped early with ``stop_at``).
         config: the configuration trained with.
     """
@@ -70,6 +71,7 @@ class TrainResult:
     step: int = 0
     config: FAEConfig | None = None
     holdout_indices: torch.Tensor | None = field(default=None, repr=False)
+    map_stats: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -343,6 +345,10 @@ def _check_train_args(cfg: FAEConfig, images, holdout, log_every: int) -> None:
                          f"{getattr(holdout, 'dtype', type(holdout).__name__)} {tuple(getattr(holdout, 'shape', ()))}")
     if cfg.noise.mode not in NOISE_MODES:
         raise ValueError(f"cfg.noise.mode must be one of {NOISE_MODES}, got {cfg.noise.mode!r}")
+    from .scoring import NORMALIZE_MODES
+
+    if cfg.map.normalize not in NORMALIZE_MODES:
+        raise ValueError(f"cfg.map.normalize must be one of {NORMALIZE_MODES}, got {cfg.map.normalize!r}")
     if not 0.0 <= cfg.noise.sigma_max:
         raise ValueError(f"cfg.noise.sigma_max must be >= 0, got {cfg.noise.sigma_max}")
     if int(tc.steps) < 0:
@@ -352,15 +358,30 @@ def _check_train_args(cfg: FAEConfig, images, holdout, log_every: int) -> None:
 
 
 def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torch.Tensor, dev,
-                       batch_size: int = 32) -> tuple[dict[str, float], torch.Tensor]:
-    """Image and pixel thresholds from the anomaly maps of held-out normal images: (thresholds, scores)."""
+                       batch_size: int = 32) -> tuple[dict[str, float], torch.Tensor, dict | None]:
+    """Thresholds (and, with ``cfg.map.normalize``, the per-pixel map statistics) from held-out normal images.
+
+    Returns:
+        (thresholds, image scores of the held-out images, statistics or None). With a normalisation the
+        thresholds are read off leave-one-out normalised maps, as new normal images will be scored.
+    """
+    from .scoring import leave_one_out_normalized, map_statistics
+
     H, W = int(hold_images.shape[2]), int(hold_images.shape[3])
     n, k = smoothing_for_size(cfg.map, H, W)
     maps, scores = compute_maps(model, hold_images, n=n, k=k, batch_size=batch_size, device=dev,
                                 amp=cfg.train.amp)
+    stats = None
+    if cfg.map.normalize != "none":
+        if maps.shape[0] < 3:
+            raise ValueError(f"map.normalize={cfg.map.normalize!r} needs at least 3 held-out normal images, got "
+                             f"{maps.shape[0]}: raise train.holdout_fraction or pass more images")
+        stats = map_statistics(maps)
+        maps = leave_one_out_normalized(maps, cfg.map.normalize)
+        scores = maps.amax(dim=(1, 2, 3))
     thresholds = thresholds_from_holdout(scores, maps, float(cfg.train.threshold_quantile),
                                          float(cfg.train.pixel_threshold_quantile))
-    return thresholds, scores
+    return thresholds, scores, stats
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -460,6 +481,6 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
         warnings.warn("no held-out normal images (holdout_fraction is 0 and no holdout given): thresholds are "
                       "computed on the training images and will be optimistic", UserWarning, stacklevel=2)
         hold_images = trainer.train_images
-    thresholds, scores = holdout_thresholds(model, cfg, hold_images, dev, batch_size=max(1, min(64, 2 * B)))
+    thresholds, scores, stats = holdout_thresholds(model, cfg, hold_images, dev, batch_size=max(1, min(64, 2 * B)))
     return TrainResult(model=model, thresholds=thresholds, history=history, holdout_scores=scores, step=end,
-                       config=cfg, holdout_indices=hold_idx)
+                       config=cfg, holdout_indices=hold_idx, map_stats=stats)

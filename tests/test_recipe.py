@@ -214,3 +214,44 @@ def test_calibrate_sets_the_f1_optimal_thresholds_from_labelled_data(tmp_path):
     assert abs(2 * tp / (2 * tp + fp + fn) - res["overall"]["image_f1max"]) < 1e-6
     det.save(tmp_path / "m.fae")
     assert Detector.load(tmp_path / "m.fae").thresholds == det.thresholds
+
+
+def test_leave_one_out_normalisation_matches_statistics_without_the_image():
+    from fae_fast.scoring import leave_one_out_normalized
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(6, 1, 5, 7, generator=g) ** 3
+    for mode in ("mean", "zscore"):
+        loo = leave_one_out_normalized(maps, mode)
+        for i in range(6):
+            rest = torch.cat([maps[:i], maps[i + 1:]])
+            torch.testing.assert_close(loo[i:i + 1], normalize_maps(maps[i:i + 1], map_statistics(rest), mode),
+                                       atol=1e-5, rtol=1e-4)
+
+
+def test_detector_with_zscore_maps_keeps_its_statistics_through_save_and_load(tmp_path):
+    from fae_fast import Detector
+    from fae_fast.synthetic import make_dataset
+
+    data = make_dataset(tmp_path / "d", n_train=16, n_test_good=2, n_test_defect=1, size=(32, 32), seed=1)
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.batch_size, cfg.train.holdout_fraction = (32, 32), 4, 0.25
+    cfg.map.normalize = "zscore"
+    det = Detector(cfg, device="cpu").fit(data, steps=2, progress=False)
+    assert det.map_stats["mean"].shape == (1, 1, 32, 32)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    res = det.predict(images)
+    raw = Detector(cfg, device="cpu")
+    raw.model, raw.config = det.model, FAEConfig.from_dict({**cfg.to_dict(), "map": {**cfg.to_dict()["map"],
+                                                                                     "normalize": "none"}})
+    _, raw_maps, _ = raw.anomaly_maps(images)
+    expect = normalize_maps(raw_maps, det.map_stats, "zscore")
+    torch.testing.assert_close(torch.as_tensor(np.asarray(res.anomaly_map)), expect[:, 0])
+    torch.testing.assert_close(torch.as_tensor(np.asarray(res.pred_score)), expect.amax(dim=(1, 2, 3)))
+    det.save(tmp_path / "m.fae")
+    back = Detector.load(tmp_path / "m.fae")
+    torch.testing.assert_close(torch.as_tensor(np.asarray(back.predict(images).pred_score)),
+                               torch.as_tensor(np.asarray(res.pred_score)))
+    det.map_stats = None
+    with pytest.raises(ValueError, match="needs per-pixel statistics"):
+        det.save(tmp_path / "bad.fae")
