@@ -52,6 +52,9 @@ class NoiseConfig:
     """Symmetric noise: the same eps ~ N(0, sigma^2 I) on input and target, sigma ~ U(0, sigma_max)."""
 
     sigma_max: float = 0.1              # r in DESIGN.md (chosen)
+    # "absolute": sigma ~ U(0, sigma_max) in intensity units; "image_noise": sigma ~ U(0, sigma_max * s) with s the
+    # training images' own noise std (Immerkaer's estimator), so one setting means the same on clean and grainy data
+    sigma_reference: str = "absolute"
     # "symmetric" (the paper), "none", "input" (input only), "independent" (separate eps on each side)
     mode: str = "symmetric"
 

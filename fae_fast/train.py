@@ -40,7 +40,8 @@ from .checkpoint import load_train_state, save_train_state
 from .config import FAEConfig, smoothing_for_size
 from .scoring import autocast_dtype, compute_maps, resolve_device, thresholds_from_holdout
 
-__all__ = ["NOISE_MODES", "TrainResult", "train", "step_seed", "split_holdout", "lr_factor", "holdout_thresholds"]
+__all__ = ["NOISE_MODES", "TrainResult", "train", "step_seed", "split_holdout", "lr_factor", "holdout_thresholds",
+           "estimate_noise_std", "effective_sigma_max"]
 
 NOISE_MODES = ("symmetric", "none", "input", "independent")
 _MASK64 = (1 << 64) - 1
@@ -148,6 +149,32 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
     return out
+
+
+def estimate_noise_std(images: torch.Tensor, max_images: int = 64) -> float:
+    """The images' own noise std in [0, 1] units (Immerkaer 1996): the mean absolute response to the Laplacian
+    difference mask [[1, -2, 1], [-2, 4, -2], [1, -2, 1]], which cancels smooth structure, times sqrt(pi / 2) / 6.
+
+    Args:
+        images: uint8 (N, C, H, W); at most ``max_images`` evenly spaced ones are used (deterministic).
+    """
+    if images.dim() != 4 or min(images.shape[2:]) < 3:
+        raise ValueError(f"noise estimation needs (N, C, H >= 3, W >= 3) images, got {tuple(images.shape)}")
+    idx = torch.linspace(0, images.shape[0] - 1, min(max_images, images.shape[0])).round().long()
+    x = images[idx.to(images.device)].float().mean(1, keepdim=True).div_(255.0)
+    k = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]], device=x.device).view(1, 1, 3, 3)
+    r = torch.nn.functional.conv2d(x, k)
+    return float(r.abs().mean() * math.sqrt(math.pi / 2.0) / 6.0)
+
+
+def effective_sigma_max(cfg: FAEConfig, images: torch.Tensor) -> float:
+    """The noise range r of sigma ~ U(0, r) this run uses (``cfg.noise.sigma_reference``)."""
+    if cfg.noise.sigma_reference == "absolute":
+        return float(cfg.noise.sigma_max)
+    if cfg.noise.sigma_reference == "image_noise":
+        return float(cfg.noise.sigma_max) * estimate_noise_std(images)
+    raise ValueError(f"cfg.noise.sigma_reference must be 'absolute' or 'image_noise', got "
+                     f"{cfg.noise.sigma_reference!r}")
 
 
 def _check_resume_config(path, saved: dict, cfg: FAEConfig) -> None:
@@ -266,11 +293,12 @@ class _Trainer:
         self.autocast = (torch.autocast(device_type=dev.type, dtype=self.amp_dtype)
                          if self.amp_dtype is not None else contextlib.nullcontext())
         self.fingerprint = _fingerprint(train_images)
+        self.sigma_max = effective_sigma_max(cfg, train_images)
 
     def step(self, step: int) -> torch.Tensor:
         """One optimisation step (0-based ``step``); returns the detached loss on the device (no sync)."""
         cfg, tc, dev, gen = self.cfg, self.tc, self.dev, self.gen
-        mode, sigma_max, seed0 = cfg.noise.mode, float(cfg.noise.sigma_max), int(tc.seed)
+        mode, sigma_max, seed0 = cfg.noise.mode, self.sigma_max, int(tc.seed)
         xb = self.sampler.next()                            # uint8 (B, 3, h, w) on dev
         B = xb.shape[0]
         c = self.corruptor(xb.float().div_(255.0), gen, pool=self.pool)
@@ -349,6 +377,9 @@ def _check_train_args(cfg: FAEConfig, images, holdout, log_every: int) -> None:
 
     if cfg.map.normalize not in NORMALIZE_MODES:
         raise ValueError(f"cfg.map.normalize must be one of {NORMALIZE_MODES}, got {cfg.map.normalize!r}")
+    if cfg.noise.sigma_reference not in ("absolute", "image_noise"):
+        raise ValueError(f"cfg.noise.sigma_reference must be 'absolute' or 'image_noise', got "
+                         f"{cfg.noise.sigma_reference!r}")
     if not 0.0 <= cfg.noise.sigma_max:
         raise ValueError(f"cfg.noise.sigma_max must be >= 0, got {cfg.noise.sigma_max}")
     if int(tc.steps) < 0:

@@ -255,3 +255,32 @@ def test_detector_with_zscore_maps_keeps_its_statistics_through_save_and_load(tm
     det.map_stats = None
     with pytest.raises(ValueError, match="needs per-pixel statistics"):
         det.save(tmp_path / "bad.fae")
+
+
+# ---------------------------------------------------------------------------------------------- noise scale
+def test_noise_estimate_recovers_added_gaussian_noise_and_ignores_smooth_structure():
+    from fae_fast.train import estimate_noise_std
+
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 96), torch.linspace(0, 1, 128), indexing="ij")
+    smooth = (0.3 + 0.4 * torch.sin(3 * xx) * torch.cos(2 * yy))[None, None].expand(8, 3, 96, 128)
+    for std in (0.0, 0.01, 0.04):
+        noisy = (smooth + std * torch.randn(8, 1, 96, 128, generator=g)).clamp(0, 1)
+        img = (noisy * 255).round().to(torch.uint8)
+        est = estimate_noise_std(img)
+        quant = 1 / 255 / 12 ** 0.5  # uint8 rounding noise
+        assert abs(est - (std ** 2 + quant ** 2) ** 0.5) < 0.15 * std + 0.002, (std, est)
+
+
+def test_sigma_relative_to_the_image_noise():
+    from fae_fast.train import effective_sigma_max, estimate_noise_std
+
+    cfg = preset("tiny")
+    img = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cfg.noise.sigma_max = 0.05
+    assert effective_sigma_max(cfg, img) == 0.05
+    cfg.noise.sigma_reference, cfg.noise.sigma_max = "image_noise", 2.0
+    assert effective_sigma_max(cfg, img) == pytest.approx(2.0 * estimate_noise_std(img))
+    cfg.noise.sigma_reference = "bogus"
+    with pytest.raises(ValueError, match="sigma_reference"):
+        effective_sigma_max(cfg, img)
