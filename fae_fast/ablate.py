@@ -428,6 +428,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the result JSON here (e.g. bench/results/ablation_<data>_<machine>.json)")
     p.add_argument("--markdown", help="write the Markdown tables here")
+    p.add_argument("--plot", help="write the learning curves here as an SVG (needs --eval-every)")
     args = p.parse_args(argv)
     if args.merge:
         result = merge_results([json.loads(Path(f).read_text()) for f in args.merge])
@@ -476,4 +477,9 @@ def _emit(result: dict, args) -> int:
         _atomic.write_json(args.json, result)
     if args.markdown:
         _atomic.write_text(args.markdown, table)
+    if args.plot:
+        from .report import learning_curves_svg
+
+        _atomic.write_text(args.plot, learning_curves_svg(result["runs"], title=f"Learning curves: "
+                                                          f"{Path(result['dataset']).name}"))
     return 0

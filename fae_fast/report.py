@@ -293,6 +293,36 @@ class _Plot:
         return "\n".join(out)
 
 
+_CURVE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def learning_curves_svg(runs: list[dict], metrics=("pixel_auroc", "pixel_aupro", "image_auroc"),
+                        title: str = "Learning curves") -> str:
+    """Test metrics against training steps, one colour per variant (mean over seeds), one line style per metric.
+
+    Args:
+        runs: rows of ``fae-fast ablate`` (each with ``variant`` and ``curve``: [{"step": int, metric: float}]).
+        metrics: up to three metric names (solid, dashed, dotted).
+
+    Returns:
+        A standalone SVG document (str).
+    """
+    by_variant: dict[str, dict[int, list[dict]]] = {}
+    for r in runs:
+        for pt in r.get("curve") or ():
+            by_variant.setdefault(r["variant"], {}).setdefault(int(pt["step"]), []).append(pt)
+    steps = [s for pts in by_variant.values() for s in pts]
+    p = _Plot(title, (0, max(steps, default=1)), (0, 1), "training step", "metric (mean over seeds)", legend_at="br")
+    dashes = (None, "6,3", "2,3")
+    for i, (variant, pts) in enumerate(by_variant.items()):
+        colour = _CURVE_COLOURS[i % len(_CURVE_COLOURS)]
+        xs = sorted(pts)
+        for metric, dash in zip(metrics, dashes):
+            ys = [float(np.nanmean([q.get(metric, float("nan")) for q in pts[x]])) for x in xs]
+            p.line(xs, ys, colour, f"{variant} {metric}", dash=dash)
+    return p.svg()
+
+
 def _pct(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100.0 * float(v):.1f}"
 

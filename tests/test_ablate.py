@@ -67,7 +67,7 @@ def test_tiny_ablation_end_to_end(tmp_path, capsys):
     rc = main(["ablate", "--data", str(data), "--variants", "fae,no_noise,plain_ae", "--seeds", "0", "--steps", "4",
                "--size", "32", "--preset", "tiny", "--batch-size", "4", "--device", "cpu", "--json", str(out),
                "--eval-every", "2", "--save-models", str(models), "--set", "train.crop_size=24x24",
-               "--set", "train.holdout_fraction=0.2"])
+               "--set", "train.holdout_fraction=0.2", "--plot", str(tmp_path / "curves.svg")])
     assert rc == 0
     res = json.loads(out.read_text())
     assert [(r["variant"], r["seed"]) for r in res["runs"]] == [("fae", 0), ("no_noise", 0), ("plain_ae", 0)]
@@ -89,6 +89,8 @@ def test_tiny_ablation_end_to_end(tmp_path, capsys):
     table = markdown_table(res)
     assert "| fae (n=1) |" in table and "Learning curves" in table and "zscore" in table
     assert "plain_ae" in capsys.readouterr().out
+    svg = (tmp_path / "curves.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 3 * 3  # 3 variants x 3 metrics
 
 
 def _part(variant, seeds, sweep_rows=()):
