@@ -207,6 +207,7 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
 
     if not isinstance(cfg, FAEConfig):
         raise TypeError(f"cfg must be a FAEConfig, got {type(cfg).__name__}")
+    cfg.validate(allow_zero_steps=True)  # every value, before the first step (0 steps: an untrained baseline)
     tc = cfg.train
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a uint8 torch.Tensor (N, 3, H, W), got {type(images).__name__}")
