@@ -3,9 +3,9 @@
 Every loader of the package (the cv2 thread loader, the DALI pipelines, :func:`fae_fast.data.load_images`)
 follows the rules written here, so that an image read for training, for a benchmark or inline looks the same:
 
-* **Decoding**: ``cv2.imdecode`` of the file's bytes (read through ``os.open``, so non-ASCII paths work on every
-  OS) with ``IMREAD_UNCHANGED``; EXIF orientation is therefore *ignored* (the DALI path sets ``adjust_orientation=False``
-  to agree). Output is always ``uint8 (H, W, 3)`` RGB.
+* **Decoding**: ``cv2.imdecode`` of the file's bytes (read through ``os.open``, so non-ASCII paths work on
+  every OS) with ``IMREAD_UNCHANGED``; EXIF orientation is therefore *ignored* (the DALI path sets
+  ``adjust_orientation=False`` to agree). Output is always ``uint8 (H, W, 3)`` RGB.
 * **Channels**: grey is replicated to 3 channels; grey+alpha keeps the grey; RGBA **drops the alpha channel**
   (what DALI's decoder and ``IMREAD_COLOR`` do, so both loaders agree; no compositing).
 * **Depth**: 16-bit is scaled to 8-bit by ``round(v / 257)``; float images are taken as ``[0, 1]``, NaN -> 0,
@@ -92,8 +92,9 @@ def list_images(folder: PathLike, on_error: str = "raise") -> ImageList:
     """The image files directly inside ``folder``, sorted by name.
 
     Hidden files (``.DS_Store``, ``._x.png``) and sub-folders are ignored; any other file whose extension is not
-    in :data:`IMAGE_EXTS`, and anything that is not a regular file (a FIFO named ``frame.png``), is an error, or with ``on_error="skip"`` is left out and reported in ``.skipped`` (and
-    logged once per call), never silently.
+    in :data:`IMAGE_EXTS`, and anything that is not a regular file (a FIFO named ``frame.png``), is an error,
+    or with ``on_error="skip"`` is left out and reported in ``.skipped`` (and logged once per call), never
+    silently.
 
     Args:
         folder: the folder to list.
