@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import math
 import numbers
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -180,8 +181,16 @@ class FAEConfig:
             v = getattr(c, f.name)
             if str(f.type) == "tuple[float, float]" and not 0 <= v[0] <= v[1]:
                 raise ValueError(f"config corruption.{f.name} must be a range (lo, hi) with 0 <= lo <= hi, got {v!r}")
+        if c.perlin_coverage[1] > 1 or c.elastic_smoothness[0] <= 0:
+            raise ValueError(f"config corruption.perlin_coverage must be within [0, 1] and elastic_smoothness "
+                             f"positive, got {c.perlin_coverage!r}, {c.elastic_smoothness!r}")
         if c.w_perlin + c.w_polygon + c.w_stroke <= 0:
             raise ValueError("config corruption.w_perlin + w_polygon + w_stroke must be > 0 (no occlusion shape left)")
+        if c.w_other_image + c.w_procedural + (c.w_texture_dir if c.texture_dir else 0.0) <= 0:
+            raise ValueError("config corruption.w_other_image + w_procedural (+ w_texture_dir with a texture_dir) "
+                             "must be > 0 (no texture source left)")
+        if c.texture_dir is not None and not os.path.isdir(c.texture_dir):
+            raise ValueError(f"config corruption.texture_dir: no such folder {c.texture_dir!r}")
         for key, vals in (("model.widths", m.widths), ("model.dilations", m.dilations),
                           ("corruption.perlin_scales", c.perlin_scales)):
             if not vals or min(vals) < 1:

@@ -47,12 +47,25 @@ def test_presets_are_valid(name):
     ("corruption.perlin_coverage", (0.2, 0.1), ValueError, "corruption.perlin_coverage"),
     ("corruption.stroke_width", (1.0,), TypeError, "corruption.stroke_width must be a pair"),
     ("corruption.texture_dir", 3, TypeError, "corruption.texture_dir must be a string"),
+    ("corruption.texture_dir", "/no/such/folder", ValueError, "corruption.texture_dir: no such folder"),
+    ("corruption.perlin_coverage", (0.1, 1.5), ValueError, "corruption.perlin_coverage"),
 ])
 def test_validate_names_the_key_and_the_value(key, value, exc, match):
     cfg = FAEConfig()
     section, name = key.split(".")
     setattr(getattr(cfg, section), name, value)
     with pytest.raises(exc, match=match):
+        cfg.validate()
+
+
+def test_at_least_one_occlusion_shape_and_texture_source():
+    cfg = FAEConfig()
+    cfg.corruption.w_other_image = cfg.corruption.w_procedural = 0.0
+    with pytest.raises(ValueError, match="no texture source"):
+        cfg.validate()
+    cfg = FAEConfig()
+    cfg.corruption.w_perlin = cfg.corruption.w_polygon = cfg.corruption.w_stroke = 0.0
+    with pytest.raises(ValueError, match="no occlusion shape"):
         cfg.validate()
 
 
