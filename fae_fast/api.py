@@ -141,7 +141,9 @@ def resolve_auto_size(data, pixels: int) -> tuple[int, int]:
 
     if isinstance(data, (str, os.PathLike)):
         data = normal_image_paths(Path(data))
-    if isinstance(data, (list, tuple)) and data and isinstance(data[0], (str, os.PathLike)):
+    if isinstance(data, (list, tuple, np.ndarray, torch.Tensor)) and len(data) == 0:
+        raise ValueError("no training images (an empty set)")
+    if isinstance(data, (list, tuple)) and isinstance(data[0], (str, os.PathLike)):
         sizes = [image_size_of(p) for p in data]
     elif isinstance(data, np.ndarray):
         sizes = [data.shape[-3:-1] if data.ndim >= 3 and data.shape[-1] in (1, 3, 4) else data.shape[-2:]]

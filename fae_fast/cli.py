@@ -50,6 +50,7 @@ def _load_config(args) -> FAEConfig:
     cfg = preset(args.preset)
     file_keys: set[str] = set()
     if getattr(args, "config", None):
+        _check_in_file(args.config, "--config")
         try:
             with open(args.config) as f:
                 d = json.load(f)
@@ -130,6 +131,16 @@ def _writable_folder(folder: Path, flag: str, value) -> None:
         raise CLIError(f"{flag} {value}: folder {a} is not writable")
 
 
+def _check_in_file(value, flag: str) -> Path:
+    """A file the command reads: it exists and is a regular file (a FIFO would block the reader for ever)."""
+    p = Path(value)
+    if not p.exists():
+        raise CLIError(f"{flag} {value}: no such file")
+    if not p.is_file():
+        raise CLIError(f"{flag} {value}: not a regular file")
+    return p
+
+
 def _check_out_file(value, flag: str) -> Path:
     """A file the command will (over)write: not a folder, in a writable folder."""
     p = Path(value)
@@ -169,8 +180,8 @@ def cmd_train(args) -> int:
     out = _check_out_file(args.out, "--out")
     if args.checkpoint:
         _check_out_file(args.checkpoint, "--checkpoint")
-    if args.resume and not Path(args.resume).is_file():
-        raise CLIError(f"--resume {args.resume}: no such file")
+    if args.resume:
+        _check_in_file(args.resume, "--resume")
     if not Path(args.data).is_dir():
         raise CLIError(f"--data {args.data}: not a folder")
     paths = normal_image_paths(args.data)  # refuses a folder without images, naming it
@@ -203,7 +214,7 @@ def cmd_eval(args) -> int:
         _check_out_file(args.json, "--json")
     if args.report:
         _check_out_dir(args.report, "--report")
-    det = Detector.load(args.model, device=device)
+    det = Detector.load(_check_in_file(args.model, "--model"), device=device)
     # Detector.evaluate, unrolled so that the metrics are printed before any file is written (a full disk
     # must not lose them)
     test = load_test_set(Path(args.data), det.image_size, keep_aspect=det.config.train.keep_aspect)
@@ -392,7 +403,7 @@ def cmd_predict(args) -> int:
     _check_threshold(args.pixel_threshold, "--pixel-threshold")
     out = _check_out_dir(args.out, "--out")
     paths, skipped = _expand_inputs(args.inputs, args.on_error)
-    det = Detector.load(args.model, device=device)
+    det = Detector.load(_check_in_file(args.model, "--model"), device=device)
     rows = predict_to_folder(det, paths, out, image_threshold=args.image_threshold,
                              pixel_threshold=args.pixel_threshold, batch_size=args.batch_size,
                              save_maps=args.save_maps, on_error=args.on_error, skipped=skipped)

@@ -292,3 +292,20 @@ def test_train_first_line_shows_the_resolved_auto_size(tiny, tmp_path, capsys):
                  "--steps", "1", "--batch-size", "4", "--quiet", "--device", "cpu"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("train: preset tiny, size 128x128 (HxW), 1 steps") and "noise symmetric" in first
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_model_and_config_must_be_regular_files(tiny, tmp_path, capsys):
+    root, data, model = tiny
+    fifo = tmp_path / "model.fae"
+    os.mkfifo(fifo)
+    signal.alarm(60)
+    try:
+        assert main(["predict", "--model", str(fifo), str(_goods(data)[0]), "--out", str(tmp_path / "o")]) == 2
+        _one_error_line(capsys, f"--model {fifo}: not a regular file")
+        assert main(["eval", "--model", str(tmp_path), "--data", str(data)]) == 2
+        _one_error_line(capsys, "--model", "not a regular file")
+        assert main(["train", "--data", str(data), "--out", str(tmp_path / "m.fae"), "--config", str(fifo)]) == 2
+        _one_error_line(capsys, f"--config {fifo}: not a regular file")
+    finally:
+        signal.alarm(0)

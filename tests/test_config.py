@@ -148,3 +148,11 @@ def test_auto_size_warns_when_the_ratio_is_too_extreme(tmp_path):
     with pytest.warns(UserWarning, match="too extreme"):
         h, w = resolve_auto_size(tmp_path, 256 * 256)
     assert (h, w) == (16, 8192)
+
+
+@pytest.mark.parametrize("data", [[], np.zeros((0, 32, 32, 3), np.uint8), torch.zeros(0, 3, 32, 32)])
+def test_fit_on_zero_images_says_so(data):
+    with pytest.raises(ValueError, match="no training images"):
+        resolve_auto_size(data, 64 * 64)
+    with pytest.raises(ValueError, match="no training images"):
+        Detector(preset("tiny"), device="cpu").fit(data, image_size="auto", progress=False)
