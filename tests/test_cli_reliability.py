@@ -309,3 +309,14 @@ def test_model_and_config_must_be_regular_files(tiny, tmp_path, capsys):
         _one_error_line(capsys, f"--config {fifo}: not a regular file")
     finally:
         signal.alarm(0)
+
+
+def test_a_pixel_bomb_is_one_line_naming_the_file(tiny, tmp_path, capsys):
+    """A 389 KB PNG of 20000 x 20000 took 7.3 GB and died with a traceback; here only its header is read."""
+    root, data, model = tiny
+    buf = bytearray((_goods(data)[0]).read_bytes())
+    buf[16:24] = np.array([20000, 20000], dtype=">u4").tobytes()
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bytes(buf))
+    assert main(["predict", "--model", str(model), str(bomb), "--out", str(tmp_path / "o")]) == 2
+    _one_error_line(capsys, "too large", "bomb.png", "FAE_FAST_MAX_IMAGE_PIXELS")

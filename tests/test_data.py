@@ -426,6 +426,8 @@ def test_pixel_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
             read(bomb)
     with pytest.raises(ValueError, match="bomb.png"):
         load_images([bomb], (16, 16))
+    fmt, reason = io.check_image_file(bomb)  # the check before DALI, which cannot name a file
+    assert fmt == "png" and "too large" in reason
     real = _save_rgb(tmp_path / "real.png", _rgb(40, 50))
     monkeypatch.setenv("FAE_FAST_MAX_IMAGE_PIXELS", "1999")  # 40 x 50 = 2000 pixels
     with pytest.raises(ValueError, match="real.png is 50x40"):

@@ -493,9 +493,10 @@ def image_size_of(path: PathLike) -> tuple[int, int]:
 def check_image_file(path: PathLike) -> tuple[str | None, str | None]:
     """Cheap structural check of an image file without decoding it.
 
-    Reads the first 16 bytes and, for JPEG and PNG, the last 64 KiB: a JPEG must have its end-of-image marker
-    after the last start-of-scan marker (entropy-coded data cannot contain ``FF D9``, so a truncated file fails
-    even when an EXIF thumbnail has its own); a PNG must end with its ``IEND`` chunk.
+    Reads the first and, for JPEG and PNG, the last 64 KiB: a JPEG must have its end-of-image marker after the
+    last start-of-scan marker (entropy-coded data cannot contain ``FF D9``, so a truncated file fails even when
+    an EXIF thumbnail has its own); a PNG must end with its ``IEND`` chunk; the size its header declares must be
+    within :func:`max_image_pixels` (a decoder that cannot name the file must not be handed a pixel bomb).
 
     Returns:
         ``(format, None)`` when the file looks whole, ``(format_or_None, reason)`` when it does not.
@@ -511,8 +512,8 @@ def check_image_file(path: PathLike) -> tuple[str | None, str | None]:
     if n == 0:
         return None, "empty file (0 bytes)"
     with open(path, "rb") as f:
-        head = f.read(16)
-        fmt = sniff_format(head)
+        head = f.read(65536)
+        fmt = sniff_format(head[:16])
         if fmt is None:
             return None, "not an image (unknown header bytes)"
         if fmt in ("jpeg", "png"):
@@ -524,6 +525,12 @@ def check_image_file(path: PathLike) -> tuple[str | None, str | None]:
             return fmt, "truncated JPEG (no end-of-image marker after the last scan)"
     elif fmt == "png" and b"IEND" not in tail[-64:]:
         return fmt, "truncated PNG (no IEND chunk at the end)"
+    hw = header_size(head)
+    if hw is not None:
+        try:
+            _check_pixels(*hw, path)
+        except ValueError as e:
+            return fmt, str(e)
     return fmt, None
 
 
