@@ -275,6 +275,8 @@ def lock_folder(folder: Path):
     is left in place (removing it would let two runs lock two different files).
     """
     folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        warnings.warn(f"no folder locks on this platform: {folder} is not protected against a concurrent run")
     f = open(folder / LOCK_NAME, "a+")
     try:
         if fcntl is not None:
@@ -300,6 +302,29 @@ def _inside(path: Path, folder_real: Path) -> bool:
     return any(folder_real == q or folder_real in q.parents for q in (entry, path.resolve()))
 
 
+def _write_image_outputs(out: Path, stem: str, img, amap, pt, vmax, save_maps: bool):
+    """``stem_overlay.png``, ``stem_mask.png`` (with a pixel threshold) and ``stem_map.npy``; returns the mask."""
+    from .report import overlay
+
+    mask = amap > pt if pt is not None else None
+    _atomic.write_png(out / f"{stem}_overlay.png", overlay(img, amap, 0.0, vmax, mask=mask))
+    if mask is not None:
+        _atomic.write_png(out / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
+    if save_maps:
+        buf = io.BytesIO()  # np.save on a path would append ".npy" to the temporary name
+        np.save(buf, amap)
+        _atomic.write_bytes(out / f"{stem}_map.npy", buf.getvalue())
+    return mask
+
+
+def _append_rows(log, rows: list[dict]) -> None:
+    """Append ``rows`` as JSON Lines and push them to the disk: a kill -9 or a power cut keeps them."""
+    for row in rows:
+        log.write(json.dumps(_atomic._plain(row)) + "\n")
+    log.flush()
+    os.fsync(log.fileno())
+
+
 def predict_to_folder(det, paths: list[Path], out: Path, *, image_threshold=None, pixel_threshold=None,
                       batch_size: int = 32, save_maps: bool = False, names: list[str] | None = None,
                       on_error: str = "raise", skipped: list[tuple[Path, str]] | None = None) -> list[dict]:
@@ -320,7 +345,6 @@ def predict_to_folder(det, paths: list[Path], out: Path, *, image_threshold=None
     The colour scale is fixed across images (0 to twice the pixel threshold), so overlays compare.
     """
     from .data import map_to_original, read_image
-    from .report import overlay
 
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -336,8 +360,10 @@ def predict_to_folder(det, paths: list[Path], out: Path, *, image_threshold=None
     for p in [*paths, *(q for q, _ in skipped or ())]:
         if _inside(Path(p), out_real):
             raise CLIError(f"--out {out} holds the input {p}: outputs could overwrite inputs; choose another folder")
-    it = det.thresholds["image"] if image_threshold is None else _check_threshold(image_threshold, "--image-threshold")
-    pt = det.thresholds["pixel"] if pixel_threshold is None else _check_threshold(pixel_threshold, "--pixel-threshold")
+    it = det.thresholds["image"] if image_threshold is None else _check_threshold(image_threshold,
+                                                                                 "--image-threshold")
+    pt = det.thresholds["pixel"] if pixel_threshold is None else _check_threshold(pixel_threshold,
+                                                                                 "--pixel-threshold")
     keep = det.config.train.keep_aspect
     rows = [{**dict.fromkeys(RESULT_FIELDS), "file": str(p), "error": reason} for p, reason in skipped or ()]
     vmax = None
@@ -345,43 +371,30 @@ def predict_to_folder(det, paths: list[Path], out: Path, *, image_threshold=None
         for old in ("results.csv", "results.json"):  # an older run's summary must not sit beside new overlays
             (out / old).unlink(missing_ok=True)
         with open(out / "results.jsonl", "w", encoding="utf-8") as log:
-            for row in rows:
-                log.write(json.dumps(_atomic._plain(row)) + "\n")
+            _append_rows(log, rows)
             for start in range(0, len(paths), batch_size):
                 chunk, images, batch_rows = paths[start:start + batch_size], [], []
                 for i, p in enumerate(chunk):
-                    row = {**dict.fromkeys(RESULT_FIELDS), "file": str(p)}
+                    batch_rows.append({**dict.fromkeys(RESULT_FIELDS), "file": str(p)})
                     try:
                         images.append((i, read_image(p)))
                     except (ValueError, OSError) as exc:
                         if on_error == "raise":
                             raise CLIError(f"{_one_line(exc)}; the {len(rows)} rows before it are in "
                                            f"{out / 'results.jsonl'}; pass --on-error skip to go on") from exc
-                        row["error"] = _one_line(exc)
-                    batch_rows.append(row)
+                        batch_rows[i]["error"] = _one_line(exc)
                 if images:
                     _, maps, scores = det.anomaly_maps([img for _, img in images], batch_size=batch_size)
                     if vmax is None:
                         vmax = 2.0 * pt if pt else max(float(maps.max()), 1e-12)
                 for j, (i, img) in enumerate(images):
                     amap = map_to_original(maps[j, 0].numpy(), img.shape[:2], keep)
-                    mask = amap > pt if pt is not None else None
-                    stem = names[start + i]
-                    _atomic.write_png(out / f"{stem}_overlay.png", overlay(img, amap, 0.0, vmax, mask=mask))
-                    if mask is not None:
-                        _atomic.write_png(out / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
-                    if save_maps:
-                        buf = io.BytesIO()  # np.save on a path would append ".npy" to the temporary name
-                        np.save(buf, amap)
-                        _atomic.write_bytes(out / f"{stem}_map.npy", buf.getvalue())
+                    mask = _write_image_outputs(out, names[start + i], img, amap, pt, vmax, save_maps)
                     score = float(scores[j])
                     batch_rows[i].update(score=score, label=None if it is None else bool(score > it),
                                          defect_fraction=None if mask is None else float(mask.mean()),
-                                         overlay=f"{stem}_overlay.png")
-                for row in batch_rows:
-                    log.write(json.dumps(_atomic._plain(row)) + "\n")
-                log.flush()
-                os.fsync(log.fileno())  # a kill -9 or a power cut keeps every finished batch
+                                         overlay=f"{names[start + i]}_overlay.png")
+                _append_rows(log, batch_rows)
                 rows.extend(batch_rows)
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(RESULT_FIELDS))

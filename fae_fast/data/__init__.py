@@ -16,7 +16,8 @@ from .io import (IMAGE_EXTS, ImageList, image_size_of, list_images, map_to_origi
                  resize_image, resize_mask)
 
 __all__ = [
-    "IMAGE_EXTS", "ImageList", "image_size_of", "list_images", "map_to_original", "read_image", "read_mask", "resize_image", "resize_mask",
+    "IMAGE_EXTS", "ImageList", "image_size_of", "list_images", "map_to_original", "read_image", "read_mask",
+    "resize_image", "resize_mask",
     "MVTecCategory", "TestItem", "TestSet", "is_mvtec", "normal_image_paths", "load_images", "load_test_set",
     "TrainSampler", "Batch", "Loader", "FrameSource", "make_loader", "load_images_on_device",
 ]
