@@ -184,22 +184,48 @@ def _to_uint8_batch(images, size, keep_aspect, first: int) -> tuple[torch.Tensor
 
 
 def resolve_auto_size(data, pixels: int) -> tuple[int, int]:
-    """The "auto" image size of ``data`` (a list of paths, a folder, or an image batch): the first image's aspect
-    ratio at about ``pixels`` pixels, sides multiples of 16 (:func:`fae_fast.config.auto_size`)."""
+    """The "auto" image size of ``data`` (a list of paths, a folder, or an image batch): the median aspect ratio
+    of *all* the images at about ``pixels`` pixels, sides multiples of 16 within ``[16, 8192]``
+    (:func:`fae_fast.config.auto_size`). File sizes come from the headers, nothing is decoded.
+
+    A warning names the images whose ratio is more than twice off the median (they are stretched to the
+    common size), and says so when the median ratio is too extreme to keep within the side bounds.
+    """
+    import warnings
+
     from .config import auto_size
-    from .data import normal_image_paths, read_image
+    from .data import image_size_of, normal_image_paths
 
     if isinstance(data, (str, os.PathLike)):
         data = normal_image_paths(Path(data))
-    if isinstance(data, (list, tuple)) and data and isinstance(data[0], (str, os.PathLike)):
-        h, w = read_image(data[0]).shape[:2]
+    if isinstance(data, (list, tuple, np.ndarray, torch.Tensor)) and len(data) == 0:
+        raise ValueError("no training images (an empty set)")
+    if isinstance(data, (list, tuple)) and isinstance(data[0], (str, os.PathLike)):
+        sizes = [image_size_of(p) for p in data]
     elif isinstance(data, np.ndarray):
-        h, w = data.shape[-3:-1] if data.ndim >= 3 and data.shape[-1] in (1, 3, 4) else data.shape[-2:]
+        sizes = [data.shape[-3:-1] if data.ndim >= 3 and data.shape[-1] in (1, 3, 4) else data.shape[-2:]]
     elif isinstance(data, torch.Tensor):
-        h, w = data.shape[-2:]
+        sizes = [data.shape[-2:]]
     else:
         raise TypeError(f"cannot infer an image size from {type(data).__name__}; pass image_size=(H, W)")
-    return auto_size(int(h), int(w), pixels)
+    if min(min(hw) for hw in sizes) < 1:
+        raise ValueError(f"cannot infer an image size from images of size {min(sizes, key=min)} (H, W)")
+    ratios = np.array([w / h for h, w in sizes], dtype=np.float64)
+    order = np.argsort(ratios, kind="stable")
+    h, w = (int(v) for v in sizes[order[(len(order) - 1) // 2]])  # the image of median ratio
+    size = auto_size(h, w, pixels)
+    off = np.flatnonzero(np.abs(np.log(ratios / (w / h))) > np.log(2.0))
+    if off.size:
+        first = data[off[0]] if isinstance(data, (list, tuple)) else "image 0"
+        fh, fw = sizes[off[0]]
+        warnings.warn(f"{off.size} of {len(sizes)} training images have an aspect ratio over 2x off the median "
+                      f"{w}x{h} (WxH), first: {first} ({fw}x{fh}); they are stretched to the auto size "
+                      f"{size[0]}x{size[1]} (HxW)", UserWarning, stacklevel=2)
+    if abs(np.log((size[1] / size[0]) / (w / h))) > np.log(1.5):
+        warnings.warn(f"the median aspect ratio {w}x{h} (WxH) is too extreme for --size auto (sides within "
+                      f"[16, 8192]): using {size[0]}x{size[1]} (HxW); pass an explicit size", UserWarning,
+                      stacklevel=2)
+    return size
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -273,6 +299,7 @@ class Detector:
             self.config.train.steps = int(steps)
         if image_size is not None:
             self.config.train.image_size = image_size if image_size == "auto" else tuple(int(v) for v in image_size)
+        self.config.validate()  # every value checked before any image is read
         paths = normal_image_paths(Path(data)) if isinstance(data, (str, os.PathLike)) else None
         if self.config.train.image_size == "auto":
             self.config.train.image_size = resolve_auto_size(paths if paths is not None else data,

@@ -2,20 +2,25 @@
 
     fae-fast train --data DIR --out MODEL [--steps N] [--size HxW] [--preset fast]
     fae-fast eval --model MODEL --data DIR [--json FILE] [--report DIR]
-    fae-fast predict --model MODEL INPUT... --out DIR [--image-threshold T] [--pixel-threshold T]
+    fae-fast predict --model MODEL INPUT... --out DIR [--image-threshold T] [--pixel-threshold T] [--on-error skip]
     fae-fast demo [--out DIR]
     fae-fast bench [--quick] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
+import math
 import os
+import re
+import socket
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,36 +28,143 @@ import numpy as np
 from . import _atomic
 from .config import PRESETS, FAEConfig, parse_size, preset
 
+try:
+    import fcntl
+except ImportError:  # Windows: output folders are not locked there
+    fcntl = None
+
 
 class CLIError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
 
+# ------------------------------------------------------------------------------------------ checks
+# Everything a command needs is checked before it loads data or a model: a typo never costs a training run.
+
+_FLAG_OF_KEY = {"train.steps": "--steps", "train.batch_size": "--batch-size", "train.lr": "--lr",
+                "train.seed": "--seed", "train.image_size": "--size"}
+
+
 def _load_config(args) -> FAEConfig:
+    """The training config, layered in one order: the preset, then the ``--config`` file's keys, then flags."""
     cfg = preset(args.preset)
+    file_keys: set[str] = set()
     if getattr(args, "config", None):
+        _check_in_file(args.config, "--config")
         try:
             with open(args.config) as f:
-                cfg = FAEConfig.from_dict(json.load(f))
+                d = json.load(f)
+            cfg = FAEConfig.from_dict(d, base=cfg)
         except (OSError, json.JSONDecodeError, ValueError, TypeError) as exc:
-            raise CLIError(f"config file {args.config}: {exc}") from exc
-    if getattr(args, "steps", None) is not None:
-        cfg.train.steps = args.steps
-    if getattr(args, "size", None):
-        cfg.train.image_size = parse_size(args.size)
-    elif not getattr(args, "config", None) and hasattr(args, "size"):
-        cfg.train.image_size = "auto"  # the default of `train` when neither --size nor --config says otherwise
-    if getattr(args, "batch_size", None):
-        cfg.train.batch_size = args.batch_size
-    if getattr(args, "lr", None):
-        cfg.train.lr = args.lr
-    if getattr(args, "seed", None) is not None:
-        cfg.train.seed = args.seed
+            raise CLIError(f"--config {args.config}: {exc}") from exc
+        file_keys = {f"{sec}.{k}" for sec, sub in d.items() for k in sub}
+    flags = {"train.steps": getattr(args, "steps", None), "train.batch_size": getattr(args, "batch_size", None),
+             "train.lr": getattr(args, "lr", None), "train.seed": getattr(args, "seed", None)}
+    size = getattr(args, "size", None)
+    if size is not None:
+        try:
+            flags["train.image_size"] = parse_size(size)
+        except ValueError as exc:
+            raise CLIError(f"--size {size}: {exc}") from None
+    elif hasattr(args, "size") and "train.image_size" not in file_keys:
+        flags["train.image_size"] = "auto"  # the default of `train` when neither --size nor --config says otherwise
+    for key, value in flags.items():
+        if value is not None:  # `is not None`, not truthiness: --lr 0 must reach the check, not the default
+            setattr(cfg.train, key.split(".")[1], value)
     if getattr(args, "compile", False):
         cfg.train.compile = True
     if getattr(args, "keep_aspect", False):
         cfg.train.keep_aspect = True
+    try:
+        cfg.validate()
+    except (TypeError, ValueError) as exc:
+        m = re.match(r"config ([\w.]+)", str(exc))
+        key = m.group(1) if m else ""
+        if flags.get(key) is not None and key in _FLAG_OF_KEY and key != "train.image_size":
+            raise CLIError(f"{_FLAG_OF_KEY[key]} {flags[key]}: {exc}") from None
+        where = f"--config {args.config}: " if key in file_keys else ""
+        raise CLIError(f"{where}{exc}") from None
     return cfg
+
+
+def _check_device(text: str) -> str:
+    """``--device``: a device torch knows and this machine has (one line instead of a traceback later)."""
+    import torch
+
+    if text == "auto":
+        return text
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {text!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {text}: CUDA is not available here (torch {torch.__version__}, CUDA build "
+                           f"{torch.version.cuda or 'none'}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise CLIError(f"--device {text}: only cpu and cuda devices are supported")
+    return text
+
+
+def _check_positive(value: int, flag: str) -> int:
+    if value < 1:
+        raise CLIError(f"{flag} {value}: must be >= 1")
+    return value
+
+
+def _check_threshold(value: float | None, flag: str) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise CLIError(f"{flag} {value}: a threshold must be a finite number (a NaN threshold passes everything)")
+    return value
+
+
+def _writable_folder(folder: Path, flag: str, value) -> None:
+    """The nearest existing ancestor of ``folder`` must be a folder we can create files in."""
+    a = folder.absolute()
+    while not a.exists() and a != a.parent:
+        a = a.parent
+    if not a.is_dir():
+        raise CLIError(f"{flag} {value}: {a} is not a folder")
+    if not os.access(a, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {value}: folder {a} is not writable")
+
+
+def _check_in_file(value, flag: str) -> Path:
+    """A file the command reads: it exists and is a regular file (a FIFO would block the reader for ever)."""
+    p = Path(value)
+    if not p.exists():
+        raise CLIError(f"{flag} {value}: no such file")
+    if not p.is_file():
+        raise CLIError(f"{flag} {value}: not a regular file")
+    return p
+
+
+def _check_out_file(value, flag: str) -> Path:
+    """A file the command will (over)write: not a folder, in a writable folder."""
+    p = Path(value)
+    if p.is_dir():
+        raise CLIError(f"{flag} {value}: is a folder, expected a file name")
+    if p.exists() and not p.is_file():
+        raise CLIError(f"{flag} {value}: exists and is not a regular file")
+    _writable_folder(p.parent, flag, value)
+    return p
+
+
+def _check_out_dir(value, flag: str) -> Path:
+    """A folder the command will write into: a folder or nothing yet, never an existing file."""
+    p = Path(value)
+    if p.exists() and not p.is_dir():
+        raise CLIError(f"{flag} {value}: exists and is not a folder")
+    _writable_folder(p, flag, value)
+    return p
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:  # "no space left on device: PATH"
+        return f"{exc.strerror[0].lower()}{exc.strerror[1:]}: {exc.filename}"
+    return str(exc)
 
 
 _write_json = _atomic.write_json
@@ -60,15 +172,32 @@ _write_json = _atomic.write_json
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
-    from .api import Detector
+    from .api import Detector, resolve_auto_size
+    from .data import normal_image_paths
 
     cfg = _load_config(args)
+    device = _check_device(args.device)
+    out = _check_out_file(args.out, "--out")
+    if args.checkpoint:
+        _check_out_file(args.checkpoint, "--checkpoint")
+    if args.resume:
+        _check_in_file(args.resume, "--resume")
     if not Path(args.data).is_dir():
         raise CLIError(f"--data {args.data}: not a folder")
-    det = Detector(cfg, device=args.device)
+    paths = normal_image_paths(args.data)  # refuses a folder without images, naming it
+    if out.resolve() in {p.resolve() for p in paths}:
+        raise CLIError(f"--out {args.out} is one of the training images")
+    if cfg.train.image_size == "auto":
+        cfg.train.image_size = resolve_auto_size(paths, cfg.train.auto_pixels)
+    (h, w), t = cfg.train.image_size, cfg.train
+    source = f"preset {args.preset}" + (f" + {args.config}" if args.config else "")
+    print(f"train: {source}, size {h}x{w} (HxW), {t.steps} steps, batch {t.batch_size}, lr {t.lr:g}, "
+          f"noise {cfg.noise.mode} (sigma_max {cfg.noise.sigma_max:g}), widths {tuple(cfg.model.widths)}, "
+          f"{len(paths)} images", flush=True)
+    det = Detector(cfg, device=device)
     t0 = time.perf_counter()
-    det.fit(args.data, checkpoint=args.checkpoint, resume=args.resume, progress=not args.quiet)
-    det.save(args.out)
+    det.fit(paths, checkpoint=args.checkpoint, resume=args.resume, progress=not args.quiet)
+    det.save(out)
     print(f"trained {cfg.train.steps} steps in {time.perf_counter() - t0:.1f} s; model written to {args.out}")
     print(f"thresholds: image {det.thresholds['image']:.6g}, pixel {det.thresholds['pixel']:.6g}")
     return 0
@@ -76,101 +205,229 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .api import Detector
-    from .evaluate import format_table
+    from .data import load_test_set
+    from .evaluate import evaluate, format_table
 
-    det = Detector.load(args.model, device=args.device)
-    result = det.evaluate(args.data, batch_size=args.batch_size, report=args.report)
-    print(format_table(result))
+    device = _check_device(args.device)
+    _check_positive(args.batch_size, "--batch-size")
+    if args.json:
+        _check_out_file(args.json, "--json")
+    if args.report:
+        _check_out_dir(args.report, "--report")
+    det = Detector.load(_check_in_file(args.model, "--model"), device=device)
+    # Detector.evaluate, unrolled so that the metrics are printed before any file is written (a full disk
+    # must not lose them)
+    test = load_test_set(Path(args.data), det.image_size, keep_aspect=det.config.train.keep_aspect)
+    _, maps, scores = det.anomaly_maps(test.images, batch_size=args.batch_size)
+    scores, maps = scores.numpy(), maps[:, 0].numpy()
+    labels, masks = test.labels.numpy(), test.masks[:, 0].numpy()
+    result = evaluate(scores, maps, labels, masks, test.defect_types)
+    result["thresholds"] = dict(det.thresholds)
+    print(format_table(result), flush=True)
     if args.json:
         _write_json(args.json, result)
         print(f"metrics written to {args.json}")
     if args.report:
+        from .report import write_report
+
+        write_report(args.report, result, scores=scores, labels=labels, maps=maps, masks=masks,
+                     images=test.images.permute(0, 2, 3, 1).numpy(), defect_types=test.defect_types,
+                     paths=[str(p) for p in test.paths], image_threshold=det.thresholds["image"],
+                     pixel_threshold=det.thresholds["pixel"], title=f"fae_fast report: {Path(args.data).name}")
         print(f"report written to {Path(args.report) / 'report.html'}")
     return 0
 
 
-def _expand_inputs(inputs) -> list[Path]:
+def _expand_inputs(inputs, on_error: str = "raise") -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files named by ``inputs`` (files, or folders listed with :func:`fae_fast.data.list_images`), and
+    the files of those folders left out with ``on_error="skip"`` (with the reason)."""
     from .data import list_images
 
     paths: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths.extend(list_images(p))
+            lst = list_images(p, on_error)
+            paths.extend(lst)
+            skipped.extend(lst.skipped)
         elif p.is_file():
             paths.append(p)
+        elif p.exists():
+            raise CLIError(f"input {item}: not a regular file or folder (a pipe or device?)")
         else:
             raise CLIError(f"input {item}: no such file or folder")
     if not paths:
         raise CLIError("no input images")
-    return paths
+    return paths, skipped
+
+
+LOCK_NAME = ".fae_fast.lock"
+RESULT_FIELDS = ("file", "score", "label", "defect_fraction", "overlay", "error")
+
+
+@contextlib.contextmanager
+def lock_folder(folder: Path):
+    """Hold an exclusive lock on ``folder`` (``flock`` on ``folder/.fae_fast.lock``) for the ``with`` block.
+
+    A second writer, in this process or another, is refused with :class:`CLIError` naming the holder's pid.
+    The kernel drops the lock when the holder exits, even by ``kill -9``: a lock is never stale. The lock file
+    is left in place (removing it would let two runs lock two different files).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        warnings.warn(f"no folder locks on this platform: {folder} is not protected against a concurrent run")
+    f = open(folder / LOCK_NAME, "a+")
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise CLIError(f"output folder {folder} is in use by another fae-fast run ({holder}); wait for it "
+                               "to finish or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield folder
+    finally:
+        f.close()
+
+
+def _inside(path: Path, folder_real: Path) -> bool:
+    """True when ``path`` (its directory entry, or what it links to) lies inside ``folder_real`` (resolved)."""
+    entry = path.absolute().parent.resolve() / path.name
+    return any(folder_real == q or folder_real in q.parents for q in (entry, path.resolve()))
+
+
+def _write_image_outputs(out: Path, stem: str, img, amap, pt, vmax, save_maps: bool):
+    """``stem_overlay.png``, ``stem_mask.png`` (with a pixel threshold) and ``stem_map.npy``; returns the mask."""
+    from .report import overlay
+
+    mask = amap > pt if pt is not None else None
+    _atomic.write_png(out / f"{stem}_overlay.png", overlay(img, amap, 0.0, vmax, mask=mask))
+    if mask is not None:
+        _atomic.write_png(out / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
+    if save_maps:
+        buf = io.BytesIO()  # np.save on a path would append ".npy" to the temporary name
+        np.save(buf, amap)
+        _atomic.write_bytes(out / f"{stem}_map.npy", buf.getvalue())
+    return mask
+
+
+def _append_rows(log, rows: list[dict]) -> None:
+    """Append ``rows`` as JSON Lines and push them to the disk: a kill -9 or a power cut keeps them."""
+    for row in rows:
+        log.write(json.dumps(_atomic._plain(row)) + "\n")
+    log.flush()
+    os.fsync(log.fileno())
 
 
 def predict_to_folder(det, paths: list[Path], out: Path, *, image_threshold=None, pixel_threshold=None,
-                      batch_size: int = 32, save_maps: bool = False, names: list[str] | None = None) -> list[dict]:
+                      batch_size: int = 32, save_maps: bool = False, names: list[str] | None = None,
+                      on_error: str = "raise", skipped: list[tuple[Path, str]] | None = None) -> list[dict]:
     """Score ``paths`` and write, per image, a heatmap overlay and a mask at the image's own resolution (the map
-    is brought back from the model's size), plus ``results.csv`` and ``results.json``; returns the rows.
+    is brought back from the model's size), plus the results; returns the rows.
 
-    The colour scale is fixed across images (0 to twice the pixel threshold), so overlays compare. Output files
-    are named after ``names`` (default: the file stems), which must be distinct: nothing is overwritten.
+    Nothing is lost or overwritten:
+
+    * an ``out`` folder that holds any input is refused (an output could replace an input, e.g. a ground-truth
+      ``part_mask.png``), and the output names (``names``, default the file stems) must be distinct;
+    * ``out`` is locked for the run (:func:`lock_folder`): a concurrent run into the same folder is refused;
+    * each batch's rows are appended to ``results.jsonl`` and flushed to disk as soon as they are scored, so a
+      crash, a kill or a bad image keeps every row before it; ``results.csv`` and ``results.json`` (the
+      summary) are written at the end, and an older run's summary is removed at the start;
+    * ``on_error="skip"``: an image that cannot be read gets a row with its ``error`` (and no score) instead of
+      ending the run; ``skipped`` adds rows for files left out before (e.g. non-images of a folder).
+
+    The colour scale is fixed across images (0 to twice the pixel threshold), so overlays compare.
     """
     from .data import map_to_original, read_image
-    from .report import overlay
 
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    _check_positive(int(batch_size), "--batch-size")
     names = [p.stem for p in paths] if names is None else list(names)
     if len(names) != len(paths):
         raise ValueError(f"{len(names)} output names for {len(paths)} inputs")
     if len(set(names)) != len(names):
         dup = sorted({s for s in names if names.count(s) > 1})
         raise CLIError(f"inputs share file stems {dup[:5]}: outputs would overwrite each other")
-    out.mkdir(parents=True, exist_ok=True)
-    it = det.thresholds["image"] if image_threshold is None else float(image_threshold)
-    pt = det.thresholds["pixel"] if pixel_threshold is None else float(pixel_threshold)
+    out = Path(out)
+    out_real = out.resolve()
+    for p in [*paths, *(q for q, _ in skipped or ())]:
+        if _inside(Path(p), out_real):
+            raise CLIError(f"--out {out} holds the input {p}: outputs could overwrite inputs; choose another folder")
+    it = det.thresholds["image"] if image_threshold is None else _check_threshold(image_threshold,
+                                                                                 "--image-threshold")
+    pt = det.thresholds["pixel"] if pixel_threshold is None else _check_threshold(pixel_threshold,
+                                                                                 "--pixel-threshold")
     keep = det.config.train.keep_aspect
-    rows = []
+    rows = [{**dict.fromkeys(RESULT_FIELDS), "file": str(p), "error": reason} for p, reason in skipped or ()]
     vmax = None
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        _, maps, scores = det.anomaly_maps(chunk, batch_size=batch_size)
-        if vmax is None:
-            vmax = 2.0 * pt if pt else max(float(maps.max()), 1e-12)
-        for i, p in enumerate(chunk):
-            img = read_image(p)
-            amap = map_to_original(maps[i, 0].numpy(), img.shape[:2], keep)
-            mask = amap > pt if pt is not None else None
-            stem = names[start + i]
-            _atomic.write_png(out / f"{stem}_overlay.png", overlay(img, amap, 0.0, vmax, mask=mask))
-            if mask is not None:
-                _atomic.write_png(out / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
-            if save_maps:
-                buf = io.BytesIO()  # np.save on a path would append ".npy" to the temporary name
-                np.save(buf, amap)
-                _atomic.write_bytes(out / f"{stem}_map.npy", buf.getvalue())
-            score = float(scores[i])
-            rows.append({"file": str(p), "score": score,
-                         "label": None if it is None else bool(score > it),
-                         "defect_fraction": None if mask is None else float(mask.mean()),
-                         "overlay": f"{stem}_overlay.png"})
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    _atomic.write_text(out / "results.csv", buf.getvalue())
-    _write_json(out / "results.json", {"image_threshold": it, "pixel_threshold": pt, "results": rows})
+    with lock_folder(out):
+        for old in ("results.csv", "results.json"):  # an older run's summary must not sit beside new overlays
+            (out / old).unlink(missing_ok=True)
+        with open(out / "results.jsonl", "w", encoding="utf-8") as log:
+            _append_rows(log, rows)
+            for start in range(0, len(paths), batch_size):
+                chunk, images, batch_rows = paths[start:start + batch_size], [], []
+                for i, p in enumerate(chunk):
+                    batch_rows.append({**dict.fromkeys(RESULT_FIELDS), "file": str(p)})
+                    try:
+                        images.append((i, read_image(p)))
+                    except (ValueError, OSError) as exc:
+                        if on_error == "raise":
+                            raise CLIError(f"{_one_line(exc)}; the {len(rows)} rows before it are in "
+                                           f"{out / 'results.jsonl'}; pass --on-error skip to go on") from exc
+                        batch_rows[i]["error"] = _one_line(exc)
+                if images:
+                    _, maps, scores = det.anomaly_maps([img for _, img in images], batch_size=batch_size)
+                    if vmax is None:
+                        vmax = 2.0 * pt if pt else max(float(maps.max()), 1e-12)
+                for j, (i, img) in enumerate(images):
+                    amap = map_to_original(maps[j, 0].numpy(), img.shape[:2], keep)
+                    mask = _write_image_outputs(out, names[start + i], img, amap, pt, vmax, save_maps)
+                    score = float(scores[j])
+                    batch_rows[i].update(score=score, label=None if it is None else bool(score > it),
+                                         defect_fraction=None if mask is None else float(mask.mean()),
+                                         overlay=f"{names[start + i]}_overlay.png")
+                _append_rows(log, batch_rows)
+                rows.extend(batch_rows)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(RESULT_FIELDS))
+        w.writeheader()
+        w.writerows(rows)
+        _atomic.write_text(out / "results.csv", buf.getvalue())
+        n_err = sum(1 for r in rows if r["error"])
+        _write_json(out / "results.json", {"image_threshold": it, "pixel_threshold": pt,
+                                           "n_scored": len(rows) - n_err, "n_skipped": n_err, "results": rows})
     return rows
 
 
 def cmd_predict(args) -> int:
     from .api import Detector
 
-    det = Detector.load(args.model, device=args.device)
-    paths = _expand_inputs(args.inputs)
-    rows = predict_to_folder(det, paths, Path(args.out), image_threshold=args.image_threshold,
+    device = _check_device(args.device)
+    _check_positive(args.batch_size, "--batch-size")
+    _check_threshold(args.image_threshold, "--image-threshold")
+    _check_threshold(args.pixel_threshold, "--pixel-threshold")
+    out = _check_out_dir(args.out, "--out")
+    paths, skipped = _expand_inputs(args.inputs, args.on_error)
+    det = Detector.load(_check_in_file(args.model, "--model"), device=device)
+    rows = predict_to_folder(det, paths, out, image_threshold=args.image_threshold,
                              pixel_threshold=args.pixel_threshold, batch_size=args.batch_size,
-                             save_maps=args.save_maps)
-    n_bad = sum(1 for r in rows if r["label"])
-    print(f"{len(rows)} images scored, {n_bad} anomalous; overlays, masks, results.csv and results.json "
-          f"in {args.out}")
+                             save_maps=args.save_maps, on_error=args.on_error, skipped=skipped)
+    bad = [r for r in rows if r["error"]]
+    n_anom = sum(1 for r in rows if r["label"])
+    print(f"{len(rows) - len(bad)} images scored, {n_anom} anomalous"
+          + (f", {len(bad)} skipped (listed with the reason)" if bad else "")
+          + f"; overlays, masks, results.jsonl, results.csv and results.json in {args.out}")
+    if bad:
+        print(f"fae-fast predict: warning: {len(bad)} input(s) skipped, first: {bad[0]['file']}: {bad[0]['error']}",
+              file=sys.stderr)
     return 0
 
 
@@ -179,6 +436,7 @@ def cmd_demo(args) -> int:
     from .evaluate import format_table
     from .synthetic import make_dataset
 
+    device = _check_device(args.device)
     t0 = time.perf_counter()
     tmp = None
     if args.out:
@@ -191,7 +449,7 @@ def cmd_demo(args) -> int:
         cfg = demo_config(args.steps, args.seed)
         data = make_dataset(out / "data", size=tuple(cfg.train.image_size), seed=args.seed, overwrite=True)
         print(f"[demo] synthetic dataset in {data} ({time.perf_counter() - t0:.1f} s)")
-        det = Detector(cfg, device=args.device)
+        det = Detector(cfg, device=device)
         det.fit(data / "train" / "good", progress=not args.quiet)
         det.save(out / "model.fae")
         print(f"[demo] trained {cfg.train.steps} steps ({time.perf_counter() - t0:.1f} s)")
@@ -272,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--pixel-threshold", type=float)
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--save-maps", action="store_true", help="also write each map as .npy")
+    pr.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                    help="an unreadable input: stop (raise, the default; rows scored so far stay in results.jsonl) "
+                         "or skip it and go on (skip: it is listed in the results with the reason)")
     common(pr)
 
     d = sub.add_parser("demo", help="synthetic data -> train -> eval -> overlays, on the CPU in minutes")
@@ -296,16 +557,23 @@ def main(argv=None) -> int:
         return int(ablate_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo}
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"fae-fast {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        return handlers[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            return handlers[args.command](args)
     except CLIError as exc:
         print(f"fae-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, TypeError) as exc:
-        # bad input (a file, a value): one clear line, no traceback; FAE_FAST_DEBUG=1 shows it
+    except (ValueError, TypeError, OSError) as exc:
+        # bad input (a file, a value) or a failed write (no space left, permission): one clear line, no
+        # traceback; FAE_FAST_DEBUG=1 shows it
         if os.environ.get("FAE_FAST_DEBUG"):
             raise
-        print(f"fae-fast {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fae-fast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

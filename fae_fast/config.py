@@ -5,7 +5,11 @@ Defaults marked *(chosen)* in DESIGN.md are decisions of this project where the 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
+import numbers
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -130,26 +134,176 @@ class FAEConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FAEConfig":
-        """Build from a dict; unknown keys raise ``ValueError`` naming them, lists become tuples."""
-        kwargs = {}
-        for f in fields(cls):
-            sub = d.get(f.name, {})
-            sub_cls = f.default_factory  # type: ignore[misc]
-            kwargs[f.name] = _sub_from_dict(sub_cls, sub, f.name)
+    def from_dict(cls, d: dict[str, Any], base: "FAEConfig | None" = None) -> "FAEConfig":
+        """Build from a dict, layered on ``base`` (default: the defaults): only the keys ``d`` holds change.
+
+        Unknown sections or keys raise ``ValueError`` naming them; a ``d`` that is not a dict of dicts raises
+        ``TypeError``; lists become tuples. Values are not range-checked here: call :meth:`validate`.
+
+        Example:
+            >>> cfg = FAEConfig.from_dict({"noise": {"mode": "none"}}, base=preset("tiny"))
+            >>> cfg.model.widths, cfg.noise.mode
+            ((16, 32, 64, 128), 'none')
+        """
+        if not isinstance(d, dict):
+            raise TypeError(f"a config must be an object of sections (e.g. {{\"train\": {{...}}}}), "
+                            f"got {type(d).__name__}")
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
-        return cls(**kwargs)
+        out = cls() if base is None else copy.deepcopy(base)
+        for f in fields(cls):
+            if f.name in d:
+                setattr(out, f.name, _sub_from_dict(getattr(out, f.name), d[f.name], f.name))
+        return out
+
+    def validate(self, *, allow_zero_steps: bool = False) -> "FAEConfig":
+        """Check every value's type and range; raise on the first bad one, naming its key and value.
+
+        Meant to run before any work (loading data, the first training step), so a typo never costs a run.
+
+        Args:
+            allow_zero_steps: accept ``train.steps == 0`` (an untrained model, e.g. as a baseline in tests);
+                a detector trained for 0 steps scores everything 0, so the CLI and ``Detector.fit`` refuse it.
+
+        Returns:
+            self.
+
+        Raises:
+            TypeError: a value of the wrong type (``"train.lr must be a number, got 'fast'"``).
+            ValueError: a value out of range (``"train.threshold_quantile must be in [0, 1], got 2.0"``).
+        """
+        for sec in fields(self):
+            sub = getattr(self, sec.name)
+            for f in fields(sub):
+                _check_type(f"{sec.name}.{f.name}", getattr(sub, f.name), str(f.type))
+        for key, spec in _RANGES.items():
+            sec, name = key.split(".")
+            v = getattr(getattr(self, sec), name)
+            if key == "train.steps" and allow_zero_steps:
+                spec = "[0, inf)"
+            if v is not None and not _in_range(v, spec):
+                raise ValueError(f"config {key} must be in {spec}, got {v!r}")
+        for key, choices in _CHOICES.items():
+            sec, name = key.split(".")
+            v = getattr(getattr(self, sec), name)
+            if v not in choices:
+                raise ValueError(f"config {key} must be one of {choices}, got {v!r}")
+        c, m, t = self.corruption, self.model, self.train
+        for lo, hi in (("k_min", "k_max"), ("beta_min", "beta_max")):
+            if getattr(c, lo) > getattr(c, hi):
+                raise ValueError(f"config corruption.{lo} ({getattr(c, lo)!r}) must be <= corruption.{hi} "
+                                 f"({getattr(c, hi)!r})")
+        for f in fields(c):
+            v = getattr(c, f.name)
+            if str(f.type) == "tuple[float, float]" and not 0 <= v[0] <= v[1]:
+                raise ValueError(f"config corruption.{f.name} must be a range (lo, hi) with 0 <= lo <= hi, got {v!r}")
+        if c.perlin_coverage[1] > 1 or c.elastic_smoothness[0] <= 0:
+            raise ValueError(f"config corruption.perlin_coverage must be within [0, 1] and elastic_smoothness "
+                             f"positive, got {c.perlin_coverage!r}, {c.elastic_smoothness!r}")
+        if c.w_perlin + c.w_polygon + c.w_stroke <= 0:
+            raise ValueError("config corruption.w_perlin + w_polygon + w_stroke must be > 0 (no occlusion shape left)")
+        if c.w_other_image + c.w_procedural + (c.w_texture_dir if c.texture_dir else 0.0) <= 0:
+            raise ValueError("config corruption.w_other_image + w_procedural (+ w_texture_dir with a texture_dir) "
+                             "must be > 0 (no texture source left)")
+        if c.texture_dir is not None and not os.path.isdir(c.texture_dir):
+            raise ValueError(f"config corruption.texture_dir: no such folder {c.texture_dir!r}")
+        for key, vals in (("model.widths", m.widths), ("model.dilations", m.dilations),
+                          ("corruption.perlin_scales", c.perlin_scales)):
+            if not vals or min(vals) < 1:
+                raise ValueError(f"config {key} must be a non-empty sequence of positive ints, got {vals!r}")
+        if self.map.k % 2 != 1:
+            raise ValueError(f"config map.k must be odd (a centred box filter), got {self.map.k!r}")
+        if t.image_size != "auto":
+            h, w = check_image_size(t.image_size, "config train.image_size")
+            if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE:
+                raise ValueError(f"config train.image_size must have sides in [{MIN_SIDE}, {MAX_SIDE}], "
+                                 f"got {t.image_size!r}")
+        return self
 
 
-def _sub_from_dict(sub_cls, d: dict[str, Any], section: str):
-    known = {f.name: f for f in fields(sub_cls)}
-    unknown = set(d) - set(known)
+#: bounds of ``--size`` and of the "auto" size
+MIN_SIDE, MAX_SIDE = 8, 8192
+NOISE_MODES = ("symmetric", "none", "input", "independent")
+
+# allowed ranges, "[lo, hi]" inclusive, "(lo, hi)" exclusive, in the notation the error messages print
+_RANGES = {
+    "corruption.p": "[0, 1]", "corruption.k_min": "[0, inf)", "corruption.k_max": "[1, inf)",
+    "corruption.beta_min": "[0, 1]", "corruption.beta_max": "[0, 1]",
+    "corruption.w_perlin": "[0, inf)", "corruption.w_polygon": "[0, inf)", "corruption.w_stroke": "[0, inf)",
+    "corruption.soft_edge": "[0, 1]", "corruption.w_texture_dir": "[0, inf)",
+    "corruption.w_other_image": "[0, inf)", "corruption.w_procedural": "[0, inf)",
+    "corruption.color_jitter": "[0, inf)", "corruption.stroke_samples": "[2, inf)",
+    "corruption.capacity_sigmas": "[0, inf)",
+    "noise.sigma_max": "[0, inf)",
+    "model.in_channels": "[1, inf)",
+    "map.n": "[0, inf)", "map.k": "[1, inf)", "map.ref_size": "[1, inf)",
+    "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
+    "train.weight_decay": "[0, inf)", "train.warmup_steps": "[0, inf)", "train.grad_clip": "[0, inf)",
+    "train.auto_pixels": f"[{MIN_SIDE * MIN_SIDE}, {MAX_SIDE * MAX_SIDE}]",
+    "train.holdout_fraction": "[0, 1)", "train.threshold_quantile": "[0, 1]",
+    "train.pixel_threshold_quantile": "[0, 1]", "train.checkpoint_every": "[0, inf)",
+    "train.num_workers": "[0, inf)",
+}
+_CHOICES = {
+    "noise.mode": NOISE_MODES,
+    "model.norm": ("batch", "group", "instance", "none"),
+    "model.act": ("relu", "silu", "gelu", "leaky_relu"),
+    "model.skip_mode": ("concat", "add"),
+    "model.downsample": ("maxpool", "conv"),
+    "model.upsample": ("bilinear", "transpose"),
+    "train.amp": ("auto", "bf16", "fp16", "fp32"),
+}
+
+
+def _in_range(v, spec: str) -> bool:
+    lo, hi = (float(s) for s in spec[1:-1].split(","))
+    return (lo < v if spec[0] == "(" else lo <= v) and (v < hi if spec[-1] == ")" else v <= hi)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_type(key: str, v, annotation: str) -> None:
+    """Checks ``v`` against a field annotation of this module ("int", "float | None", "tuple[int, ...]", ...)."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if "None" in kinds and v is None:
+        return
+    if "str" in kinds and isinstance(v, str):
+        return
+    kind = kinds[0]
+    ok = {"bool": lambda: isinstance(v, bool), "int": lambda: _is_int(v), "float": lambda: _is_number(v),
+          "str": lambda: isinstance(v, str)}.get(kind)
+    if ok is not None:
+        if not ok():
+            what = {"bool": "true or false", "int": "an integer", "float": "a finite number",
+                    "str": "a string"}[kind]
+            raise TypeError(f"config {key} must be {what}, got {v!r}")
+        return
+    if kind.startswith("tuple["):
+        elem = kind[len("tuple["):-1].split(",")[0].strip()
+        pair = not kind.endswith("...]")
+        check = _is_int if elem == "int" else _is_number
+        if (not isinstance(v, (tuple, list)) or not all(check(x) for x in v)
+                or (pair and len(v) != len(kind.split(",")))):
+            n = "a pair" if pair else "a list"
+            raise TypeError(f"config {key} must be {n} of {'integers' if elem == 'int' else 'numbers'}, got {v!r}")
+
+
+def _sub_from_dict(current, d: dict[str, Any], section: str):
+    if not isinstance(d, dict):
+        raise TypeError(f"config section {section!r} must be an object of keys, got {type(d).__name__}")
+    known = {f.name for f in fields(current)}
+    unknown = set(d) - known
     if unknown:
         raise ValueError(f"unknown keys in config section {section!r}: {sorted(unknown)}")
     vals = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-    return sub_cls(**vals)
+    return dataclasses.replace(current, **vals)
 
 
 def smoothing_for_size(cfg: MapConfig, height: int, width: int) -> tuple[int, int]:
@@ -220,8 +374,8 @@ def parse_size(text: str) -> tuple[int, int] | str:
         raise ValueError(f"image size must look like 256 or HxW (e.g. 208x512), got {text!r}") from None
     if len(vals) == 1:
         vals = (vals[0], vals[0])
-    if len(vals) != 2 or min(vals) < 8 or max(vals) > 8192:
-        raise ValueError(f"image size must be HxW with 8 <= H, W <= 8192, got {text!r}")
+    if len(vals) != 2 or min(vals) < MIN_SIDE or max(vals) > MAX_SIDE:
+        raise ValueError(f"image size must be HxW with {MIN_SIDE} <= H, W <= {MAX_SIDE}, got {text!r}")
     return vals
 
 
@@ -229,11 +383,14 @@ def auto_size(height: int, width: int, pixels: int = 256 * 256, multiple: int = 
     """(H, W) with about ``pixels`` pixels, the aspect ratio of ``height x width``, multiples of ``multiple``.
 
     Keeps small defects of elongated images visible: a 1130 x 460 frame becomes 160 x 400, not a squashed
-    256 x 256 (DESIGN.md 5; BSData's pits cover a median 0.17% of the frame).
+    256 x 256 (DESIGN.md 5; BSData's pits cover a median 0.17% of the frame). Each side stays within
+    ``[multiple, MAX_SIDE]`` (the bounds of ``--size``), so an extreme ratio gives fewer pixels, never a side
+    past the cap.
     """
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")
     scale = (pixels / float(height * width)) ** 0.5
-    h = max(multiple, int(round(height * scale / multiple)) * multiple)
-    w = max(multiple, int(round(width * scale / multiple)) * multiple)
+    top = MAX_SIDE // multiple * multiple
+    h = min(top, max(multiple, int(round(height * scale / multiple)) * multiple))
+    w = min(top, max(multiple, int(round(width * scale / multiple)) * multiple))
     return h, w

@@ -357,6 +357,7 @@ class _Trainer:
 def _check_train_args(cfg: FAEConfig, images, holdout, log_every: int) -> None:
     if not isinstance(cfg, FAEConfig):
         raise TypeError(f"cfg must be a FAEConfig, got {type(cfg).__name__}")
+    cfg.validate(allow_zero_steps=True)  # every value, before the first step (0 steps: an untrained baseline)
     tc = cfg.train
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a uint8 torch.Tensor (N, 3, H, W), got {type(images).__name__}")

@@ -1,6 +1,7 @@
 """Tests of fae_fast.data.io and fae_fast.data.datasets: formats, resizing, bad files, MVTec layout, cache, sampler."""
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -396,3 +397,62 @@ def test_bsdata_category(bsdata_dir):
     assert x.shape == (4, 3, 208, 512) and x.dtype == torch.uint8 and x.float().std() > 5
     m = read_mask(defective[0].mask_path, (208, 512), keep_aspect=True)
     assert m.shape == (208, 512) and m.any()
+
+
+# ------------------------------------------------------------------------------------------------ resource bombs
+
+
+@pytest.mark.parametrize("ext, params", [(".png", ()), (".jpg", ()), (".jpg", (cv2.IMWRITE_JPEG_PROGRESSIVE, 1)),
+                                         (".bmp", ()), (".tiff", ()), (".webp", ()),
+                                         (".webp", (cv2.IMWRITE_WEBP_QUALITY, 101))])
+def test_header_size_without_decoding(tmp_path, ext, params):
+    p = _save_rgb(tmp_path / f"x{ext}", _rgb(37, 53), params)
+    assert io.header_size(p.read_bytes()) == (37, 53)
+    assert io.image_size_of(p) == (37, 53) == read_image(p).shape[:2]
+
+
+def _png_declaring(path, h, w):
+    """A small PNG whose header claims ``h x w`` pixels (what a decompression bomb looks like to the reader)."""
+    buf = bytearray(cv2.imencode(".png", np.zeros((4, 4), np.uint8))[1].tobytes())
+    buf[16:24] = np.array([w, h], dtype=">u4").tobytes()
+    path.write_bytes(bytes(buf))
+    return path
+
+
+def test_pixel_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
+    bomb = _png_declaring(tmp_path / "bomb.png", 20000, 20000)
+    for read in (read_image, read_mask):
+        with pytest.raises(ValueError, match=r"too large: .*bomb\.png is 20000x20000.*FAE_FAST_MAX_IMAGE_PIXELS"):
+            read(bomb)
+    with pytest.raises(ValueError, match="bomb.png"):
+        load_images([bomb], (16, 16))
+    fmt, reason = io.check_image_file(bomb)  # the check before DALI, which cannot name a file
+    assert fmt == "png" and "too large" in reason
+    real = _save_rgb(tmp_path / "real.png", _rgb(40, 50))
+    monkeypatch.setenv("FAE_FAST_MAX_IMAGE_PIXELS", "1999")  # 40 x 50 = 2000 pixels
+    with pytest.raises(ValueError, match="real.png is 50x40"):
+        read_image(real)
+    monkeypatch.setenv("FAE_FAST_MAX_IMAGE_PIXELS", "2000")
+    assert read_image(real).shape == (40, 50, 3)
+    monkeypatch.setenv("FAE_FAST_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ValueError, match="FAE_FAST_MAX_IMAGE_PIXELS must be a positive number"):
+        read_image(real)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_a_fifo_named_like_an_image_is_refused_not_waited_on(tmp_path):
+    d = tmp_path / "imgs"
+    _save_rgb(d / "a.png", _rgb())
+    fifo = d / "frame.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"not a regular file.*frame\.png"):
+        read_image(fifo)
+    with pytest.raises(ValueError, match=r"not a regular file.*frame\.png"):
+        list_images(d)
+    lst = list_images(d, on_error="skip")
+    assert [p.name for p in lst] == ["a.png"] and [p.name for p, _ in lst.skipped] == ["frame.png"]
+    assert io.check_image_file(fifo) == (None, "not a regular file")
+    with pytest.raises(ValueError, match=r"not a regular file.*frame\.png"):
+        normal_image_paths([d / "a.png", fifo])
+    with pytest.raises(IsADirectoryError, match="folder"):
+        read_image(d)

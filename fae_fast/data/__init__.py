@@ -12,11 +12,12 @@ Example:
 """
 from .datasets import (MVTecCategory, TestItem, TestSet, TrainSampler, is_mvtec, load_images, load_test_set,
                        normal_image_paths)
-from .io import (IMAGE_EXTS, ImageList, list_images, map_to_original, read_image, read_mask, resize_image,
-                 resize_mask)
+from .io import (IMAGE_EXTS, ImageList, image_size_of, list_images, map_to_original, read_image, read_mask,
+                 resize_image, resize_mask)
 
 __all__ = [
-    "IMAGE_EXTS", "ImageList", "list_images", "map_to_original", "read_image", "read_mask", "resize_image", "resize_mask",
+    "IMAGE_EXTS", "ImageList", "image_size_of", "list_images", "map_to_original", "read_image", "read_mask",
+    "resize_image", "resize_mask",
     "MVTecCategory", "TestItem", "TestSet", "is_mvtec", "normal_image_paths", "load_images", "load_test_set",
     "TrainSampler", "Batch", "Loader", "FrameSource", "make_loader", "load_images_on_device",
 ]

@@ -168,8 +168,10 @@ def normal_image_paths(data, on_error: str = "raise") -> list[pathlib.Path]:
         if not paths:
             raise ValueError("empty list of training images")
         for p in paths:
-            if not p.is_file():
+            if not p.exists():
                 raise FileNotFoundError(f"training image not found: {p}")
+            if not p.is_file():
+                raise ValueError(f"training image is not a regular file (a folder, pipe or device?): {p}")
         return paths
     raise TypeError(f"data must be a folder, an MVTec root or a list of paths, got {type(data).__name__}")
 

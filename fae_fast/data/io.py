@@ -3,13 +3,17 @@
 Every loader of the package (the cv2 thread loader, the DALI pipelines, :func:`fae_fast.data.load_images`)
 follows the rules written here, so that an image read for training, for a benchmark or inline looks the same:
 
-* **Decoding**: ``cv2.imdecode`` of the file's bytes (``np.fromfile``, so non-ASCII paths work on every OS) with
-  ``IMREAD_UNCHANGED``; EXIF orientation is therefore *ignored* (the DALI path sets ``adjust_orientation=False``
-  to agree). Output is always ``uint8 (H, W, 3)`` RGB.
+* **Decoding**: ``cv2.imdecode`` of the file's bytes (read through ``os.open``, so non-ASCII paths work on
+  every OS) with ``IMREAD_UNCHANGED``; EXIF orientation is therefore *ignored* (the DALI path sets
+  ``adjust_orientation=False`` to agree). Output is always ``uint8 (H, W, 3)`` RGB.
 * **Channels**: grey is replicated to 3 channels; grey+alpha keeps the grey; RGBA **drops the alpha channel**
   (what DALI's decoder and ``IMREAD_COLOR`` do, so both loaders agree; no compositing).
 * **Depth**: 16-bit is scaled to 8-bit by ``round(v / 257)``; float images are taken as ``[0, 1]``, NaN -> 0,
   clipped, then scaled by 255 and rounded. Other integer depths raise ``ValueError``.
+* **Safety**: only regular files are read (a FIFO or device named ``frame.png`` is refused, never waited on),
+  and an image whose header declares more than :func:`max_image_pixels` pixels (default 100 MP, environment
+  variable ``FAE_FAST_MAX_IMAGE_PIXELS``) is refused before it is decoded: a 400 KB PNG can declare 20000 x 20000
+  pixels (1.2 GB decoded). PNG, JPEG, BMP, TIFF and WebP headers are parsed; other data is checked after decoding.
 * **Resizing** to ``size=(H, W)`` is per axis: an axis that shrinks uses ``INTER_AREA`` (no aliasing), an axis
   that grows uses ``INTER_LINEAR`` (two passes when one axis shrinks and the other grows).
 * **keep_aspect=True**: the image is resized to the largest size that fits inside ``(H, W)`` with its ratio
@@ -32,6 +36,8 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import stat
+import struct
 from typing import Sequence, Union
 
 import cv2
@@ -42,7 +48,8 @@ from ..config import check_image_size
 __all__ = [
     "map_to_original",
     "IMAGE_EXTS", "ImageList", "list_images", "read_image", "read_mask", "decode_image", "resize_image",
-    "resize_mask", "fit_inside", "reflect_indices", "check_image_file", "sniff_format",
+    "resize_mask", "fit_inside", "reflect_indices", "check_image_file", "sniff_format", "header_size",
+    "image_size_of", "max_image_pixels", "DEFAULT_MAX_IMAGE_PIXELS",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,6 +60,10 @@ PathLike = Union[str, os.PathLike]
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 _ON_ERROR = ("raise", "skip")
+
+#: Decoded pixels (H * W) allowed per image unless ``FAE_FAST_MAX_IMAGE_PIXELS`` says otherwise.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+_MAX_PIXELS_ENV = "FAE_FAST_MAX_IMAGE_PIXELS"
 
 
 class ImageList(list):
@@ -81,8 +92,9 @@ def list_images(folder: PathLike, on_error: str = "raise") -> ImageList:
     """The image files directly inside ``folder``, sorted by name.
 
     Hidden files (``.DS_Store``, ``._x.png``) and sub-folders are ignored; any other file whose extension is not
-    in :data:`IMAGE_EXTS` is an error, or with ``on_error="skip"`` is left out and reported in ``.skipped`` (and
-    logged once per call), never silently.
+    in :data:`IMAGE_EXTS`, and anything that is not a regular file (a FIFO named ``frame.png``), is an error,
+    or with ``on_error="skip"`` is left out and reported in ``.skipped`` (and logged once per call), never
+    silently.
 
     Args:
         folder: the folder to list.
@@ -105,7 +117,12 @@ def list_images(folder: PathLike, on_error: str = "raise") -> ImageList:
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.is_dir():
             continue
-        if p.suffix.lower() in IMAGE_EXTS:
+        if not p.is_file():  # a FIFO, socket, device or broken link: reading it could hang or fail
+            if on_error == "raise":
+                raise ValueError(f"not a regular file (a pipe, socket, device or broken link?): {p}; "
+                                 f"pass on_error='skip' to leave it out")
+            skipped.append((p, "not a regular file"))
+        elif p.suffix.lower() in IMAGE_EXTS:
             paths.append(p)
         elif on_error == "raise":
             raise ValueError(f"not an image file (extension {p.suffix or '<none>'!r} is not one of "
@@ -116,7 +133,7 @@ def list_images(folder: PathLike, on_error: str = "raise") -> ImageList:
         extra = f" ({len(skipped)} non-image files skipped)" if skipped else ""
         raise ValueError(f"no image files ({', '.join(IMAGE_EXTS)}) in folder {folder}{extra}")
     if skipped:
-        log.warning("skipped %d non-image file(s) in %s, first: %s", len(skipped), folder, skipped[0][0].name)
+        log.warning("skipped %d file(s) in %s, first: %s", len(skipped), folder, skipped[0][0].name)
     return ImageList(paths, folder, skipped)
 
 
@@ -137,13 +154,38 @@ def decode_image(buf, name: PathLike = "<bytes>") -> np.ndarray:
     arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf.reshape(-1)
     if arr.size == 0:
         raise ValueError(f"empty image file (0 bytes): {name}")
+    hw = header_size(arr)
+    if hw is not None:
+        _check_pixels(*hw, name)
     try:
         img = cv2.imdecode(arr, cv2.IMREAD_UNCHANGED)
     except cv2.error as e:  # some codecs assert instead of returning None
         raise ValueError(f"cannot decode image (corrupt or truncated?): {name}: {e}") from None
     if img is None or img.size == 0:
         raise ValueError(f"cannot decode image (corrupt, truncated or unsupported format): {name}")
+    _check_pixels(img.shape[0], img.shape[1], name)  # formats whose header was not parsed
     return _to_rgb8(img, name)
+
+
+def max_image_pixels() -> int:
+    """Pixels (H * W) an image may have: ``FAE_FAST_MAX_IMAGE_PIXELS`` if set, else 100 MP."""
+    text = os.environ.get(_MAX_PIXELS_ENV)
+    if not text:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        n = int(float(text))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{_MAX_PIXELS_ENV} must be a positive number of pixels, got {text!r}")
+    return n
+
+
+def _check_pixels(h: int, w: int, name) -> None:
+    limit = max_image_pixels()
+    if h * w > limit:
+        raise ValueError(f"image too large: {name} is {w}x{h} (WxH) = {h * w / 1e6:.1f} MP, above the limit of "
+                         f"{limit / 1e6:.1f} MP (set {_MAX_PIXELS_ENV} to raise it)")
 
 
 def _to_rgb8(img: np.ndarray, name) -> np.ndarray:
@@ -169,12 +211,26 @@ def _to_rgb8(img: np.ndarray, name) -> np.ndarray:
     raise ValueError(f"unsupported number of channels {c}: {name}")
 
 
-def _read_bytes(path: pathlib.Path) -> np.ndarray:
-    if not path.exists():
-        raise FileNotFoundError(f"image file not found: {path}")
-    if path.is_dir():
-        raise IsADirectoryError(f"expected an image file, got a folder: {path}")
-    return np.fromfile(str(path), dtype=np.uint8)
+def _read_bytes(path: pathlib.Path, what: str = "image file", limit: int | None = None) -> np.ndarray:
+    """The bytes of a regular file (at most ``limit``) as ``uint8``; anything else is refused without waiting.
+
+    The file is opened non-blocking and checked with ``fstat`` on the open descriptor, so a FIFO (which would
+    block a plain read for ever) or a device is refused, and nothing can swap the file between check and read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except IsADirectoryError:  # Windows; on POSIX a folder opens and fstat says so below
+        raise IsADirectoryError(f"expected an {what}, got a folder: {path}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"expected an {what}, got a folder: {path}")
+        raise ValueError(f"not a regular file (a pipe, socket or device?): {path}")
+    with os.fdopen(fd, "rb") as f:
+        return np.frombuffer(f.read(-1 if limit is None else limit), dtype=np.uint8)
 
 
 def read_image(path: PathLike, size: Sequence[int] | None = None, keep_aspect: bool = False) -> np.ndarray:
@@ -189,8 +245,8 @@ def read_image(path: PathLike, size: Sequence[int] | None = None, keep_aspect: b
         ``np.ndarray`` ``uint8`` of shape ``(H, W, 3)``, RGB, C-contiguous.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: a zero-byte, corrupt, truncated or unsupported file,
-            naming it.
+        FileNotFoundError: no such file. ValueError: a zero-byte, corrupt, truncated or unsupported file, one
+            that is not a regular file, or one above :func:`max_image_pixels`, naming it.
     """
     path = pathlib.Path(path)
     img = decode_image(_read_bytes(path), path)
@@ -212,11 +268,14 @@ def read_mask(path: PathLike, size: Sequence[int] | None = None, keep_aspect: bo
         ValueError: an unreadable mask, naming it.
     """
     path = pathlib.Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"mask not found, expected at: {path}")
-    arr = np.fromfile(str(path), dtype=np.uint8)
+    arr = _read_bytes(path, "mask")
     if arr.size == 0:
         raise ValueError(f"empty mask file (0 bytes): {path}")
+    hw = header_size(arr)
+    if hw is not None:
+        _check_pixels(*hw, path)
     try:
         m = cv2.imdecode(arr, cv2.IMREAD_UNCHANGED)
     except cv2.error as e:
@@ -331,26 +390,130 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def header_size(buf) -> tuple[int, int] | None:
+    """``(H, W)`` declared by an encoded image's header, without decoding it.
+
+    Parses PNG (IHDR), JPEG (the first start-of-frame marker), BMP, TIFF (the first page) and WebP (VP8, VP8L,
+    VP8X). Cheap: reads a few dozen bytes (JPEG walks its segment headers, TIFF its first directory).
+
+    Args:
+        buf: the file's bytes, or its first bytes (bytes-like or a ``uint8`` array).
+
+    Returns:
+        ``(H, W)``, or None for another format or a header that cannot be read from ``buf``.
+    """
+    buf = memoryview(np.ascontiguousarray(buf) if isinstance(buf, np.ndarray) else buf).cast("B")
+    try:
+        fmt = sniff_format(bytes(buf[:16]))
+        if fmt == "png" and bytes(buf[12:16]) == b"IHDR":
+            w, h = struct.unpack_from(">II", buf, 16)
+            return h, w
+        if fmt == "bmp":
+            if struct.unpack_from("<I", buf, 14)[0] == 12:  # BITMAPCOREHEADER
+                w, h = struct.unpack_from("<HH", buf, 18)
+            else:
+                w, h = struct.unpack_from("<ii", buf, 18)  # height < 0: a top-down bitmap
+            return abs(h), abs(w)
+        if fmt == "jpeg":
+            return _jpeg_size(buf)
+        if fmt == "tiff":
+            return _tiff_size(buf)
+        if fmt == "webp":
+            chunk = bytes(buf[12:16])
+            if chunk == b"VP8 " and bytes(buf[23:26]) == b"\x9d\x01\x2a":
+                w, h = struct.unpack_from("<HH", buf, 26)
+                return h & 0x3FFF, w & 0x3FFF
+            if chunk == b"VP8L":
+                bits = struct.unpack_from("<I", buf, 21)[0]
+                return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
+            if chunk == b"VP8X":
+                w = int.from_bytes(bytes(buf[24:27]), "little") + 1
+                h = int.from_bytes(bytes(buf[27:30]), "little") + 1
+                return h, w
+    except struct.error:  # shorter than its header claims: the decoder will say what is wrong
+        return None
+    return None
+
+
+def _jpeg_size(buf) -> tuple[int, int] | None:
+    i, n = 2, len(buf)
+    while i + 4 <= n:
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        if marker in _JPEG_SOF:
+            h, w = struct.unpack_from(">HH", buf, i + 5)
+            return h, w
+        i += 2 + struct.unpack_from(">H", buf, i + 2)[0]
+    return None
+
+
+def _tiff_size(buf) -> tuple[int, int] | None:
+    e = "<" if bytes(buf[:2]) == b"II" else ">"
+    ifd = struct.unpack_from(e + "I", buf, 4)[0]
+    count = struct.unpack_from(e + "H", buf, ifd)[0]
+    dims = {}
+    for k in range(count):
+        tag, typ = struct.unpack_from(e + "HH", buf, ifd + 2 + 12 * k)
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4)
+            dims[tag] = struct.unpack_from(e + ("H" if typ == 3 else "I"), buf, ifd + 2 + 12 * k + 8)[0]
+    return (dims[257], dims[256]) if len(dims) == 2 else None
+
+
+def image_size_of(path: PathLike) -> tuple[int, int]:
+    """``(H, W)`` of an image file, from its header when it can be parsed (see :func:`header_size`), else by
+    decoding it (within :func:`max_image_pixels`).
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not a regular file, or not a readable image, naming it.
+    """
+    path = pathlib.Path(path)
+    hw = header_size(_read_bytes(path, limit=65536))
+    if hw is None:  # a TIFF directory or JPEG frame header past the first 64 KiB, or another format
+        data = _read_bytes(path)
+        hw = header_size(data)
+        if hw is None:
+            hw = decode_image(data, path).shape[:2]
+    if min(hw) < 1:
+        raise ValueError(f"image header declares {hw[1]}x{hw[0]} (WxH) pixels: {path}")
+    return int(hw[0]), int(hw[1])
+
+
 def check_image_file(path: PathLike) -> tuple[str | None, str | None]:
     """Cheap structural check of an image file without decoding it.
 
-    Reads the first 16 bytes and, for JPEG and PNG, the last 64 KiB: a JPEG must have its end-of-image marker
-    after the last start-of-scan marker (entropy-coded data cannot contain ``FF D9``, so a truncated file fails
-    even when an EXIF thumbnail has its own); a PNG must end with its ``IEND`` chunk.
+    Reads the first and, for JPEG and PNG, the last 64 KiB: a JPEG must have its end-of-image marker after the
+    last start-of-scan marker (entropy-coded data cannot contain ``FF D9``, so a truncated file fails even when
+    an EXIF thumbnail has its own); a PNG must end with its ``IEND`` chunk; the size its header declares must be
+    within :func:`max_image_pixels` (a decoder that cannot name the file must not be handed a pixel bomb).
 
     Returns:
         ``(format, None)`` when the file looks whole, ``(format_or_None, reason)`` when it does not.
     """
     path = pathlib.Path(path)
     try:
-        n = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         return None, "file not found"
+    if not stat.S_ISREG(st.st_mode):
+        return None, "not a regular file"
+    n = st.st_size
     if n == 0:
         return None, "empty file (0 bytes)"
     with open(path, "rb") as f:
-        head = f.read(16)
-        fmt = sniff_format(head)
+        head = f.read(65536)
+        fmt = sniff_format(head[:16])
         if fmt is None:
             return None, "not an image (unknown header bytes)"
         if fmt in ("jpeg", "png"):
@@ -362,6 +525,12 @@ def check_image_file(path: PathLike) -> tuple[str | None, str | None]:
             return fmt, "truncated JPEG (no end-of-image marker after the last scan)"
     elif fmt == "png" and b"IEND" not in tail[-64:]:
         return fmt, "truncated PNG (no IEND chunk at the end)"
+    hw = header_size(head)
+    if hw is not None:
+        try:
+            _check_pixels(*hw, path)
+        except ValueError as e:
+            return fmt, str(e)
     return fmt, None
 
 
