@@ -214,6 +214,11 @@ class FAEConfig:
                 raise ValueError(f"config {key} must be a non-empty sequence of positive ints, got {vals!r}")
         if self.map.k % 2 != 1:
             raise ValueError(f"config map.k must be odd (a centred box filter), got {self.map.k!r}")
+        if t.crop_size is not None:
+            ch, cw = check_image_size(t.crop_size, "config train.crop_size")
+            if t.image_size != "auto" and (ch > t.image_size[0] or cw > t.image_size[1]):
+                raise ValueError(f"config train.crop_size {t.crop_size!r} must fit in train.image_size "
+                                 f"{t.image_size!r}")
         if t.image_size != "auto":
             h, w = check_image_size(t.image_size, "config train.image_size")
             if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE:
@@ -234,7 +239,8 @@ _RANGES = {
     "corruption.soft_edge": "[0, 1]", "corruption.w_texture_dir": "[0, inf)",
     "corruption.w_other_image": "[0, inf)", "corruption.w_procedural": "[0, inf)",
     "corruption.color_jitter": "[0, inf)", "corruption.stroke_samples": "[2, inf)",
-    "corruption.capacity_sigmas": "[0, inf)",
+    "corruption.capacity_sigmas": "[0, inf)", "corruption.perlin_base_max": "[1, inf)",
+    "corruption.perlin_envelope": "[0, inf)",
     "noise.sigma_max": "[0, inf)",
     "model.in_channels": "[1, inf)",
     "map.n": "[0, inf)", "map.k": "[1, inf)", "map.ref_size": "[1, inf)",
@@ -247,9 +253,11 @@ _RANGES = {
 }
 _CHOICES = {
     "noise.mode": NOISE_MODES,
+    "noise.sigma_reference": ("absolute", "image_noise"),
+    "map.normalize": ("none", "mean", "zscore"),
     "model.norm": ("batch", "group", "instance", "none"),
     "model.act": ("relu", "silu", "gelu", "leaky_relu"),
-    "model.skip_mode": ("concat", "add"),
+    "model.skip_mode": ("concat", "add", "none"),
     "model.downsample": ("maxpool", "conv"),
     "model.upsample": ("bilinear", "transpose"),
     "train.amp": ("auto", "bf16", "fp16", "fp32"),
