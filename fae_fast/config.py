@@ -327,30 +327,56 @@ def smoothing_for_size(cfg: MapConfig, height: int, width: int) -> tuple[int, in
     return cfg.n, max(1, min(31, k))
 
 
-def preset(name: str) -> FAEConfig:
-    """Named model presets, points on the accuracy/speed curve.
+def preset(name: str, device: str | None = None) -> FAEConfig:
+    """Named presets, points on the accuracy/speed curve.
 
-    * ``default``: the U-Net 64-128-256-512 of DESIGN.md.
+    * ``default``: the U-Net 64-128-256-512 of DESIGN.md, the full recipe for a GPU.
     * ``fast``: 32-64-128-256, about 4x fewer FLOPs.
-    * ``tiny``: 16-32-64-128 at 128x128, for the CPU demo and smoke tests.
+    * ``tiny``: 16-32-64-128 at 128x128, for the demo and smoke tests.
+    * ``cpu``: the recipe measured on BSData and KolektorSDD that trains ~800 images of a few hundred pixels in
+      under 20 minutes on 2 CPU cores (docs/RESULTS.md, "Accuracy on real data").
+    * ``auto``: ``default`` on a CUDA device, ``cpu`` otherwise (``device``: "auto" | "cpu" | "cuda[:i]").
     """
+    if name == "auto":
+        name = resolve_preset(name, device)
     cfg = FAEConfig()
     if name == "default":
         return cfg
     if name == "fast":
         cfg.model.widths = (32, 64, 128, 256)
         return cfg
-    if name == "tiny":
+    if name in ("tiny", "cpu"):
         cfg.model.widths = (16, 32, 64, 128)
         cfg.model.dilations = (1, 2, 4)
         cfg.train.image_size = (128, 128)
         cfg.train.auto_pixels = 128 * 128
         cfg.map.ref_size = 256
+        if name == "cpu":
+            _cpu_recipe(cfg)
         return cfg
     raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
 
 
-PRESETS = ("default", "fast", "tiny")
+def _cpu_recipe(cfg: FAEConfig) -> None:
+    """The CPU preset's recipe on top of ``tiny`` (each value measured: docs/RESULTS.md)."""
+    cfg.train.steps = 1200
+    cfg.train.batch_size = 8
+    cfg.train.lr = 3e-3
+    cfg.train.image_size = "auto"
+
+
+def resolve_preset(name: str, device: str | None = None) -> str:
+    """``auto`` -> ``default`` where training runs on CUDA, ``cpu`` elsewhere; other names pass through."""
+    if name != "auto":
+        return name
+    import torch
+
+    dev = "auto" if device is None else str(device)
+    cuda = torch.cuda.is_available() if dev == "auto" else dev.startswith("cuda")
+    return "default" if cuda else "cpu"
+
+
+PRESETS = ("auto", "default", "fast", "tiny", "cpu")
 
 
 def check_image_size(size, name: str = "size") -> tuple[int, int]:

@@ -284,3 +284,49 @@ def test_sigma_relative_to_the_image_noise():
     cfg.noise.sigma_reference = "bogus"
     with pytest.raises(ValueError, match="sigma_reference"):
         effective_sigma_max(cfg, img)
+
+
+# ---------------------------------------------------------------------------------------------- CLI defaults
+def test_auto_preset_follows_the_device():
+    from fae_fast.config import resolve_preset
+
+    assert resolve_preset("auto", "cpu") == "cpu"
+    assert resolve_preset("auto", "cuda:0") == "default"
+    assert resolve_preset("tiny", "cuda") == "tiny"
+    assert preset("auto", "cpu").to_dict() == preset("cpu").to_dict()
+    preset("cpu").validate()
+
+
+def test_train_cli_names_the_chosen_recipe_and_threads_in_its_first_line(tmp_path, capsys):
+    import torch as _torch
+
+    from fae_fast.cli import main
+    from fae_fast.synthetic import make_dataset
+
+    data = make_dataset(tmp_path / "d", n_train=8, n_test_good=2, n_test_defect=1, size=(32, 48), seed=0)
+    threads = _torch.get_num_threads()
+    try:
+        rc = main(["train", "--data", str(data), "--out", str(tmp_path / "m.fae"), "--steps", "2", "--size", "32x48",
+                   "--device", "cpu", "--threads", "1", "--quiet"])
+    finally:
+        _torch.set_num_threads(threads)
+    assert rc == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("train: preset cpu (auto: no GPU)") and "1 CPU threads" in first
+    assert "2 steps" in first and "size 32x48" in first
+
+
+def test_calibrate_cli_writes_the_f1_thresholds(tmp_path, capsys):
+    from fae_fast import Detector
+    from fae_fast.cli import main
+    from fae_fast.synthetic import make_dataset
+
+    data = make_dataset(tmp_path / "d", n_train=8, n_test_good=3, n_test_defect=1, size=(32, 32), seed=0)
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.batch_size = (32, 32), 4
+    Detector(cfg, device="cpu").fit(data, steps=2, progress=False).save(tmp_path / "m.fae")
+    rc = main(["calibrate", "--model", str(tmp_path / "m.fae"), "--data", str(data), "--out",
+               str(tmp_path / "m2.fae"), "--device", "cpu"])
+    assert rc == 0 and "F1-optimal" in capsys.readouterr().out
+    det = Detector.load(tmp_path / "m2.fae")
+    assert det.thresholds == Detector.load(tmp_path / "m.fae").calibrate(data)["thresholds"]
