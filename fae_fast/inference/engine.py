@@ -17,7 +17,7 @@ on a GPU (DESIGN.md section 4 has the plain-PyTorch anchors it is measured again
 
 On the CPU (``backend="auto"``) the engine runs the exported scoring graph with ONNX Runtime instead
 (:mod:`fae_fast.inference.ort`: the same network + error map + box filters + max, ``x / 255`` of uint8 frames
-inside the graph): 2-3x faster than PyTorch there (issue 13, ``bench/results/cpu_engine_2core-vm.json``). The
+inside the graph): ~3x faster than PyTorch there (issue 13, ``bench/results/cpu_engine_2core-vm.json``). The
 graph is exported once per model and image size (cached in memory) when the engine is built. Without onnxruntime
 (``pip install fae-fast[cpu]``), or when the model cannot be exported, it falls back to the PyTorch engine with
 one warning. The CUDA path never uses ONNX Runtime.
@@ -237,7 +237,8 @@ class Engine:
         batch_sizes: the batch sizes that get a CUDA graph; other batches are split and padded to them
             (:func:`plan_batches`). Ignored without CUDA graphs.
         fold_bn: fold BatchNorm into the convolutions.
-        map_backend: backend of :func:`fae_fast.ops.anomaly_map` ("auto": Triton on CUDA, reference on CPU).
+        map_backend: backend of :func:`fae_fast.ops.anomaly_map` ("auto": Triton on CUDA, reference on CPU) on
+            the PyTorch path (the ONNX Runtime backend computes the map inside its graph).
         in_channels: channels the model expects (grey frames are replicated to it).
         cudnn_benchmark: set ``torch.backends.cudnn.benchmark = True`` (a process-wide flag) on CUDA.
         compile_dynamic: ``dynamic=`` of torch.compile. None (default): batch 1 and the first other size compile

@@ -2,8 +2,9 @@
 
 On the CPU the fastest way to run the FAE is not PyTorch: ONNX Runtime on the graph of
 :func:`fae_fast.inference.export.export_onnx` (network + error map + n box-filter passes + max, uint8 input
-normalised inside the graph) measured 2-3x the eager/engine PyTorch throughput on a 2-core x86 VM (issue 13;
-``bench/results/cpu_engine_2core-vm.json``). This module holds:
+normalised inside the graph): on a 2-core x86 VM (tiny preset, 256x256 uint8, batch 1) the engine ran 3.7x plain
+eager PyTorch, 2.8x its own PyTorch backend and 1.2x plain ONNX Runtime on the same model (the session options
+below; issue 13, ``bench/results/cpu_engine_2core-vm.json``). This module holds:
 
 * :func:`onnx_model`: the ONNX bytes of a :class:`~fae_fast.inference.export.ReferenceGraph`, exported once per
   (weights, structure, image size, input dtype) and cached in memory (the torch.export-based exporter takes
