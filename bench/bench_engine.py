@@ -1,4 +1,5 @@
-"""Engine throughput and latency: plain eager fp32, plain bf16 + torch.compile, fae_fast's Engine, side by side.
+"""Engine throughput and latency: plain eager fp32, plain bf16 + torch.compile, fae_fast's Engine, side by side;
+on the CPU also the engine's PyTorch backend, plain ONNX Runtime and OpenVINO (when installed) on the same model.
 
 On CUDA: fae_fast's default U-Net (64-512) at 256^2, GPU-resident batches 1/16/64/256 and the host->host path
 (EfficientAD protocol: uint8 frame in pageable host memory -> map and score on the host) at batch 1 and 16.
@@ -6,10 +7,13 @@ On the CPU: a tiny U-Net at 32^2, batches 1 and 2, and no torch.compile (its ~25
 this keeps the file from rotting, the numbers mean nothing there. ``python -m fae_fast.inference.bench`` (the
 ``fae-fast bench`` command) prints the same comparison as one table.
 """
+import importlib.util
+
 import pytest
 import torch
 
 from bench._common import sync
+from fae_fast.inference import ort
 from fae_fast.inference.bench import Providers, make_model
 
 CUDA = torch.cuda.is_available()
@@ -18,7 +22,9 @@ WIDTHS = (64, 128, 256, 512) if CUDA else (8, 16)
 DILATIONS = (1, 2, 4, 8) if CUDA else (1, 2)
 BATCHES = (1, 16, 64, 256) if CUDA else (1, 2)
 HOST_BATCHES = (1, 16) if CUDA else (1,)
-PROVIDERS = ("eager_fp32", "compiled_bf16", "engine")
+CPU_ONLY = () if CUDA else ("engine_torch",) + (("onnxruntime",) if ort.available() else ()) + (
+    ("openvino",) if importlib.util.find_spec("openvino") is not None else ())
+PROVIDERS = ("eager_fp32", "compiled_bf16", "engine") + CPU_ONLY
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +33,8 @@ def providers():
     if CUDA:
         torch.backends.cudnn.benchmark = True
     return Providers(make_model(WIDTHS, DILATIONS), image_size=(SIZE, SIZE), n=4, k=7, device=dev,
-                     dtype=torch.bfloat16, compile=CUDA, batch_sizes=tuple(sorted(set(BATCHES) | set(HOST_BATCHES))))
+                     dtype=torch.bfloat16, compile=CUDA, batch_sizes=tuple(sorted(set(BATCHES) | set(HOST_BATCHES))),
+                     cpu_providers=CPU_ONLY)
 
 
 def _skip_compile_on_cpu(provider):
@@ -45,7 +52,8 @@ def test_gpu_resident(benchmark, bench_info, providers, provider, batch):
     x8 = x8.contiguous(memory_format=torch.channels_last)
     xf = x8.float().div(255.0).contiguous()
     fn, x = {"eager_fp32": (providers.eager_device, xf), "compiled_bf16": (providers.compiled_device, xf),
-             "engine": (providers.engine_device, x8)}[provider]
+             "engine": (providers.engine_device, x8), "engine_torch": (providers.engine_torch_device, x8),
+             "onnxruntime": (providers.onnxruntime_device, x8), "openvino": (providers.openvino_device, x8)}[provider]
     fn(x)  # compilation / graph capture outside the timing
     sync(dev)
 
@@ -55,8 +63,9 @@ def test_gpu_resident(benchmark, bench_info, providers, provider, batch):
         return out
 
     bench_info.update(provider=provider, scenario="gpu_resident", batch=batch, image_size=SIZE,
-                      widths=list(WIDTHS), dtype="float32" if provider == "eager_fp32" else "bfloat16",
-                      input_dtype="uint8" if provider == "engine" else "float32")
+                      widths=list(WIDTHS), dtype="bfloat16" if CUDA and provider != "eager_fp32" else "float32",
+                      input_dtype="float32" if provider in ("eager_fp32", "compiled_bf16") else "uint8",
+                      engine_backend=providers.engine.backend)
     _, score = benchmark(run)
     assert score.shape == (batch,) and bool(torch.isfinite(score).all())
 
@@ -69,7 +78,8 @@ def test_host_to_host(benchmark, bench_info, providers, provider, batch):
     gen = torch.Generator().manual_seed(1)
     frames = torch.randint(0, 256, (batch, SIZE, SIZE, 3), dtype=torch.uint8, generator=gen)
     fn = {"eager_fp32": providers.eager_host, "compiled_bf16": providers.compiled_host,
-          "engine": providers.engine_host}[provider]
+          "engine": providers.engine_host, "engine_torch": providers.engine_torch_host,
+          "onnxruntime": providers.onnxruntime_host, "openvino": providers.openvino_host}[provider]
     fn(frames)
     bench_info.update(provider=provider, scenario="host_to_host", batch=batch, image_size=SIZE,
                       widths=list(WIDTHS), protocol="EfficientAD: H2D start -> map on host")

@@ -77,6 +77,13 @@ def test_onnx_matches_eager(tmp_path, model, input_dtype):
             np.mean((amap[:, 0] > 1e-3) != (ref_map.numpy() > 1e-3)) < 1e-3
 
 
+def test_onnx_export_quiet(tmp_path, model, capfd):
+    """verbose=False (what the CPU engine passes when it exports as a side effect): no exporter progress lines."""
+    pytest.importorskip("onnxscript")
+    export_onnx(model, tmp_path / "q.onnx", image_size=(H, W), n=N_SMOOTH, k=K_SMOOTH, verbose=False)
+    assert "[torch.onnx]" not in capfd.readouterr().out
+
+
 def test_export_validation(tmp_path, model):
     with pytest.raises(ValueError, match="opset"):
         export_onnx(model, tmp_path / "a.onnx", image_size=(H, W), opset=16)

@@ -1,6 +1,7 @@
-"""High-FPS inference: the :class:`Engine` (folded, bf16, compiled, CUDA-graph-captured FAE scoring), the
-:class:`InlineStream` a camera loop feeds frame by frame, the throughput benchmark (``fae-fast bench``,
-:mod:`fae_fast.inference.bench`) and the exporters (:mod:`fae_fast.inference.export`: ONNX, AOTInductor).
+"""High-FPS inference: the :class:`Engine` (folded, bf16, compiled, CUDA-graph-captured FAE scoring on a GPU; the
+exported graph in ONNX Runtime on the CPU, :mod:`fae_fast.inference.ort`), the :class:`InlineStream` a camera
+loop feeds frame by frame, the throughput benchmark (``fae-fast bench``, :mod:`fae_fast.inference.bench`) and the
+exporters (:mod:`fae_fast.inference.export`: ONNX, AOTInductor).
 
 Importing this package needs no GPU, no Triton and no onnx: each part loads what it needs on use.
 

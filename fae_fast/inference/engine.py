@@ -15,6 +15,13 @@ on a GPU (DESIGN.md section 4 has the plain-PyTorch anchors it is measured again
   input/output buffers, which removes the launch overhead that dominates at batch 1;
 * pinned host buffers for the host -> device -> host path of :meth:`Engine.predict`.
 
+On the CPU (``backend="auto"``) the engine runs the exported scoring graph with ONNX Runtime instead
+(:mod:`fae_fast.inference.ort`: the same network + error map + box filters + max, ``x / 255`` of uint8 frames
+inside the graph): ~3x faster than PyTorch there (issue 13, ``bench/results/cpu_engine_2core-vm.json``). The
+graph is exported once per model and image size (cached in memory) when the engine is built. Without onnxruntime
+(``pip install fae-fast[cpu]``), or when the model cannot be exported, it falls back to the PyTorch engine with
+one warning. The CUDA path never uses ONNX Runtime.
+
 Thresholds are applied *after* the graph (one compare), so the caller can override them on any call without
 recompiling, recapturing or re-exporting.
 
@@ -25,7 +32,8 @@ score or map pixel, from a model that broke on a frame, counts as above the thre
 Agreement with the fp32 eager model (the reference: unfolded network in eval mode + reference anomaly map):
 
 * ``dtype=torch.float32``: scores and maps within ``rtol=1e-4, atol=1e-7`` (BN folding reorders the arithmetic;
-  measured ~1e-6 relative on CPU);
+  measured ~1e-6 relative on CPU); the same bound holds for the ONNX Runtime backend against the reference and
+  against the PyTorch engine (different convolution kernels; tests/test_cpu_engine.py);
 * ``dtype=torch.bfloat16``: bf16 has an 8-bit mantissa, so the reconstruction carries ~2**-9 relative rounding;
   the engine's map error is bounded by twice the error of plain bf16 autocast of the same network (the
   precision the user would otherwise run at) plus ``1e-6`` absolute; scores then agree to a few per cent
@@ -41,6 +49,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -51,7 +60,17 @@ from ..api import Prediction, above, check_float_images
 from ..config import check_image_size
 from ..scoring import check_threshold
 
-__all__ = ["Engine", "InferenceResult", "apply_thresholds", "resolve_dtype", "resolve_device", "plan_batches"]
+__all__ = ["Engine", "InferenceResult", "apply_thresholds", "resolve_dtype", "resolve_device", "plan_batches",
+           "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)  # the caller of Engine(...)
 
 _DTYPE_NAMES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -218,12 +237,18 @@ class Engine:
         batch_sizes: the batch sizes that get a CUDA graph; other batches are split and padded to them
             (:func:`plan_batches`). Ignored without CUDA graphs.
         fold_bn: fold BatchNorm into the convolutions.
-        map_backend: backend of :func:`fae_fast.ops.anomaly_map` ("auto": Triton on CUDA, reference on CPU).
+        map_backend: backend of :func:`fae_fast.ops.anomaly_map` ("auto": Triton on CUDA, reference on CPU) on
+            the PyTorch path (the ONNX Runtime backend computes the map inside its graph).
         in_channels: channels the model expects (grey frames are replicated to it).
         cudnn_benchmark: set ``torch.backends.cudnn.benchmark = True`` (a process-wide flag) on CUDA.
         compile_dynamic: ``dynamic=`` of torch.compile. None (default): batch 1 and the first other size compile
             specialised, later sizes reuse a batch-dynamic graph (2-3 compilations for any number of captured
             sizes); False: one specialised compilation per size (slower start, maybe faster small kernels).
+        backend: "auto" | "torch" | "onnxruntime". "auto": ONNX Runtime on the CPU when it is installed and the
+            engine runs fp32 without torch.compile or an explicit ``map_backend`` (the settings of the PyTorch
+            path), else PyTorch; on CUDA always PyTorch. "onnxruntime" needs the CPU, fp32 and no compile.
+        threads: CPU threads: ONNX Runtime's intra-op threads, or ``torch.set_num_threads`` (process-wide) for
+            the PyTorch backend on the CPU. None: the runtime's default. Ignored on CUDA.
 
     The engine is not thread-safe: one thread at a time (the :class:`~fae_fast.inference.stream.InlineStream`
     worker, or the caller).
@@ -232,7 +257,8 @@ class Engine:
     def __init__(self, model: nn.Module, *, image_size, n: int | None = None, k: int | None = None,
                  thresholds: dict | None = None, dtype="auto", device="auto", compile=None, cuda_graphs=None,
                  batch_sizes: Sequence[int] = (1, 16, 64, 256), fold_bn: bool = True, map_backend: str = "auto",
-                 in_channels: int = 3, cudnn_benchmark: bool = True, compile_dynamic: bool | None = None):
+                 in_channels: int = 3, cudnn_benchmark: bool = True, compile_dynamic: bool | None = None,
+                 backend: str = "auto", threads: int | None = None):
         from .. import _backend
         from ..config import MapConfig, smoothing_for_size
 
@@ -251,6 +277,10 @@ class Engine:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         on_cuda = self.device.type == "cuda"
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.threads = threads
+        self.backend = self._resolve_backend(backend, compile, map_backend)
 
         if cuda_graphs in (None, "auto"):
             cuda_graphs = on_cuda
@@ -315,6 +345,59 @@ class Engine:
         self._runners: dict[tuple[int, torch.dtype], _Runner] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self._pinned: dict[tuple, torch.Tensor] = {}
+        self._ort = None
+        if self.backend == "onnxruntime":
+            self._ort = self._build_ort(model, fold_bn, explicit=backend == "onnxruntime")
+        if self.backend == "torch" and not on_cuda and threads is not None:
+            torch.set_num_threads(threads)
+
+    def _resolve_backend(self, backend, compile, map_backend) -> str:
+        """"torch" or "onnxruntime" for the requested backend and the engine's device, dtype and compile."""
+        from . import ort
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        torch_settings = (self.device.type == "cuda" or self.dtype != torch.float32
+                          or compile not in (None, "auto", False) or map_backend != "auto")
+        if backend == "onnxruntime":
+            if torch_settings:
+                raise ValueError(f"backend='onnxruntime' runs fp32 on the CPU without torch.compile or a "
+                                 f"map_backend; got device={self.device}, dtype={self.dtype}, compile={compile!r}, "
+                                 f"map_backend={map_backend!r}")
+            if not ort.available():
+                raise ValueError(f"backend='onnxruntime' needs {' and '.join(ort.missing())} "
+                                 "(pip install fae-fast[cpu])")
+            return backend
+        if backend == "torch" or torch_settings:
+            return "torch"
+        if not ort.available():
+            _warn_once("ort-missing", f"{' and '.join(ort.missing())} not installed: the CPU engine runs PyTorch, "
+                                      "2-3x slower than ONNX Runtime (pip install fae-fast[cpu])")
+            return "torch"
+        return "onnxruntime"
+
+    def _build_ort(self, model: nn.Module, fold_bn: bool, explicit: bool):
+        """The ONNX Runtime runner, its uint8 graph exported (or taken from the cache) and its session built now,
+        so that an export failure shows here; with backend="auto" it falls back to PyTorch with a warning."""
+        from .export import ReferenceGraph
+        from .ort import OrtRunner
+
+        try:
+            graph = ReferenceGraph(model, n=self.n, k=self.k, fold_bn=fold_bn)
+            runner = OrtRunner(graph, image_size=self.image_size, in_channels=self.in_channels, threads=self.threads)
+            runner.session("uint8")
+            return runner
+        except Exception as exc:  # noqa: BLE001 -- any exporter / runtime failure means "use PyTorch"
+            if explicit:
+                raise RuntimeError(f"backend='onnxruntime': exporting {type(model).__name__} to ONNX or loading it "
+                                   f"failed: {exc}") from exc
+            _warn_once(f"ort-export-{type(model).__qualname__}",
+                       f"the CPU engine runs PyTorch: exporting {type(model).__name__} to ONNX for ONNX Runtime "
+                       f"failed ({type(exc).__name__}: {str(exc)[:200]})")
+            self.backend = "torch"
+            if self.threads is not None:
+                torch.set_num_threads(self.threads)
+            return None
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -410,7 +493,12 @@ class Engine:
         return r
 
     def warmup(self, dtypes: Sequence[torch.dtype] = (torch.uint8,)) -> "Engine":
-        """Compile and capture every batch size in ``batch_sizes`` now (otherwise the first call of each does)."""
+        """Compile and capture every batch size in ``batch_sizes`` now (otherwise the first call of each does);
+        with ONNX Runtime, export and load the graph of each input dtype and run it once."""
+        if self._ort is not None:
+            for dt in dtypes:
+                self._ort(torch.zeros((1, self.in_channels, *self.image_size), dtype=dt))
+            return self
         for dt in dtypes:
             for b in (self.batch_sizes if self.cuda_graphs else self.batch_sizes[:1] or (1,)):
                 self.runner(b, dt)(None)
@@ -434,6 +522,8 @@ class Engine:
         self.check_batch(x)
         if x.device != self.device:
             raise ValueError(f"images are on {x.device}, the engine on {self.device}; use predict() for host input")
+        if self._ort is not None:
+            return self._ort(x)
         if not self.cuda_graphs:
             with torch.inference_mode():
                 return self._fn(x)
@@ -596,5 +686,6 @@ class Engine:
 
     def __repr__(self) -> str:
         return (f"Engine(image_size={self.image_size}, n={self.n}, k={self.k}, dtype={self.dtype}, "
-                f"device={self.device}, compile={self.compile_mode}, cuda_graphs={self.cuda_graphs}, "
-                f"batch_sizes={self.batch_sizes}, map_backend={self.map_backend!r}, thresholds={self.thresholds})")
+                f"device={self.device}, backend={self.backend!r}, threads={self.threads}, "
+                f"compile={self.compile_mode}, cuda_graphs={self.cuda_graphs}, batch_sizes={self.batch_sizes}, "
+                f"map_backend={self.map_backend!r}, thresholds={self.thresholds})")

@@ -109,7 +109,7 @@ def _nk(image_size, n, k):
 
 def export_onnx(model: nn.Module, path, *, image_size, n: int | None = None, k: int | None = None,
                 thresholds: dict | None = None, input_dtype: str = "uint8", opset: int = 18,
-                in_channels: int = 3, fold_bn: bool = True, dynamo: bool = True) -> Path:
+                in_channels: int = 3, fold_bn: bool = True, dynamo: bool = True, verbose: bool | None = None) -> Path:
     """Write the reference graph as ONNX with a dynamic batch dimension.
 
     Args:
@@ -123,6 +123,7 @@ def export_onnx(model: nn.Module, path, *, image_size, n: int | None = None, k: 
             17 makes it down-convert, which can fail for Reduce* ops and then keeps 18 with a warning).
         fold_bn: fold BatchNorm before export.
         dynamo: use the ``torch.export``-based exporter (needs onnxscript); False: the TorchScript exporter.
+        verbose: ``verbose=`` of ``torch.onnx.export`` (False: no progress lines on stdout).
 
     Returns:
         The path written. Inputs: ``images`` (B, C, H, W); outputs ``anomaly_map``, ``pred_score``.
@@ -148,11 +149,11 @@ def export_onnx(model: nn.Module, path, *, image_size, n: int | None = None, k: 
         with torch.no_grad():
             if dynamo:
                 batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
-                prog = torch.onnx.export(graph, (x,), None, opset_version=opset, dynamo=True,
+                prog = torch.onnx.export(graph, (x,), None, opset_version=opset, dynamo=True, verbose=verbose,
                                          dynamic_shapes={"x": {0: batch}}, **names)
                 prog.save(str(tmp))
             else:
-                torch.onnx.export(graph, (x,), str(tmp), opset_version=opset, dynamo=False,
+                torch.onnx.export(graph, (x,), str(tmp), opset_version=opset, dynamo=False, verbose=bool(verbose),
                                   dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"},
                                                 "pred_score": {0: "batch"}}, **names)
         if onnx is not None:
