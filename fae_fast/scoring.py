@@ -21,6 +21,7 @@ import torch
 from . import ops
 
 __all__ = ["resolve_device", "autocast_dtype", "compute_maps", "thresholds_from_holdout", "check_threshold",
+           "MapNormalizer",
            "map_statistics", "normalize_maps", "check_map_statistics", "leave_one_out_normalized",
            "NORMALIZE_MODES"]
 
@@ -236,6 +237,35 @@ def normalize_maps(maps: torch.Tensor, stats: dict[str, torch.Tensor] | None, mo
         raise ValueError(f"normalize mode {mode!r} needs per-pixel statistics of normal images")
     out = maps - stats["mean"].to(maps.device)
     return out if mode == "mean" else out / stats["scale"].to(maps.device)
+
+
+class MapNormalizer(torch.nn.Module):
+    """:func:`normalize_maps` as a module, for compiled and exported graphs: ``(map, score) -> (map', score')``
+    with ``score' = max(map')``; the identity for mode "none".
+
+    The statistics are buffers (they travel with ``.to()``, are part of an ONNX export and of a graph's
+    fingerprint); z-scores multiply by a stored ``1 / scale``.
+    """
+
+    def __init__(self, mode: str = "none", stats: dict[str, torch.Tensor] | None = None,
+                 size: tuple[int, int] | None = None):
+        super().__init__()
+        self.mode = mode
+        if mode == "none":
+            return
+        if size is None:
+            size = tuple(stats["mean"].shape[-2:]) if isinstance(stats, dict) and "mean" in stats else (0, 0)
+        check_map_statistics(stats, tuple(size), mode)
+        self.register_buffer("mean", stats["mean"].float().clone())
+        self.register_buffer("inv_scale", 1.0 / stats["scale"].float())
+
+    def forward(self, amap: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "none":
+            return amap, score
+        out = amap - self.mean
+        if self.mode == "zscore":
+            out = out * self.inv_scale
+        return out, out.amax(dim=(1, 2, 3))
 
 
 def check_threshold(value, name: str) -> float | None:

@@ -157,9 +157,11 @@ class _Pipeline(nn.Module):
     computed against the original ``x`` (uint8 exact, or the caller's float), never against its bf16 copy.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, n: int, k: int, map_fn, residual: bool = False):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, n: int, k: int, map_fn, residual: bool = False,
+                 normalizer: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.normalizer = normalizer
         self.dtype = dtype
         self.n, self.k = int(n), int(k)
         self.map_fn = map_fn
@@ -173,7 +175,8 @@ class _Pipeline(nn.Module):
             # float32 image here keeps recon - x == h exact instead of rounding x + h to bf16 (2**-9 relative,
             # which measured 5x the map error of plain autocast); Inductor fuses the add into the last conv
             out = xf.to(torch.float32) + out.to(torch.float32)
-        return self.map_fn(x, out, n=self.n, k=self.k)
+        amap, score = self.map_fn(x, out, n=self.n, k=self.k)
+        return (amap, score) if self.normalizer is None else self.normalizer(amap, score)
 
 
 class _Runner:
@@ -249,6 +252,8 @@ class Engine:
             path), else PyTorch; on CUDA always PyTorch. "onnxruntime" needs the CPU, fp32 and no compile.
         threads: CPU threads: ONNX Runtime's intra-op threads, or ``torch.set_num_threads`` (process-wide) for
             the PyTorch backend on the CPU. None: the runtime's default. Ignored on CUDA.
+        normalize, map_stats: per-pixel normalisation of the map by statistics of normal images
+            (:class:`fae_fast.scoring.MapNormalizer`; a model file trained with ``map.normalize`` brings both).
 
     The engine is not thread-safe: one thread at a time (the :class:`~fae_fast.inference.stream.InlineStream`
     worker, or the caller).
@@ -258,8 +263,10 @@ class Engine:
                  thresholds: dict | None = None, dtype="auto", device="auto", compile=None, cuda_graphs=None,
                  batch_sizes: Sequence[int] = (1, 16, 64, 256), fold_bn: bool = True, map_backend: str = "auto",
                  in_channels: int = 3, cudnn_benchmark: bool = True, compile_dynamic: bool | None = None,
-                 backend: str = "auto", threads: int | None = None):
+                 backend: str = "auto", threads: int | None = None, normalize: str = "none",
+                 map_stats: dict | None = None):
         from .. import _backend
+        from ..scoring import MapNormalizer
         from ..config import MapConfig, smoothing_for_size
 
         if not isinstance(model, nn.Module):
@@ -323,7 +330,9 @@ class Engine:
         residual = isinstance(getattr(net, "residual", None), bool) and net.residual
         if residual:
             net.residual = False
-        self._pipeline = _Pipeline(net, self.dtype, self.n, self.k, map_fn, residual=residual).eval()
+        self.normalizer = MapNormalizer(normalize, map_stats, self.image_size).to(self.device)
+        self._pipeline = _Pipeline(net, self.dtype, self.n, self.k, map_fn, residual=residual,
+                                   normalizer=self.normalizer).eval()
         if on_cuda:
             # one eager call of the map op: the Triton kernel caches its box-filter operators per image size on the
             # first eager call, so the compiled graph reads them as constants instead of rebuilding them
@@ -383,7 +392,8 @@ class Engine:
         from .ort import OrtRunner
 
         try:
-            graph = ReferenceGraph(model, n=self.n, k=self.k, fold_bn=fold_bn)
+            graph = ReferenceGraph(model, n=self.n, k=self.k, fold_bn=fold_bn,
+                                   normalizer=copy.deepcopy(self.normalizer).cpu())
             runner = OrtRunner(graph, image_size=self.image_size, in_channels=self.in_channels, threads=self.threads)
             runner.session("uint8")
             return runner
@@ -426,6 +436,13 @@ class Engine:
             kwargs["thresholds"] = {k: check_threshold(v, f"{path}: stored {k} threshold")
                                     for k, v in mf.thresholds.items() if k in ("image", "pixel")}
         kwargs.setdefault("in_channels", mf.config.model.in_channels)
+        if mf.config.map.normalize != "none":
+            from ..scoring import check_map_statistics
+
+            check_map_statistics(mf.meta.get("map_stats"), tuple(mf.image_size), mf.config.map.normalize,
+                                 what=str(path))
+            kwargs.setdefault("normalize", mf.config.map.normalize)
+            kwargs.setdefault("map_stats", mf.meta["map_stats"])
         return cls(model.eval(), image_size=tuple(mf.image_size), **kwargs)
 
     @staticmethod
@@ -682,7 +699,8 @@ class Engine:
         from .. import reference
 
         net = copy.deepcopy(model).eval().to(self.device)
-        return _Pipeline(net, torch.float32, self.n, self.k, reference.anomaly_map).eval()
+        return _Pipeline(net, torch.float32, self.n, self.k, reference.anomaly_map,
+                         normalizer=self.normalizer).eval()
 
     def __repr__(self) -> str:
         return (f"Engine(image_size={self.image_size}, n={self.n}, k={self.k}, dtype={self.dtype}, "

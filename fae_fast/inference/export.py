@@ -44,12 +44,13 @@ class ReferenceGraph(nn.Module):
         model: the network ((B, C, H, W) float in [0, 1] -> reconstruction); an eval copy is kept.
         n, k: box-filter passes and odd window.
         fold_bn: fold BatchNorm into the convolutions (exact to ~1e-5 in float32; smaller graph).
+        normalizer: a :class:`fae_fast.scoring.MapNormalizer` applied to the map and score (None: raw maps).
 
     ``forward(x)``: x (B, C, H, W) uint8 (0..255) or float in [0, 1] -> (map (B, 1, H, W) float32, score (B,)
     float32).
     """
 
-    def __init__(self, model: nn.Module, *, n: int, k: int, fold_bn: bool = True):
+    def __init__(self, model: nn.Module, *, n: int, k: int, fold_bn: bool = True, normalizer: nn.Module | None = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -67,11 +68,13 @@ class ReferenceGraph(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.n, self.k = n, k
+        self.normalizer = normalizer  # a scoring.MapNormalizer (per-pixel statistics of normal maps) or None
 
     def forward(self, x: torch.Tensor):
         xf = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
         recon = self.model(xf)
-        return reference.anomaly_map(xf, recon, n=self.n, k=self.k)
+        amap, score = reference.anomaly_map(xf, recon, n=self.n, k=self.k)
+        return (amap, score) if self.normalizer is None else self.normalizer(amap, score)
 
 
 def _example(image_size, in_channels, input_dtype, device, batch=2):
