@@ -183,16 +183,25 @@ def _verify_checksum(path, obj: dict, what: str) -> None:
 
 def _read(path: str | os.PathLike, map_location, what: str) -> dict:
     """``torch.load(weights_only=True)`` with errors turned into ``ValueError`` naming the path."""
+    from .data.io import open_regular_file
+
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{what} {path} does not exist")
-    if not path.is_file():
-        raise ValueError(f"{what} {path} is not a file")
     try:
-        with warnings.catch_warnings():
+        # the check is made on the opened descriptor: a FIFO named model.fae is refused, never waited on
+        f = open_regular_file(path, what)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is not a file but a folder") from None
+    except ValueError:
+        raise ValueError(f"{what} {path} is not a regular file (a pipe, socket or device?)") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        with f, warnings.catch_warnings():
             # a legacy (non-zip) pickle draws a protocol warning before it is refused or checked below
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(f, map_location=map_location, weights_only=True)
     except Exception as exc:
         # weights_only refuses arbitrary pickles (UnpicklingError); garbage bytes fail anywhere in zip or
         # pickle parsing (BadZipFile, EOFError, KeyError, RuntimeError...): all mean "not one of our files"
