@@ -195,3 +195,63 @@ def test_a_full_disk_while_writing_the_cache_warns_and_keeps_the_decoded_images(
         got = load_images(paths, (16, 16), cache_dir=tmp_path / "cache")
     assert torch.equal(got, want)
     assert not [p for p in (tmp_path / "cache").iterdir()], "no temporary file is left behind"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the output-folder lock on a full disk
+
+
+class _FullDisk:
+    """A buffered file on a full disk: written data fails with ENOSPC when it is flushed, and again on close."""
+
+    def __init__(self, f):
+        self._f, self._pending = f, False
+
+    def write(self, data):
+        self._pending = True
+        return len(data)
+
+    def flush(self):
+        if self._pending:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self):
+        self._f.close()
+        self.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def test_a_full_disk_while_taking_the_output_folder_lock_is_one_line_naming_the_lock_file(tmp_path, monkeypatch):
+    from fae_fast import cli
+
+    monkeypatch.setattr(cli, "open", lambda *a, **kw: _FullDisk(open(*a, **kw)), raising=False)
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as exc:
+        with cli.lock_folder(out):
+            pass
+    assert _one_line(exc) == f"no space left on device: {out / cli.LOCK_NAME}"
+    assert cli._one_line(exc.value) == str(exc.value)  # what the CLI prints after "fae-fast predict: error: "
+
+
+def test_a_model_file_with_an_image_size_outside_the_side_bounds_is_refused_naming_the_file(tmp_path):
+    from fae_fast import checkpoint
+    from fae_fast.models import build_model
+
+    cfg = preset("tiny")
+    state = build_model(cfg.model).state_dict()
+    with pytest.raises(ValueError, match=r"image_size \(4, 32\) has a side outside \[8, 8192\]"):
+        checkpoint.save_model_file(tmp_path / "small.fae", model_state=state, config=cfg, image_size=(4, 32),
+                                   thresholds={})
+    good = checkpoint.save_model_file(tmp_path / "m.fae", model_state=state, config=cfg, image_size=(32, 32),
+                                      thresholds={"image": 0.1, "pixel": 0.1})
+    obj = torch.load(good, weights_only=True)
+    obj.pop("checksum")
+    for name, size in (("zero.fae", [0, 32]), ("huge.fae", [100000, 100000])):
+        # a consistent checksum: the file is well-formed, only its image size is absurd (an engine would
+        # allocate buffers of that size)
+        torch.save(checkpoint._with_checksum({**obj, "image_size": size}), tmp_path / name)
+        with pytest.raises(ValueError, match=f"{name} holds an invalid image size") as exc:
+            checkpoint.load_model_file(tmp_path / name)
+        _one_line(exc)
