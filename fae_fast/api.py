@@ -315,7 +315,7 @@ class Detector:
         self.config.validate()  # every value checked before any image is read
         if isinstance(data, (list, tuple, np.ndarray, torch.Tensor)) and len(data) == 0:
             shape = f" of shape {tuple(data.shape)}" if hasattr(data, "shape") else ""
-            raise ValueError(f"fit needs at least one training image, got an empty {type(data).__name__}{shape}")
+            raise ValueError(f"fit: no training images (got an empty {type(data).__name__}{shape})")
         paths = normal_image_paths(Path(data)) if isinstance(data, (str, os.PathLike)) else None
         if self.config.train.image_size == "auto":
             self.config.train.image_size = resolve_auto_size(paths if paths is not None else data,
