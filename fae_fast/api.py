@@ -107,11 +107,14 @@ def _resize_batch(x: torch.Tensor, size: tuple[int, int], keep_aspect: bool) -> 
 
 
 def _hwc_to_rgb(arr: np.ndarray, what: str) -> np.ndarray:
-    """(H, W), (H, W, 1|3|4) -> (H, W, 3)."""
+    """(H, W), (H, W, 1|3|4) -> (H, W, 3); ValueError naming the shape for anything else or an empty image."""
+    shape = arr.shape
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ValueError(f"{what}: expected (H, W), (H, W, 1|3|4) pixels, got shape {arr.shape}")
+        raise ValueError(f"{what}: expected (H, W), (H, W, 1|3|4) pixels, got shape {shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{what}: empty image of shape {shape} (H and W must be at least 1)")
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     return arr[:, :, :3]
@@ -153,7 +156,7 @@ def _to_uint8_batch(images, size, keep_aspect, first: int) -> tuple[torch.Tensor
         return load_images([Path(p) for p in images], size, keep_aspect=keep_aspect), "paths"
     if isinstance(images, (list, tuple)):
         if not images:
-            raise ValueError("no images given")
+            raise ValueError(f"no images given (an empty {type(images).__name__})")
         batches = []
         for im in images:
             batches.append(_to_uint8_batch(im, size, keep_aspect, first + sum(len(b) for b in batches))[0])
@@ -163,9 +166,11 @@ def _to_uint8_batch(images, size, keep_aspect, first: int) -> tuple[torch.Tensor
         if arr.dtype == np.uint16:
             arr = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)  # rounded, like the file reader
         if arr.ndim == 4:
+            if 0 in arr.shape[:3]:
+                raise ValueError(f"numpy images: empty batch of shape {arr.shape} (N, H and W must be at least 1)")
             arr = np.stack([_hwc_to_rgb(a, f"image {first + i}") for i, a in enumerate(arr)])
         elif arr.ndim in (2, 3):
-            arr = _hwc_to_rgb(arr, "image")[None]
+            arr = _hwc_to_rgb(arr, f"image {first}")[None]
         else:
             raise ValueError(f"numpy images must be (H, W), (H, W, C) or (N, H, W, C), got shape {arr.shape}")
         t = _to_uint8(torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2), first)
@@ -177,6 +182,9 @@ def _to_uint8_batch(images, size, keep_aspect, first: int) -> tuple[torch.Tensor
         if t.dim() != 4 or t.shape[1] not in (1, 3, 4):
             raise ValueError(f"torch images must be (C, H, W) or (B, C, H, W) with C in 1, 3, 4, "
                              f"got shape {tuple(images.shape)}")
+        if 0 in (t.shape[0], t.shape[2], t.shape[3]):
+            raise ValueError(f"torch images: empty batch of shape {tuple(images.shape)} (B, H and W must be at "
+                             f"least 1)")
         t = t[:, :3] if t.shape[1] != 1 else t.expand(-1, 3, -1, -1)
         t = _to_uint8(t.cpu(), first)
         return _resize_batch(t.contiguous(), size, keep_aspect), "torch"
@@ -283,14 +291,19 @@ class Detector:
             data: an MVTec category root (its ``train/good`` is used), a folder of normal images, a list of image
                 paths, or images (numpy (N, H, W, C) / torch (N, C, H, W)).
             steps: training steps (default ``config.train.steps``).
-            image_size: (H, W) the model works at, or "auto": the aspect ratio of the first training image at
-                about ``config.train.auto_pixels`` pixels (default ``config.train.image_size``).
+            image_size: (H, W) the model works at, or "auto": the median aspect ratio of all the training images
+                at about ``config.train.auto_pixels`` pixels (see :func:`resolve_auto_size`; default
+                ``config.train.image_size``).
             checkpoint: where periodic training-state checkpoints go (atomic); None keeps none.
             resume: a training-state checkpoint to continue from.
             progress: show a progress bar.
 
         Returns:
             self, trained, with thresholds from the held-out normal images.
+
+        Raises:
+            ValueError: no training images (an empty list, folder or batch), an invalid config value, or an image
+                that cannot be used (named).
         """
         from . import train as train_mod
         from .data import load_images, normal_image_paths
@@ -300,6 +313,9 @@ class Detector:
         if image_size is not None:
             self.config.train.image_size = image_size if image_size == "auto" else tuple(int(v) for v in image_size)
         self.config.validate()  # every value checked before any image is read
+        if isinstance(data, (list, tuple, np.ndarray, torch.Tensor)) and len(data) == 0:
+            shape = f" of shape {tuple(data.shape)}" if hasattr(data, "shape") else ""
+            raise ValueError(f"fit: no training images (got an empty {type(data).__name__}{shape})")
         paths = normal_image_paths(Path(data)) if isinstance(data, (str, os.PathLike)) else None
         if self.config.train.image_size == "auto":
             self.config.train.image_size = resolve_auto_size(paths if paths is not None else data,

@@ -37,7 +37,7 @@ import torch
 
 from . import _atomic
 from ._version import __version__
-from .config import FAEConfig, check_image_size
+from .config import MAX_SIDE, MIN_SIDE, FAEConfig, check_image_size
 
 __all__ = ["FORMAT_MARKER", "FORMAT_VERSION", "TRAIN_STATE_MARKER", "TRAIN_STATE_VERSION", "MAX_PARAMETERS",
            "ModelFile", "atomic_save", "save_model_file", "load_model_file", "save_train_state", "load_train_state"]
@@ -183,16 +183,25 @@ def _verify_checksum(path, obj: dict, what: str) -> None:
 
 def _read(path: str | os.PathLike, map_location, what: str) -> dict:
     """``torch.load(weights_only=True)`` with errors turned into ``ValueError`` naming the path."""
+    from .data.io import open_regular_file
+
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{what} {path} does not exist")
-    if not path.is_file():
-        raise ValueError(f"{what} {path} is not a file")
     try:
-        with warnings.catch_warnings():
+        # the check is made on the opened descriptor: a FIFO named model.fae is refused, never waited on
+        f = open_regular_file(path, what)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is not a file but a folder") from None
+    except ValueError:
+        raise ValueError(f"{what} {path} is not a regular file (a pipe, socket or device?)") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        with f, warnings.catch_warnings():
             # a legacy (non-zip) pickle draws a protocol warning before it is refused or checked below
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(f, map_location=map_location, weights_only=True)
     except Exception as exc:
         # weights_only refuses arbitrary pickles (UnpicklingError); garbage bytes fail anywhere in zip or
         # pickle parsing (BadZipFile, EOFError, KeyError, RuntimeError...): all mean "not one of our files"
@@ -291,13 +300,21 @@ def save_model_file(path, *, model_state: dict[str, torch.Tensor], config, image
         "fae_fast_version": __version__,
         "state": {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in model_state.items()},
         "config": _config_dict(config),
-        "image_size": check_image_size(image_size, "image_size"),
+        "image_size": _image_size(image_size),
         "thresholds": _thresholds(thresholds),
         "meta": dict(meta or {}),
     }
     _check_loadable(payload["meta"])
     _check_weights(path, payload["state"], FAEConfig.from_dict(payload["config"]), limit=None)
     return atomic_save(_with_checksum(payload), path)
+
+
+def _image_size(size) -> tuple[int, int]:
+    """(H, W) within the side bounds of ``--size``: an engine allocates its buffers at this size."""
+    h, w = check_image_size(size, "image_size")
+    if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE:
+        raise ValueError(f"image_size ({h}, {w}) has a side outside [{MIN_SIDE}, {MAX_SIDE}]")
+    return h, w
 
 
 def _check_loadable(meta: dict) -> None:
@@ -331,8 +348,8 @@ def load_model_file(path, map_location="cpu", *, max_parameters: int | None = No
     Raises:
         ValueError: ``path`` is missing, not a file, not a torch file, not a fae_fast model file (a training
             state, a random pickle), has another ``format_version`` (the message names both versions), does not
-            match its checksum (damaged), or holds tensors that do not fit its config or a network larger
-            than ``max_parameters``.
+            match its checksum (damaged), holds tensors that do not fit its config or a network larger
+            than ``max_parameters``, or an image size with a side outside [8, 8192].
 
     Warns:
         UserWarning: the file was written by another fae_fast version with the same format (names both), or
@@ -350,7 +367,11 @@ def load_model_file(path, map_location="cpu", *, max_parameters: int | None = No
     if not isinstance(obj["state"], dict):
         raise ValueError(f"{path} is a damaged fae_fast model file: its state is a {type(obj['state']).__name__}")
     _check_weights(path, obj["state"], config, limit=_max_parameters(max_parameters))
-    return ModelFile(state=obj["state"], config=config, image_size=tuple(int(v) for v in obj["image_size"]),
+    try:
+        image_size = _image_size(obj["image_size"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path} holds an invalid image size: {exc}") from None
+    return ModelFile(state=obj["state"], config=config, image_size=image_size,
                      thresholds=dict(obj["thresholds"]), version=written_by, meta=dict(obj.get("meta") or {}),
                      format_version=int(fv))
 

@@ -331,13 +331,17 @@ def lock_folder(folder: Path):
                 holder = f.read().strip() or "another process"
                 raise CLIError(f"output folder {folder} is in use by another fae-fast run ({holder}); wait for it "
                                "to finish or choose another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
+        try:  # the holder's name, for the message of a refused second run
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+        except OSError as exc:  # a full disk: "no space left on device: PATH", not a bare errno
+            raise _atomic._write_error(folder / LOCK_NAME, exc) from None
         yield folder
     finally:
-        f.close()
+        with contextlib.suppress(OSError):  # closing retries a failed flush: its error must not hide the first
+            f.close()
 
 
 def _inside(path: Path, folder_real: Path) -> bool:

@@ -267,7 +267,11 @@ def assign_groups(active: torch.Tensor, capacity: int, sizes, generator: torch.G
 
 
 def load_texture_dir(path: str, image_size: tuple[int, int], channels: int = 3, device="cpu") -> torch.Tensor:
-    """Load every image of a folder once with cv2, resized to ``image_size``: (N, C, H, W) uint8 on ``device``.
+    """Load every image of a folder once, resized to ``image_size``: (N, C, H, W) uint8 on ``device``.
+
+    Files are read with :func:`fae_fast.data.read_image`, the package's checked reader: regular files only (a
+    FIFO named ``t.png`` is refused, never waited on), decoded pixels bounded by ``FAE_FAST_MAX_IMAGE_PIXELS``
+    before decoding, the same channel and depth rules as the training images.
 
     Args:
         path: folder with image files (extensions in ``IMAGE_EXTENSIONS``, searched non-recursively).
@@ -276,10 +280,13 @@ def load_texture_dir(path: str, image_size: tuple[int, int], channels: int = 3, 
         device: where the tensor is kept.
 
     Raises:
-        ValueError: the folder does not exist, holds no image, or a file cannot be decoded (named).
+        ValueError: the folder does not exist, holds no image, or a file cannot be read (not a regular file,
+            too many pixels, corrupt), naming the file.
     """
     import cv2
     import numpy as np
+
+    from .data import read_image
 
     if not os.path.isdir(path):
         raise ValueError(f"texture_dir {path!r} is not a directory")
@@ -290,15 +297,14 @@ def load_texture_dir(path: str, image_size: tuple[int, int], channels: int = 3, 
     out = []
     for name in names:
         fp = os.path.join(path, name)
-        img = cv2.imread(fp, cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
-        if img is None or img.size == 0:
-            raise ValueError(f"texture_dir: cannot decode image file {fp!r}")
+        try:
+            img = read_image(fp)  # (h, w, 3) RGB uint8
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"texture_dir: {exc}") from None
         # INTER_AREA: textures are mostly shrunk; it averages instead of aliasing
         img = cv2.resize(img, (W, H), interpolation=cv2.INTER_AREA)
         if channels == 1:
-            img = img[:, :, None]
-        else:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+            img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[:, :, None]
         out.append(np.ascontiguousarray(img.transpose(2, 0, 1)))
     return torch.from_numpy(np.stack(out)).to(device)
 

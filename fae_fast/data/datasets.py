@@ -24,12 +24,13 @@ import hashlib
 import logging
 import os
 import pathlib
-import tempfile
+import warnings
 from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
 import torch
 
+from .. import _atomic
 from .io import (IMAGE_EXTS, check_image_size, list_images, read_image, read_mask, resize_image,
                  resize_mask)
 
@@ -224,18 +225,14 @@ def _cache_key(paths: Sequence[pathlib.Path], size, keep_aspect: bool) -> str:
 
 
 def _save_atomic(path: pathlib.Path, arr: np.ndarray) -> None:
-    # a reader (another process) never sees a half-written file: write a temp file beside it, then rename
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """``np.save`` through :mod:`fae_fast._atomic`: another process never sees half a file, the file gets the
+    umask's mode, the folder is fsynced and temporary files of killed writers are removed.
+
+    Raises:
+        fae_fast._atomic.WriteError: one line naming ``path`` (e.g. "no space left on device: PATH").
+    """
+    with _atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)  # a file object: np.save would append ".npy" to the temporary name
 
 
 def load_images(paths: Sequence[PathLike], size: Sequence[int], keep_aspect: bool = False,
@@ -249,7 +246,8 @@ def load_images(paths: Sequence[PathLike], size: Sequence[int], keep_aspect: boo
         workers: decoding threads (default :func:`default_workers`).
         cache_dir: when given, the decoded set is stored there as ``.npy``, keyed by a hash of the resolved
             paths, their modification times and byte sizes, ``size`` and ``keep_aspect``; a later call with the
-            same key loads it instead of decoding (a changed file changes the key). Written atomically.
+            same key loads it instead of decoding (a changed file changes the key). Written atomically; a cache
+            that cannot be written (full disk) is a warning, the decoded images are still returned.
 
     Returns:
         ``torch.Tensor`` ``uint8`` of shape ``(N, 3, H, W)`` on the CPU (move it to the device once).
@@ -284,8 +282,12 @@ def load_images(paths: Sequence[PathLike], size: Sequence[int], keep_aspect: boo
 
     parallel_map(_one, range(len(paths)), workers)
     if cache_file is not None:
-        _save_atomic(cache_file, out)
-        log.info("load_images: cache written %s", cache_file)
+        try:
+            _save_atomic(cache_file, out)
+            log.info("load_images: cache written %s", cache_file)
+        except _atomic.WriteError as e:  # the decoded set is good; only the next call decodes again
+            warnings.warn(f"load_images: decode cache not written ({e}); the images are decoded, not cached",
+                          UserWarning, stacklevel=2)
     return torch.from_numpy(out)
 
 

@@ -49,7 +49,7 @@ __all__ = [
     "map_to_original",
     "IMAGE_EXTS", "ImageList", "list_images", "read_image", "read_mask", "decode_image", "resize_image",
     "resize_mask", "fit_inside", "reflect_indices", "check_image_file", "sniff_format", "header_size",
-    "image_size_of", "max_image_pixels", "DEFAULT_MAX_IMAGE_PIXELS",
+    "image_size_of", "max_image_pixels", "DEFAULT_MAX_IMAGE_PIXELS", "open_regular_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -211,11 +211,23 @@ def _to_rgb8(img: np.ndarray, name) -> np.ndarray:
     raise ValueError(f"unsupported number of channels {c}: {name}")
 
 
-def _read_bytes(path: pathlib.Path, what: str = "image file", limit: int | None = None) -> np.ndarray:
-    """The bytes of a regular file (at most ``limit``) as ``uint8``; anything else is refused without waiting.
+def open_regular_file(path: PathLike, what: str = "image file"):
+    """Open ``path`` for binary reading if it is a regular file; anything else is refused without waiting.
 
     The file is opened non-blocking and checked with ``fstat`` on the open descriptor, so a FIFO (which would
-    block a plain read for ever) or a device is refused, and nothing can swap the file between check and read.
+    block a plain open or read for ever) or a device is refused, and nothing can swap the file between the check
+    and the read. Used for images, masks, model files and training states alike.
+
+    Args:
+        path: the file.
+        what: what to call it in errors (``"image file"``, ``"model file"``...).
+
+    Returns:
+        A binary file object (the caller closes it; ``with open_regular_file(p) as f:``).
+
+    Raises:
+        FileNotFoundError: no such file. IsADirectoryError: a folder. ValueError: a FIFO, socket or device;
+        each naming ``path``.
     """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
@@ -229,7 +241,12 @@ def _read_bytes(path: pathlib.Path, what: str = "image file", limit: int | None 
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(f"expected an {what}, got a folder: {path}")
         raise ValueError(f"not a regular file (a pipe, socket or device?): {path}")
-    with os.fdopen(fd, "rb") as f:
+    return os.fdopen(fd, "rb")
+
+
+def _read_bytes(path: pathlib.Path, what: str = "image file", limit: int | None = None) -> np.ndarray:
+    """The bytes of a regular file (at most ``limit``) as ``uint8``, read through :func:`open_regular_file`."""
+    with open_regular_file(path, what) as f:
         return np.frombuffer(f.read(-1 if limit is None else limit), dtype=np.uint8)
 
 
