@@ -291,6 +291,7 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
 
                 det = Detector(cfg, device=device)
                 det.model, det.thresholds, det.history = res.model, dict(res.thresholds), res.history
+                det.map_stats = res.map_stats
                 det.save(Path(save_models) / f"{name}_seed{seed}.fae")
             scored = scorer(res.model, grid, modes)
             main = _row(scored[(n, k, default_mode)])

@@ -28,12 +28,13 @@ class CorruptionConfig:
     w_polygon: float = 0.3
     w_stroke: float = 0.3
     perlin_scales: tuple[int, ...] = (2, 4, 8, 16, 32)  # grid cells across the image for Perlin octaves
-    # the coarsest octave of a blob is drawn among the scales <= this (finer ones add detail on top): a base
-    # octave of 32 cells made "blobs" of ~30 specks of 4 px at 112x280, which the model learns to pass through
-    perlin_base_max: int = 4
+    # the coarsest octave of a mask is drawn among the scales <= this (finer ones add detail on top). The default
+    # (every scale) gives many small specks besides large blobs; at 112x280 on BSData it measured better than
+    # coherent blobs (perlin_base_max=4, perlin_envelope=0.3): P-AUROC 90.6 vs 87.5, one seed (docs/RESULTS.md)
+    perlin_base_max: int = 32
     # > 0: each Perlin occlusion is one blob (a Gaussian envelope of its area) with edges roughened by the noise
     # at this weight; 0: the top of a noise field over the whole frame (many separate pieces)
-    perlin_envelope: float = 0.3
+    perlin_envelope: float = 0.0
     perlin_coverage: tuple[float, float] = (0.01, 0.15)  # fraction of the image a blob occlusion covers
     polygon_size: tuple[float, float] = (0.03, 0.3)  # ellipse/polygon radius, fraction of min(H, W)
     stroke_width: tuple[float, float] = (1.0, 4.0)   # pixels (scratches, cracks)
@@ -90,7 +91,7 @@ class MapConfig:
     # per-pixel normalisation by statistics of held-out normal images: "none" | "mean" (subtract the mean map) |
     # "zscore" (and divide by the per-pixel std plus its median): pixels that are always hard to reconstruct
     # (edges, glare, the frame border) stop outscoring real defects
-    normalize: str = "none"
+    normalize: str = "mean"
 
 
 @dataclass
@@ -359,10 +360,12 @@ def preset(name: str, device: str | None = None) -> FAEConfig:
 
 def _cpu_recipe(cfg: FAEConfig) -> None:
     """The CPU preset's recipe on top of ``tiny`` (each value measured: docs/RESULTS.md)."""
-    cfg.train.steps = 1200
+    cfg.train.steps = 500
     cfg.train.batch_size = 8
     cfg.train.lr = 3e-3
     cfg.train.image_size = "auto"
+    cfg.noise.mode = "symmetric"
+    cfg.noise.sigma_reference, cfg.noise.sigma_max = "image_noise", 6.0
 
 
 def resolve_preset(name: str, device: str | None = None) -> str:

@@ -211,13 +211,14 @@ def leave_one_out_normalized(maps: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "none":
         return maps
     N = maps.shape[0]
-    if N < 3:
-        raise ValueError(f"leave-one-out statistics need at least 3 normal images, got {N}")
+    if N < (3 if mode == "zscore" else 2):
+        raise ValueError(f"leave-one-out {mode} statistics need at least {3 if mode == 'zscore' else 2} normal "
+                         f"images, got {N}")
     m = maps.double()
     s1, s2 = m.sum(0, keepdim=True), (m * m).sum(0, keepdim=True)
     mean = (s1 - m) / (N - 1)
     out = m - mean
-    if mode == "zscore":
+    if mode == "zscore":  # N >= 3: the other N - 1 >= 2 images have a std
         var = ((s2 - m * m) - (N - 1) * mean * mean) / (N - 2)
         std = var.clamp_min(0.0).sqrt()
         floor = std.flatten(1).median(dim=1).values.view(N, 1, 1, 1)

@@ -381,7 +381,8 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
 
     Returns:
         (thresholds, image scores of the held-out images, statistics or None). With a normalisation the
-        thresholds are read off leave-one-out normalised maps, as new normal images will be scored.
+        thresholds are read off leave-one-out normalised maps, as new normal images will be scored. With too few
+        held-out images for the statistics, ``cfg.map.normalize`` is set to "none" (with a warning).
     """
     from .scoring import leave_one_out_normalized, map_statistics
 
@@ -390,10 +391,15 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
     maps, scores = compute_maps(model, hold_images, n=n, k=k, batch_size=batch_size, device=dev,
                                 amp=cfg.train.amp)
     stats = None
+    need = 3 if cfg.map.normalize == "zscore" else 2
+    if cfg.map.normalize != "none" and maps.shape[0] < need:
+        # leave-one-out statistics need this many; a model whose maps are not normalised is still a valid
+        # detector, and its config says so (cfg.map.normalize is set to "none" with a warning, never silently)
+        warnings.warn(f"map.normalize={cfg.map.normalize!r} needs at least {need} held-out normal images, got "
+                      f"{maps.shape[0]}: the maps are not normalised (raise train.holdout_fraction or pass more "
+                      "images)", UserWarning, stacklevel=3)
+        cfg.map.normalize = "none"
     if cfg.map.normalize != "none":
-        if maps.shape[0] < 3:
-            raise ValueError(f"map.normalize={cfg.map.normalize!r} needs at least 3 held-out normal images, got "
-                             f"{maps.shape[0]}: raise train.holdout_fraction or pass more images")
         stats = map_statistics(maps)
         maps = leave_one_out_normalized(maps, cfg.map.normalize)
         scores = maps.amax(dim=(1, 2, 3))

@@ -192,6 +192,7 @@ def test_unexportable_model_falls_back_to_torch(monkeypatch):
 def test_model_file_thresholds_apply(tmp_path, model):
     cfg = FAEConfig()
     cfg.model.widths, cfg.model.dilations = (8, 16), (1, 2)
+    cfg.map.normalize = "none"  # raw maps (a normalising model file carries its statistics: test_recipe.py)
     path = save_model_file(tmp_path / "m.pt", model_state=model.state_dict(), config=cfg, image_size=(H, W),
                            thresholds={"image": 2e-3, "pixel": 1e-3})
     eng = Engine.from_model_file(path, device="cpu", n=N_SMOOTH, k=K_SMOOTH)

@@ -204,6 +204,7 @@ def test_from_model_file(tmp_path, model):
 
     cfg = FAEConfig()
     cfg.model.widths, cfg.model.dilations = (8, 16), (1, 2)
+    cfg.map.normalize = "none"  # raw maps (a normalising model file carries its statistics: test_recipe.py)
     path = save_model_file(tmp_path / "m.pt", model_state=model.state_dict(), config=cfg, image_size=(H, W),
                            thresholds={"image": 0.25, "pixel": 0.5})
     eng = Engine.from_model_file(path, device="cpu")
