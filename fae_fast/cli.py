@@ -230,11 +230,14 @@ def cmd_train(args) -> int:
 
 
 def _load_detector(args, device: str):
-    """The Detector of ``--model``, scoring with ``--engine-backend`` and ``--threads`` on the CPU."""
+    """The Detector of ``--model``, scoring with ``--engine-backend`` and ``--threads`` on the CPU; its engine is
+    built here, so that a backend that cannot run fails before any output is written."""
     from .api import Detector
 
-    return Detector.load(_check_in_file(args.model, "--model"), device=device, engine_backend=args.engine_backend,
-                         threads=args.threads)
+    det = Detector.load(_check_in_file(args.model, "--model"), device=device, engine_backend=args.engine_backend,
+                        threads=args.threads)
+    det._cpu_engine()
+    return det
 
 
 def cmd_eval(args) -> int:

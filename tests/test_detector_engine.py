@@ -232,7 +232,9 @@ def test_cli_predict_and_eval_pass_engine_backend_and_threads(model_and_data, lo
                  "--engine-backend", backend, "--threads", "1"]) == 0
     assert main(["eval", "--model", str(model), "--data", str(data), "--json", str(tmp_path / "e.json"),
                  "--device", "cpu", "--engine-backend", backend, "--threads", "1"]) == 0
-    assert [kw for kw, _ in loads] == [dict(device="cpu", engine_backend=backend, threads=1)] * 2
+    assert main(["calibrate", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "c.fae"),
+                 "--device", "cpu", "--engine-backend", backend, "--threads", "1"]) == 0
+    assert [kw for kw, _ in loads] == [dict(device="cpu", engine_backend=backend, threads=1)] * 3
     for _, det in loads:
         engine = det._cpu_engine()
         assert engine.backend == backend and engine.threads == 1
@@ -250,9 +252,14 @@ def test_cli_predict_and_eval_pass_engine_backend_and_threads(model_and_data, lo
         assert abs(got[p.name] - ref) <= RTOL * abs(ref) + 1e-5, (p.name, got[p.name], ref)
 
 
-def test_cli_refuses_an_unknown_engine_backend(model_and_data, tmp_path, capsys):
+def test_cli_refuses_an_unknown_or_missing_engine_backend(model_and_data, tmp_path, capsys, monkeypatch):
     model, data = model_and_data
+    args = ["predict", "--model", str(model), str(data / "test" / "good"), "--out", str(tmp_path / "p"),
+            "--device", "cpu", "--engine-backend"]
     with pytest.raises(SystemExit) as exc:
-        main(["predict", "--model", str(model), str(data / "test" / "good"), "--out", str(tmp_path / "p"),
-              "--engine-backend", "openvino"])
+        main([*args, "openvino"])
     assert exc.value.code == 2 and "invalid choice: 'openvino'" in capsys.readouterr().err
+    monkeypatch.setattr(ort, "missing", lambda: ["onnxruntime"])
+    assert main([*args, "onnxruntime"]) == 2
+    assert "needs onnxruntime" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()  # refused before any output was written
