@@ -25,6 +25,10 @@ from .scoring import check_threshold
 
 __all__ = ["Detector", "Prediction", "to_uint8_batch"]
 
+# the scoring engines a Detector can use on the CPU (fae_fast.inference.engine.BACKENDS, not imported here:
+# ``import fae_fast`` stays free of the inference package)
+ENGINE_BACKENDS = ("auto", "torch", "onnxruntime")
+
 
 @dataclass
 class Prediction:
@@ -236,6 +240,19 @@ def resolve_auto_size(data, pixels: int) -> tuple[int, int]:
     return size
 
 
+def _engine_maps(engine, batch: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps (N, 1, H, W) and scores (N,) float32 of a uint8 CPU batch (N, C, H, W), ``batch_size`` images per
+    engine call (the batches of :func:`fae_fast.scoring.compute_maps`)."""
+    N = batch.shape[0]
+    maps = torch.empty((N, 1, *batch.shape[2:]), dtype=torch.float32)
+    scores = torch.empty((N,), dtype=torch.float32)
+    for s in range(0, N, batch_size):
+        m, sc = engine.run(batch[s:s + batch_size])
+        maps[s:s + batch_size].copy_(m)
+        scores[s:s + batch_size].copy_(sc)
+    return maps, scores
+
+
 def _resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -248,6 +265,19 @@ class Detector:
     Args:
         config: a :class:`~fae_fast.config.FAEConfig` (defaults of DESIGN.md when None).
         device: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
+        engine_backend: how the CPU scores: "auto" (ONNX Runtime when installed and the model exports, else
+            PyTorch), "torch" or "onnxruntime"; see :class:`~fae_fast.inference.Engine`. On CUDA the detector
+            scores with :func:`~fae_fast.scoring.compute_maps` ("onnxruntime" is refused there).
+        threads: CPU threads of the scoring engine (ONNX Runtime's intra-op threads, or
+            ``torch.set_num_threads`` for the PyTorch engine); None: the runtime's default. Ignored on CUDA.
+
+    On the CPU, :meth:`predict`, :meth:`anomaly_maps`, :meth:`evaluate` and :meth:`calibrate` score through one
+    cached :class:`~fae_fast.inference.Engine` (fp32, BatchNorm folded, the map normalisation of
+    ``config.map.normalize`` inside the graph): it is built on first use and rebuilt only when what it depends on
+    changes (a new or in-place modified model, new map statistics, image size, smoothing, normalisation,
+    ``engine_backend`` or ``threads``); thresholds stay the detector's and never rebuild it. Its maps and scores
+    equal those of the eager path within the engine's fp32 bound (``rtol=1e-4, atol=1e-7``). With
+    ``config.train.amp`` bf16/fp16 the CPU keeps the eager autocast path.
 
     The image threshold defaults to a quantile of held-out normal scores (``train.threshold_quantile``); both
     thresholds can be set with :meth:`set_thresholds` or overridden per call of :meth:`predict`. Thresholds must
@@ -255,9 +285,20 @@ class Detector:
     or unscaled (0..255) float image raises ValueError naming it, in :meth:`fit` and :meth:`predict` alike.
     """
 
-    def __init__(self, config: FAEConfig | None = None, *, device: str | torch.device = "auto"):
+    def __init__(self, config: FAEConfig | None = None, *, device: str | torch.device = "auto",
+                 engine_backend: str = "auto", threads: int | None = None):
         self.config = copy.deepcopy(config) if config is not None else FAEConfig()
         self.device = _resolve_device(device)
+        if engine_backend not in ENGINE_BACKENDS:
+            raise ValueError(f"engine_backend must be one of {ENGINE_BACKENDS}, got {engine_backend!r}")
+        if engine_backend == "onnxruntime" and self.device.type != "cpu":
+            raise ValueError(f"engine_backend='onnxruntime' scores on the CPU, this Detector is on {self.device} "
+                             f"(use device='cpu')")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.engine_backend = engine_backend
+        self.threads = threads
+        self._engine = None  # (signature, objects it was built from, Engine): see _cpu_engine
         self.model: torch.nn.Module | None = None
         self.thresholds: dict[str, float | None] = {"image": None, "pixel": None}
         self.history: list[dict] = []
@@ -336,6 +377,7 @@ class Detector:
         self.thresholds = thresholds
         self.history = list(result.history)
         self.map_stats = result.map_stats
+        self._engine = None  # built for the old model: free it now (the next predict builds one)
         return self
 
     def set_thresholds(self, image: float | None = None, pixel: float | None = None) -> "Detector":
@@ -373,12 +415,57 @@ class Detector:
         from .scoring import compute_maps
 
         model = self._require_model()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         batch, kind = to_uint8_batch(images, self.image_size, self.config.train.keep_aspect)
-        n, k = self.smoothing
-        maps, scores = compute_maps(model, batch, n=n, k=k, batch_size=batch_size, device=self.device,
-                                    amp=self.config.train.amp, normalize=self.config.map.normalize,
-                                    stats=self.map_stats)
+        engine = self._cpu_engine()
+        if engine is None:
+            n, k = self.smoothing
+            maps, scores = compute_maps(model, batch, n=n, k=k, batch_size=batch_size, device=self.device,
+                                        amp=self.config.train.amp, normalize=self.config.map.normalize,
+                                        stats=self.map_stats)
+        else:
+            maps, scores = _engine_maps(engine, batch, batch_size)
         return batch, maps, scores, kind
+
+    def _cpu_engine(self):
+        """The cached :class:`~fae_fast.inference.Engine` that scores on the CPU, (re)built when what it depends
+        on changed; None where the eager path scores (CUDA, or bf16/fp16 autocast on the CPU)."""
+        from .scoring import autocast_dtype, check_map_statistics
+
+        if self.device.type != "cpu":
+            return None
+        if autocast_dtype(self.config.train.amp, self.device) is not None:
+            if self.engine_backend == "onnxruntime":
+                raise ValueError(f"engine_backend='onnxruntime' scores in fp32, config.train.amp is "
+                                 f"{self.config.train.amp!r} (set it to 'auto' or 'fp32')")
+            return None
+        model = self._require_model()
+        mode = self.config.map.normalize
+        stats = self.map_stats if mode != "none" else None
+        if mode != "none":
+            check_map_statistics(stats, self.image_size, mode)
+        stat_tensors = (stats["mean"], stats["scale"]) if stats else ()
+        objects = (model, stats, *stat_tensors)
+        tensors = [*model.parameters(), *model.buffers(), *stat_tensors]
+        try:  # in-place changes (load_state_dict, an optimizer step) bump a tensor's version counter
+            versions = tuple(t._version for t in tensors)
+        except RuntimeError:  # inference-mode tensors have no version counter: always rebuild (exports are cached)
+            versions = None
+        n, k = self.smoothing
+        signature = (tuple(map(id, objects)), tuple(map(id, tensors)), versions, self.image_size, n, k, mode,
+                     self.config.model.in_channels, self.engine_backend, self.threads)
+        cached = self._engine
+        # the cache holds the objects themselves, so their ids cannot be reused by others while it lives
+        if cached is not None and versions is not None and cached[0] == signature:
+            return cached[2]
+        from .inference import Engine
+
+        engine = Engine(model, image_size=self.image_size, n=n, k=k, dtype="fp32", device="cpu",
+                        backend=self.engine_backend, threads=self.threads, normalize=mode, map_stats=stats,
+                        in_channels=self.config.model.in_channels)
+        self._engine = (signature, (objects, tensors), engine)
+        return engine
 
     def predict(self, images, *, image_threshold: float | None = None, pixel_threshold: float | None = None,
                 batch_size: int = 32) -> Prediction:
@@ -483,16 +570,18 @@ class Detector:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "auto") -> "Detector":
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "auto", engine_backend: str = "auto",
+             threads: int | None = None) -> "Detector":
         """Load a file written by :meth:`save`; a file from another format version, or with non-finite stored
-        thresholds, raises ValueError naming the file."""
+        thresholds, raises ValueError naming the file. ``engine_backend`` and ``threads``: as in :class:`Detector`
+        (how the CPU scores)."""
         from .checkpoint import load_model_file
         from .models import build_model
 
         mf = load_model_file(path, map_location="cpu")
         thresholds = {k: check_threshold(mf.thresholds.get(k), f"{path}: stored {k} threshold")
                       for k in ("image", "pixel")}
-        det = cls(mf.config, device=device)
+        det = cls(mf.config, device=device, engine_backend=engine_backend, threads=threads)
         det.config.train.image_size = tuple(mf.image_size)
         model = build_model(det.config.model)
         try:
@@ -509,7 +598,14 @@ class Detector:
             det.map_stats = {k: v.float() for k, v in stats.items()}
         return det
 
+    def __getstate__(self) -> dict:
+        """Pickle / deepcopy without the cached engine (ONNX Runtime sessions cannot be copied; it is rebuilt)."""
+        state = self.__dict__.copy()
+        state["_engine"] = None
+        return state
+
     def __repr__(self) -> str:
         m = self.config.model
         return (f"Detector(widths={tuple(m.widths)}, image_size={self.config.train.image_size}, device={self.device}, "
-                f"trained={self.model is not None}, thresholds={self.thresholds}, version={__version__})")
+                f"engine_backend={self.engine_backend!r}, threads={self.threads}, trained={self.model is not None}, "
+                f"thresholds={self.thresholds}, version={__version__})")

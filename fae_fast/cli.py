@@ -4,6 +4,7 @@
     fae-fast eval --model MODEL --data DIR [--json FILE] [--report DIR]
     fae-fast calibrate --model MODEL --data VALIDATION_DIR --out MODEL2
     fae-fast predict --model MODEL INPUT... --out DIR [--image-threshold T] [--pixel-threshold T] [--on-error skip]
+                     [--engine-backend auto|torch|onnxruntime] [--threads N]
     fae-fast demo [--out DIR]
     fae-fast bench [--quick] [--json FILE]
 """
@@ -228,8 +229,18 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def _load_detector(args, device: str):
+    """The Detector of ``--model``, scoring with ``--engine-backend`` and ``--threads`` on the CPU; its engine is
+    built here, so that a backend that cannot run fails before any output is written."""
     from .api import Detector
+
+    det = Detector.load(_check_in_file(args.model, "--model"), device=device, engine_backend=args.engine_backend,
+                        threads=args.threads)
+    det._cpu_engine()
+    return det
+
+
+def cmd_eval(args) -> int:
     from .data import load_test_set
     from .evaluate import evaluate, format_table
 
@@ -239,7 +250,7 @@ def cmd_eval(args) -> int:
         _check_out_file(args.json, "--json")
     if args.report:
         _check_out_dir(args.report, "--report")
-    det = Detector.load(_check_in_file(args.model, "--model"), device=device)
+    det = _load_detector(args, device)
     # Detector.evaluate, unrolled so that the metrics are printed before any file is written (a full disk
     # must not lose them)
     test = load_test_set(Path(args.data), det.image_size, keep_aspect=det.config.train.keep_aspect)
@@ -265,13 +276,12 @@ def cmd_eval(args) -> int:
 
 def cmd_calibrate(args) -> int:
     """F1-optimal thresholds from a labelled validation set, written into a model file."""
-    from .api import Detector
     from .evaluate import format_table
 
     device = _check_device(args.device)
     _check_positive(args.batch_size, "--batch-size")
     out = _check_out_file(args.out, "--out")
-    det = Detector.load(_check_in_file(args.model, "--model"), device=device)
+    det = _load_detector(args, device)
     result = det.calibrate(args.data, batch_size=args.batch_size)
     print(format_table(result), flush=True)
     old, new = result["previous_thresholds"], result["thresholds"]
@@ -456,15 +466,13 @@ def predict_to_folder(det, paths: list[Path], out: Path, *, image_threshold=None
 
 
 def cmd_predict(args) -> int:
-    from .api import Detector
-
     device = _check_device(args.device)
     _check_positive(args.batch_size, "--batch-size")
     _check_threshold(args.image_threshold, "--image-threshold")
     _check_threshold(args.pixel_threshold, "--pixel-threshold")
     out = _check_out_dir(args.out, "--out")
     paths, skipped = _expand_inputs(args.inputs, args.on_error)
-    det = Detector.load(_check_in_file(args.model, "--model"), device=device)
+    det = _load_detector(args, device)
     rows = predict_to_folder(det, paths, out, image_threshold=args.image_threshold,
                              pixel_threshold=args.pixel_threshold, batch_size=args.batch_size,
                              save_maps=args.save_maps, on_error=args.on_error, skipped=skipped)
@@ -497,7 +505,7 @@ def cmd_demo(args) -> int:
         cfg = demo_config(args.steps, args.seed)
         data = make_dataset(out / "data", size=tuple(cfg.train.image_size), seed=args.seed, overwrite=True)
         print(f"[demo] synthetic dataset in {data} ({time.perf_counter() - t0:.1f} s)")
-        det = Detector(cfg, device=device)
+        det = Detector(cfg, device=device, threads=args.threads)
         det.fit(data / "train" / "good", progress=not args.quiet)
         det.save(out / "model.fae")
         print(f"[demo] trained {cfg.train.steps} steps ({time.perf_counter() - t0:.1f} s)")
@@ -542,8 +550,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp):
         sp.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-        sp.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 per job when "
+        sp.add_argument("--threads", type=int, help="CPU threads of torch and of the CPU scoring engine (ONNX "
+                                                      "Runtime; default: each runtime's own; 1 per job when "
                                                       "several share a small machine)")
+
+    def engine(sp):
+        # the CPU scoring engines of fae_fast.api.ENGINE_BACKENDS (not imported here: the parser needs no torch)
+        sp.add_argument("--engine-backend", default="auto", choices=("auto", "torch", "onnxruntime"),
+                        help="how the CPU scores: auto (default: ONNX Runtime when installed, else PyTorch), torch "
+                             "or onnxruntime; on CUDA the eager path scores (onnxruntime is refused there)")
 
     t = sub.add_parser("train", help="train a model on normal images")
     t.add_argument("--data", required=True, help="MVTec category root or a folder of normal images")
@@ -573,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--report", help="write a self-contained HTML report into this folder")
     e.add_argument("--batch-size", type=int, default=32)
     common(e)
+    engine(e)
 
     c = sub.add_parser("calibrate", help="F1-optimal thresholds from a labelled validation set (MVTec layout)")
     c.add_argument("--model", required=True)
@@ -580,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="model file to write with the new thresholds (may be --model)")
     c.add_argument("--batch-size", type=int, default=32)
     common(c)
+    engine(c)
 
     pr = sub.add_parser("predict", help="score images; write overlays, masks, CSV and JSON")
     pr.add_argument("--model", required=True)
@@ -593,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an unreadable input: stop (raise, the default; rows scored so far stay in results.jsonl) "
                          "or skip it and go on (skip: it is listed in the results with the reason)")
     common(pr)
+    engine(pr)
 
     d = sub.add_parser("demo", help="synthetic data -> train -> eval -> overlays, on the CPU in minutes")
     d.add_argument("--out", help="keep data, model, overlays and eval JSON here")
