@@ -25,6 +25,7 @@ import logging
 import os
 import tempfile
 import threading
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -70,7 +71,12 @@ def _quiet_exporter():
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        yield
+        # torch's own exporter internals raise deprecation warnings about its pytree API (torch 2.13: "isinstance(
+        # treespec, LeafSpec) is deprecated"): nothing a user of the engine can act on
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
     finally:
         log.setLevel(level)
 
