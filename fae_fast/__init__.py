@@ -11,10 +11,10 @@ Example:
     >>> res.pred_score, res.anomaly_map, res.pred_mask  # doctest: +SKIP
 """
 from ._version import __version__
-from .config import CorruptionConfig, FAEConfig, MapConfig, ModelConfig, NoiseConfig, TrainConfig
+from .config import CorruptionConfig, FAEConfig, MapConfig, ModelConfig, NoiseConfig, TrainConfig, preset
 
 __all__ = ["__version__", "FAEConfig", "CorruptionConfig", "NoiseConfig", "ModelConfig", "MapConfig",
-           "TrainConfig", "Detector", "Prediction"]
+           "TrainConfig", "preset", "Detector", "Prediction"]
 
 
 def __getattr__(name):  # lazy: the API pulls in models and data, which plain `import fae_fast` need not

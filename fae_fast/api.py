@@ -2,7 +2,7 @@
 
 Example:
     >>> from fae_fast import Detector                             # doctest: +SKIP
-    >>> det = Detector().fit("mvtec/bottle", steps=2000)          # train/good of an MVTec category, or a folder
+    >>> det = Detector().fit("mvtec/bottle")      # train/good of an MVTec category, or a folder; the device's recipe
     >>> res = det.predict(images)                                 # numpy (H, W, 3) / (N, H, W, 3) or torch (B, 3, H, W)
     >>> res.pred_score, res.anomaly_map, res.pred_mask, res.pred_label
     >>> det.save("bottle.fae"); det = Detector.load("bottle.fae")
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ._version import __version__
-from .config import FAEConfig, smoothing_for_size
+from .config import FAEConfig, preset, smoothing_for_size
 from .scoring import check_threshold
 
 __all__ = ["Detector", "Prediction", "to_uint8_batch"]
@@ -263,7 +263,8 @@ class Detector:
     """Filtering Autoencoder anomaly detector.
 
     Args:
-        config: a :class:`~fae_fast.config.FAEConfig` (defaults of DESIGN.md when None).
+        config: a :class:`~fae_fast.config.FAEConfig`; None: ``preset("auto")``, the recipe for the device (the
+            full one of DESIGN.md on CUDA, the measured ``cpu`` preset elsewhere).
         device: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
         engine_backend: how the CPU scores: "auto" (ONNX Runtime when installed and the model exports, else
             PyTorch), "torch" or "onnxruntime"; see :class:`~fae_fast.inference.Engine`. On CUDA the detector
@@ -287,8 +288,9 @@ class Detector:
 
     def __init__(self, config: FAEConfig | None = None, *, device: str | torch.device = "auto",
                  engine_backend: str = "auto", threads: int | None = None):
-        self.config = copy.deepcopy(config) if config is not None else FAEConfig()
         self.device = _resolve_device(device)
+        # no config: the recipe for this device, as `fae-fast train` picks it (the full one on CUDA, "cpu" else)
+        self.config = copy.deepcopy(config) if config is not None else preset("auto", str(self.device))
         if engine_backend not in ENGINE_BACKENDS:
             raise ValueError(f"engine_backend must be one of {ENGINE_BACKENDS}, got {engine_backend!r}")
         if engine_backend == "onnxruntime" and self.device.type != "cpu":
