@@ -49,3 +49,16 @@ def check_sm90_compile(code: str) -> None:
     if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
         pytest.skip("Triton's bundled ptxas is not available")
     assert proc.returncode == 0 and "AOT-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def cli_trained_model(root, *, steps: int):
+    """A tiny synthetic MVTec set and a model trained on it through the CLI: (root, data, model path)."""
+    from fae_fast.cli import main
+    from fae_fast.synthetic import make_dataset
+
+    data = make_dataset(root / "data", n_train=12, n_test_good=3, n_test_defect=2, size=(32, 32), seed=1)
+    model = root / "model.fae"
+    rc = main(["train", "--data", str(data), "--out", str(model), "--steps", str(steps), "--size", "32",
+               "--preset", "tiny", "--batch-size", "4", "--quiet", "--device", "cpu"])
+    assert rc == 0 and model.is_file()
+    return root, data, model

@@ -5,18 +5,12 @@ import numpy as np
 import pytest
 
 from fae_fast.cli import main
-from fae_fast.synthetic import make_dataset
+from tests.helpers import cli_trained_model
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    data = make_dataset(root / "data", n_train=12, n_test_good=3, n_test_defect=2, size=(32, 32), seed=1)
-    model = root / "model.fae"
-    rc = main(["train", "--data", str(data), "--out", str(model), "--steps", "3", "--size", "32",
-               "--preset", "tiny", "--batch-size", "4", "--quiet", "--device", "cpu"])
-    assert rc == 0 and model.is_file()
-    return root, data, model
+    return cli_trained_model(tmp_path_factory.mktemp("cli"), steps=3)
 
 
 def test_eval_writes_the_metrics_json(tiny, capsys):

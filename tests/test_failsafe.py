@@ -18,7 +18,9 @@ from fae_fast import Detector
 from fae_fast.checkpoint import save_model_file
 from fae_fast.config import preset
 from fae_fast.inference import Engine, InlineStream
+from tests.test_api import det  # noqa: F401  (a module-scoped fixture shared with the API tests)
 from tests.test_engine import K_SMOOTH, N_SMOOTH, H, W, frames, tiny_model
+from tests.test_stream import engine  # noqa: F401  (the same engine fixture as the stream tests)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -44,23 +46,9 @@ def mark(x: torch.Tensor, i: int) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return Engine(tiny_model(), image_size=(H, W), n=N_SMOOTH, k=K_SMOOTH, device="cpu",
-                  thresholds={"image": 1e-3, "pixel": 5e-4})
-
-
-@pytest.fixture(scope="module")
 def nan_engine():
     return Engine(NaNWhereMarked(tiny_model()), image_size=(H, W), n=N_SMOOTH, k=K_SMOOTH, device="cpu",
                   fold_bn=False, thresholds={"image": 1e-3, "pixel": 5e-4})
-
-
-@pytest.fixture(scope="module")
-def det():
-    cfg = preset("tiny")
-    cfg.train.steps, cfg.train.batch_size, cfg.train.image_size = 2, 4, (32, 48)
-    imgs = (torch.rand(10, 3, 32, 48) * 255).to(torch.uint8)
-    return Detector(cfg, device="cpu").fit(imgs, progress=False)
 
 
 def float_frames(b=4, seed=3):
