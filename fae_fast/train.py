@@ -40,8 +40,8 @@ from .checkpoint import load_train_state, save_train_state
 from .config import NOISE_MODES, FAEConfig, smoothing_for_size
 from .scoring import autocast_dtype, compute_maps, resolve_device, thresholds_from_holdout
 
-__all__ = ["NOISE_MODES", "TrainResult", "train", "batch_loss", "step_seed", "split_holdout", "lr_factor", "holdout_thresholds",
-           "estimate_noise_std", "effective_sigma_max"]
+__all__ = ["NOISE_MODES", "TrainResult", "train", "batch_loss", "step_seed", "split_holdout", "lr_factor",
+           "holdout_thresholds", "estimate_noise_std", "effective_sigma_max"]
 
 _MASK64 = (1 << 64) - 1
 # config keys that may change between a run and its resumption without changing what the steps compute

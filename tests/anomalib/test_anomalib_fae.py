@@ -52,8 +52,8 @@ def run(tmp_path_factory):
     torch_path = engine.export(model=model, export_type=ExportType.TORCH, export_root=out / "export")
     onnx_path = engine.export(model=model, export_type=ExportType.ONNX, export_root=out / "export",
                               input_size=SIZE)
-    return dict(root=root, model=model.eval(), engine=engine, datamodule=datamodule, metrics=metrics, predictions=predictions,
-                torch_path=torch_path, onnx_path=onnx_path)
+    return dict(root=root, model=model.eval(), engine=engine, datamodule=datamodule, metrics=metrics,
+                predictions=predictions, torch_path=torch_path, onnx_path=onnx_path)
 
 
 def test_fit_ran_the_fae_schedule(run):
@@ -94,6 +94,9 @@ def test_onnx_export_matches_eager(run):
     pre-processing differs by O(1)).
     """
     ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    opsets = {o.domain: o.version for o in onnx.load(str(run["onnx_path"])).opset_import}
+    assert opsets.get("", opsets.get("ai.onnx")) == 18, opsets  # no failed down-conversion to anomalib's 14
     images = _images(run["root"] / "test" / "scratch")[:3]
     with torch.no_grad():
         eager = run["model"](images)

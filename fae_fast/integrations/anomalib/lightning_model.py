@@ -133,6 +133,13 @@ class Fae(AnomalibModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def to_onnx(self, export_root, model_file_name: str = "model", input_size: tuple[int, int] | None = None,
+                **kwargs):
+        """anomalib's ONNX export at opset 18 by default: the exporter's lowest (anomalib's default 14 makes it try a
+        down-conversion that fails on this graph and logs a traceback)."""
+        kwargs.setdefault("opset_version", 18)
+        return super().to_onnx(export_root, model_file_name=model_file_name, input_size=input_size, **kwargs)
+
     @property
     def learning_type(self) -> LearningType:
         """One-class: trained on normal images only."""
