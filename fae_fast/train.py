@@ -40,8 +40,8 @@ from .checkpoint import load_train_state, save_train_state
 from .config import NOISE_MODES, FAEConfig, smoothing_for_size
 from .scoring import autocast_dtype, compute_maps, resolve_device, thresholds_from_holdout
 
-__all__ = ["NOISE_MODES", "TrainResult", "train", "step_seed", "split_holdout", "lr_factor", "holdout_thresholds",
-           "estimate_noise_std", "effective_sigma_max"]
+__all__ = ["NOISE_MODES", "TrainResult", "train", "batch_loss", "step_seed", "split_holdout", "lr_factor",
+           "holdout_thresholds", "estimate_noise_std", "effective_sigma_max"]
 
 _MASK64 = (1 << 64) - 1
 # config keys that may change between a run and its resumption without changing what the steps compute
@@ -129,6 +129,50 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 # --------------------------------------------------------------------------------------------------------------
 # pieces of the loop
+
+
+def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: int, seed: int, sigma_max: float,
+               mode: str = "symmetric", noise_backend: str = "torch", pool: torch.Tensor | None = None,
+               channels_last: bool = False, autocast=None) -> torch.Tensor:
+    """The FAE loss of one batch of normal images, with gradients to ``fwd``'s parameters (no optimiser step).
+
+    ``x~ = corruptor(x)``; sigma ~ U(0, sigma_max) per sample from ``gen``; ``input = x~ + eps``;
+    ``loss = ||fwd(input) - (x + eps)||^2`` with the same eps on both sides in "symmetric" mode (the ablation
+    modes of :data:`NOISE_MODES` change the two sides' sigma and seed as in DESIGN.md section 1.2).
+
+    Args:
+        fwd: the network (or its compiled form), (B, C, H, W) -> (B, C, H, W).
+        x: normal images (B, C, H, W), uint8 or float in [0, 1], on ``gen``'s device.
+        corruptor: a :class:`fae_fast.corruption.Corruptor`.
+        gen: the generator of the corruption and of sigma.
+        step: 0-based step: with ``seed`` it gives the noise seed (:func:`step_seed`).
+        seed: the run's seed.
+        sigma_max: the noise range r (:func:`effective_sigma_max`).
+        mode: one of :data:`NOISE_MODES`.
+        noise_backend: the one backend of both noise ops (:func:`fae_fast.ops.noise_backend`).
+        pool: images the "other image" textures are cut from (None: the batch itself).
+        channels_last: feed the network a channels_last input.
+        autocast: a context manager around the forward pass (None: none).
+
+    Returns:
+        0-dim float32 loss.
+    """
+    B = x.shape[0]
+    xf = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    c = corruptor(xf, gen, pool=pool)
+    sigma = torch.rand(B, generator=gen, device=x.device) * sigma_max
+    zeros = torch.zeros_like(sigma)
+    noise_seed = step_seed(seed, step)
+    sigma_in = zeros if mode == "none" else sigma
+    sigma_tgt = sigma if mode in ("symmetric", "independent") else zeros
+    seed_tgt = step_seed(seed, step, stream=1) if mode == "independent" else noise_seed
+    # the ops read a uint8 batch directly: a quarter of the bytes of a float copy
+    inp = ops.corrupt_and_noise(x, c.texture, c.mask_beta, sigma_in, noise_seed, backend=noise_backend)
+    if channels_last:
+        inp = inp.contiguous(memory_format=torch.channels_last)
+    with autocast if autocast is not None else contextlib.nullcontext():
+        recon = fwd(inp)
+    return ops.noisy_target_loss(recon, x, sigma_tgt, seed_tgt, backend=noise_backend)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):
@@ -296,24 +340,11 @@ class _Trainer:
 
     def step(self, step: int) -> torch.Tensor:
         """One optimisation step (0-based ``step``); returns the detached loss on the device (no sync)."""
-        cfg, tc, dev, gen = self.cfg, self.tc, self.dev, self.gen
-        mode, sigma_max, seed0 = cfg.noise.mode, self.sigma_max, int(tc.seed)
+        tc = self.tc
         xb = self.sampler.next()                            # uint8 (B, 3, h, w) on dev
-        B = xb.shape[0]
-        c = self.corruptor(xb.float().div_(255.0), gen, pool=self.pool)
-        sigma = torch.rand(B, generator=gen, device=dev) * sigma_max
-        zeros = torch.zeros_like(sigma)
-        seed = step_seed(seed0, step)
-        sigma_in = zeros if mode == "none" else sigma
-        sigma_tgt = sigma if mode in ("symmetric", "independent") else zeros
-        seed_tgt = step_seed(seed0, step, stream=1) if mode == "independent" else seed
-        # the ops read the uint8 batch directly: a quarter of the bytes of a float copy
-        inp = ops.corrupt_and_noise(xb, c.texture, c.mask_beta, sigma_in, seed, backend=self.noise_backend)
-        if tc.channels_last:
-            inp = inp.contiguous(memory_format=torch.channels_last)
-        with self.autocast:
-            recon = self.fwd(inp)
-        loss = ops.noisy_target_loss(recon, xb, sigma_tgt, seed_tgt, backend=self.noise_backend)
+        loss = batch_loss(self.fwd, xb, self.corruptor, self.gen, step=step, seed=int(tc.seed),
+                          sigma_max=self.sigma_max, mode=self.cfg.noise.mode, noise_backend=self.noise_backend,
+                          pool=self.pool, channels_last=bool(tc.channels_last), autocast=self.autocast)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if tc.grad_clip and tc.grad_clip > 0:
