@@ -19,6 +19,9 @@ test: install-test
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 	TRITON_INTERPRET=1 $(PY) -m pytest -q bench -o python_files='bench_*.py' --benchmark-disable
 	TRITON_INTERPRET=1 FAE_FAST_NO_EXT=1 $(PY) -m pytest -q tests -m "not slow" -k "elastic or stroke or corrupt or backend"
+	# the anomalib integration in its own venv (torch 2.14.1 + torchvision 0.29.1 + anomalib 2.7.0, git-ignored
+	# .venv-anomalib/): fails loudly if that venv cannot be built
+	bash scripts/anomalib_ci.sh
 
 bench:
 	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-json=bench/results/latest.json
