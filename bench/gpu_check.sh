@@ -4,14 +4,14 @@
 #
 # Run it from the `run` device tool like this (the commit literally, since .git does not travel):
 #
-#   run(command="FAE_FAST_COMMIT=<git rev-parse HEAD here> bash bench/gpu_check.sh", timeout_s=550)
+#   run(command="FAE_FAST_COMMIT=<git rev-parse HEAD here> bash bench/gpu_check.sh", timeout_s=560)
 #
 # summary.txt also names a hash of the sources (TREE_HASH_ONLY=1 bash bench/gpu_check.sh prints it here): equal
 # hashes say the run measured exactly that commit, uncommitted changes included.
 #
 # Carry nothing: the script builds the extension there and reads only tracked files. (Optional: `gpu_wheels`,
 # small wheels to install with --no-index, e.g. for a later DALI run; the whole carry must stay < 64 MiB, so the
-# first run goes without DALI: its tests and loader provider skip.) The defaults stop by BUDGET_S=520 s, which
+# first run goes without DALI: its tests and loader provider skip.) The defaults stop by BUDGET_S=530 s, which
 # with a machine start of 1-2 minutes leaves about 3 minutes of the 15-minute device budget for ONE immediate
 # rerun of what failed (within the 30 s the machine stays warm: the built extension and Inductor's cache in /tmp
 # are still there), e.g.
@@ -32,7 +32,7 @@ ROOT=$PWD
 PY=${PY:-python3}
 WORK=${WORK:-$(mktemp -d -u /tmp/gpu_check.XXXXXX)}
 OUT=${OUT:-$WORK.out}
-BUDGET_S=${BUDGET_S:-520}
+BUDGET_S=${BUDGET_S:-530}
 SMOKE=${CPU_SMOKE:-}
 DRY=${DRY_RUN:-}
 ONLY=${ONLY:-}
@@ -127,6 +127,10 @@ fi
 [ -n "$DRY" ] && echo "gpu_check steps (budget s, command); overall deadline BUDGET_S=${BUDGET_S}s:"
 # --- cheap: the machine, the extension, Triton kernels and the corruption generator, no torch.compile ----------
 step env 30 env_step
+if [ -z "$SMOKE$DRY" ] && ! $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_check: no CUDA device here, stopping (CPU_SMOKE=1 checks the plumbing on a CPU)" | tee -a "$OUT/log.txt"
+    exit 1
+fi
 [ -z "$SMOKE" ] && step build 150 build_step
 step ops 90 "${BPYTEST[@]}" bench/bench_anomaly_map.py bench/bench_corrupt_and_noise.py bench/bench_noisy_target_loss.py \
     -k "not torch_compile and ($OPS_K)" --benchmark-json="$WORK/ops.json"

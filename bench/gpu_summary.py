@@ -126,7 +126,7 @@ def targets(work: str) -> list[dict]:
         ratio = best["img_per_s"] / loop["img_per_s"] if loop else None
         add(f"corruption generator, batch {best.get('batch')}", ">= 20,000 img/s, >= 50x a per-image loop",
             f"{best['provider']} {best['img_per_s']:.0f} img/s" + (f", torch ops {tor['img_per_s']:.0f}" if tor else "")
-            + (f", loop {loop['img_per_s']:.0f} img/s ({ratio:.0f}x)" if loop else ""),
+            + (f", loop {loop['img_per_s']:.0f} img/s ({ratio:.1f}x)" if loop else ""),
             best["img_per_s"] >= 20000 and (ratio is None or ratio >= 50), "corruption.json")
     else:
         add("corruption generator, batch 256", ">= 20,000 img/s", None, None, "corruption.json: missing")
