@@ -9,11 +9,12 @@ import torch
 
 
 def git_sha() -> str:
+    """The checkout's short commit; ``$FAE_FAST_COMMIT`` where the copy has no .git (the lent GPU machine)."""
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__),
                                        stderr=subprocess.DEVNULL, text=True).strip()
     except Exception:
-        return "unknown"
+        return os.environ.get("FAE_FAST_COMMIT", "unknown")
 
 
 def machine_info() -> dict:
@@ -44,6 +45,42 @@ def sync(device) -> None:
     """Wait for the device so that the timed call includes the work it launched."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def profile_table(fn, calls: int, device, kernels: int = 20, cpu_ops: int = 10) -> str:
+    """``calls`` calls of ``fn()`` under torch.profiler, as text: wall and device-busy time per call (busy well
+    below wall: the host does not launch fast enough), the top ``kernels`` CUDA kernels by device time and the
+    top ``cpu_ops`` operators by self CPU time. Warm ``fn`` up first: compilation would fill the tables."""
+    import time
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync(device)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    out = [f"{calls} calls: wall {wall / calls * 1e3:.3f} ms per call"]
+    if cuda:
+        key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        kern = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=lambda e: -getattr(e, key))
+        busy = sum(getattr(e, key) for e in kern)  # microseconds, kernels + copies + sets
+        out[0] += f", device busy {busy / calls / 1e3:.3f} ms per call ({busy / 1e4 / wall:.0f} % of wall)"
+        out.append(f"\ntop {kernels} of {len(kern)} CUDA kernels by device time:")
+        out.append(f"{'ms/call':>9s} {'%busy':>6s} {'n/call':>7s}  name")
+        for e in kern[:kernels]:
+            t = getattr(e, key)
+            out.append(f"{t / calls / 1e3:9.4f} {100 * t / max(busy, 1e-9):6.1f} {e.count / calls:7.1f}  {e.key[:110]}")
+        if not kern:  # no kernel records came back (CUPTI): the operators by device time instead
+            out.append(events.table(sort_by=key, row_limit=kernels))
+    out.append(f"\ntop {cpu_ops} operators by self CPU time:")
+    out.append(events.table(sort_by="self_cpu_time_total", row_limit=cpu_ops))
+    return "\n".join(out)
 
 
 def bandwidth_gbs(nbytes: int, seconds: float) -> float:
