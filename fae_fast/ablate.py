@@ -213,7 +213,8 @@ def _row(res: dict) -> dict:
 
 
 def git_commit(path: str | Path | None = None) -> str | None:
-    """The checkout's commit (with ``-dirty`` when it has uncommitted changes to tracked files), or None."""
+    """The checkout's commit (with ``-dirty`` when it has uncommitted changes to tracked files); where the copy has
+    no .git (a lent GPU machine) ``$FAE_FAST_COMMIT``, else None."""
     where = str(Path(path or __file__).resolve().parent)
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
@@ -221,8 +222,10 @@ def git_commit(path: str | Path | None = None) -> str | None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
-    return (sha + ("-dirty" if dirty else "")) if sha else None
+        sha, dirty = "", ""
+    if not sha:
+        return os.environ.get("FAE_FAST_COMMIT") or None
+    return sha + ("-dirty" if dirty else "")
 
 
 def machine_info(device="auto") -> dict:
