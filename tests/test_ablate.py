@@ -64,17 +64,17 @@ def test_smoothing_grid_holds_the_default_and_valid_windows():
 def test_tiny_ablation_end_to_end(tmp_path, capsys):
     data = make_dataset(tmp_path / "d", n_train=20, n_test_good=3, n_test_defect=2, size=(32, 32), seed=2)
     out, models = tmp_path / "ablation.json", tmp_path / "models"
-    rc = main(["ablate", "--data", str(data), "--variants", "fae,no_noise,plain_ae", "--seeds", "0", "--steps", "4",
+    rc = main(["ablate", "--data", str(data), "--variants", "fae,same_noise,plain_ae", "--seeds", "0", "--steps", "4",
                "--size", "32", "--preset", "tiny", "--batch-size", "4", "--device", "cpu", "--json", str(out),
                "--eval-every", "2", "--save-models", str(models), "--set", "train.crop_size=24x24",
                "--set", "train.holdout_fraction=0.2", "--plot", str(tmp_path / "curves.svg")])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert [(r["variant"], r["seed"]) for r in res["runs"]] == [("fae", 0), ("no_noise", 0), ("plain_ae", 0)]
+    assert [(r["variant"], r["seed"]) for r in res["runs"]] == [("fae", 0), ("same_noise", 0), ("plain_ae", 0)]
     by = {r["variant"]: r for r in res["runs"]}
     # each run carries the config it really trained with, and its label says so
-    assert by["no_noise"]["config"]["noise"]["mode"] == "none" and "noise none" in by["no_noise"]["label"]
-    assert by["fae"]["config"]["noise"]["mode"] == "symmetric" and "symmetric" in by["fae"]["label"]
+    assert by["same_noise"]["config"]["noise"]["mode"] == "symmetric" and "symmetric" in by["same_noise"]["label"]
+    assert by["fae"]["config"]["noise"]["mode"] == "none" and "noise none" in by["fae"]["label"]
     assert by["fae"]["config"]["train"]["crop_size"] == [24, 24]
     # learning curve at steps 2 and 4; per-defect rows; the commit and the machine named
     assert [pt["step"] for pt in by["fae"]["curve"]] == [2, 4]
@@ -85,7 +85,7 @@ def test_tiny_ablation_end_to_end(tmp_path, capsys):
     # the scoring sweep: every smoothing setting with every normalisation (the holdout has 4 images)
     n_settings = len(smoothing_grid(*res["smoothing_default"]))
     assert sum(k.startswith("fae|") for k in res["scoring"]) == 3 * n_settings
-    assert sorted(p.name for p in models.iterdir()) == ["fae_seed0.fae", "no_noise_seed0.fae", "plain_ae_seed0.fae"]
+    assert sorted(p.name for p in models.iterdir()) == ["fae_seed0.fae", "plain_ae_seed0.fae", "same_noise_seed0.fae"]
     table = markdown_table(res)
     assert "| fae (n=1) |" in table and "Learning curves" in table and "zscore" in table
     assert "plain_ae" in capsys.readouterr().out

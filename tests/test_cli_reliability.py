@@ -269,14 +269,14 @@ def test_eval_prints_the_metrics_before_writing_files(tiny, tmp_path, capsys, mo
 def test_config_file_layers_on_the_preset_and_flags_win(tiny, tmp_path, capsys, cfg_file):
     root, data, model = tiny
     out = tmp_path / "m.fae"
-    partial = cfg_file({"noise": {"mode": "none"}, "train": {"steps": 50, "lr": 0.01}})
+    partial = cfg_file({"noise": {"mode": "input"}, "train": {"steps": 50, "lr": 0.01}})
     assert main(["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--config", partial,
                  "--steps", "2", "--size", "32x48", "--batch-size", "4", "--quiet", "--device", "cpu"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
-    for s in ("preset tiny", partial, "size 32x48", "2 steps", "noise none", "(16, 32, 64, 128)", "lr 0.01"):
+    for s in ("preset tiny", partial, "size 32x48", "2 steps", "noise input", "(16, 32, 64, 128)", "lr 0.01"):
         assert s in first, (s, first)
     cfg = Detector.load(out, device="cpu").config
-    assert cfg.model.widths == (16, 32, 64, 128) and cfg.noise.mode == "none"  # preset kept, file applied
+    assert cfg.model.widths == (16, 32, 64, 128) and cfg.noise.mode == "input"  # preset kept, file applied
     assert cfg.train.steps == 2 and cfg.train.lr == 0.01 and cfg.train.image_size == (32, 48)  # flags win
 
 
@@ -285,7 +285,7 @@ def test_train_first_line_shows_the_resolved_auto_size(tiny, tmp_path, capsys):
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "m.fae"), "--preset", "tiny",
                  "--steps", "1", "--batch-size", "4", "--quiet", "--device", "cpu"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("train: preset tiny, size 128x128 (HxW), 1 steps") and "noise symmetric" in first
+    assert first.startswith("train: preset tiny, size 128x128 (HxW), 1 steps") and "noise none" in first
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")

@@ -82,9 +82,9 @@ def test_none_where_allowed_and_zero_steps_only_on_request():
 def test_from_dict_layers_on_the_base_without_touching_it():
     base = preset("tiny")
     before = copy.deepcopy(base)
-    cfg = FAEConfig.from_dict({"noise": {"mode": "none"}, "train": {"lr": 1e-3}}, base=base)
+    cfg = FAEConfig.from_dict({"noise": {"mode": "input"}, "train": {"lr": 1e-3}}, base=base)
     assert cfg.model.widths == (16, 32, 64, 128) and cfg.train.image_size == (128, 128)  # the preset's
-    assert cfg.noise.mode == "none" and cfg.train.lr == 1e-3 and cfg.noise.sigma_max == 0.1
+    assert cfg.noise.mode == "input" and cfg.train.lr == 1e-3 and cfg.noise.sigma_max == 0.1
     assert base == before
     assert FAEConfig.from_dict(cfg.to_dict()) == cfg  # a full dict still round-trips
     assert FAEConfig.from_dict({"noise": {"mode": "none"}}).model.widths == (64, 128, 256, 512)
