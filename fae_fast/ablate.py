@@ -112,7 +112,8 @@ def describe(cfg: FAEConfig) -> str:
     """What a run actually trained, in one line (its label in tables)."""
     m, nz, c, t = cfg.model, cfg.noise, cfg.corruption, cfg.train
     skips = "gate" if m.gated_skips else m.skip_mode
-    noise = "none" if nz.mode == "none" or nz.sigma_max == 0 else f"{nz.mode} sigma<={nz.sigma_max:g}"
+    scale = "" if nz.sigma_reference == "absolute" else " x image noise"
+    noise = "none" if nz.mode == "none" or nz.sigma_max == 0 else f"{nz.mode} sigma<={nz.sigma_max:g}{scale}"
     crop = "" if t.crop_size is None else f", crops {t.crop_size[0]}x{t.crop_size[1]}"
     return (f"widths {'-'.join(map(str, m.widths))}, skips {skips}, {'residual' if m.residual else 'plain'} head, "
             f"noise {noise}, corruption p={c.p:g}, {t.steps} steps x {t.batch_size}{crop}")
