@@ -216,10 +216,11 @@ def cmd_train(args) -> int:
                                     if args.preset == "auto" else "")
               + (f" + {args.config}" if args.config else ""))
     crop = "" if t.crop_size is None else f", crops {t.crop_size[0]}x{t.crop_size[1]}"
+    nz = cfg.noise
+    noise = nz.mode if nz.mode == "none" else f"{nz.mode} (sigma_max {nz.sigma_max:g} {nz.sigma_reference})"
     print(f"train: {source}, size {h}x{w} (HxW){crop}, {t.steps} steps, batch {t.batch_size}, lr {t.lr:g}, "
-          f"noise {cfg.noise.mode} (sigma_max {cfg.noise.sigma_max:g} {cfg.noise.sigma_reference}), map "
-          f"normalisation {cfg.map.normalize}, widths {tuple(cfg.model.widths)}, {len(paths)} images, "
-          f"{_torch_threads()} CPU threads", flush=True)
+          f"noise {noise}, map normalisation {cfg.map.normalize}, widths {tuple(cfg.model.widths)}, "
+          f"{len(paths)} images, {_torch_threads()} CPU threads", flush=True)
     det = Detector(cfg, device=device)
     t0 = time.perf_counter()
     det.fit(paths, checkpoint=args.checkpoint, resume=args.resume, progress=not args.quiet)
