@@ -184,7 +184,7 @@ class _Scorer:
         self.labels, self.masks = test.labels.numpy(), test.masks[:, 0].numpy()
 
     def __call__(self, model, settings, modes) -> dict:
-        """{(n, k, mode): evaluate() result} plus the edge diagnostic under the key "edge"."""
+        """{(n, k, mode): evaluate() result, with the edge diagnostic as ``edge_max_fraction_good``}."""
         from .evaluate import evaluate
         from .scoring import map_statistics, normalize_maps
 
@@ -269,7 +269,7 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
     log(f"[ablate] {len(train_images)} train / {len(test)} test images at {size[0]}x{size[1]} "
         f"({time.perf_counter() - t0:.1f} s); commit {git_commit()}")
     n, k = smoothing_for_size(base.map, *size)
-    default_mode = getattr(base.map, "normalize", "none")
+    default_mode = base.map.normalize
     grid = smoothing_grid(n, k) if sweep else [(n, k)]
     modes = NORMALIZE if sweep else (default_mode,)
     runs, scoring_runs = [], {}

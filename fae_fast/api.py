@@ -21,7 +21,7 @@ import torch
 
 from ._version import __version__
 from .config import FAEConfig, preset, smoothing_for_size
-from .scoring import check_threshold
+from .scoring import check_threshold, stored_map_statistics
 
 __all__ = ["Detector", "Prediction", "to_uint8_batch"]
 
@@ -592,12 +592,7 @@ class Detector:
             raise ValueError(f"{path}: weights do not match the stored model config: {exc}") from exc
         det.model = model.to(det.device).eval()
         det.thresholds = thresholds
-        if det.config.map.normalize != "none":
-            from .scoring import check_map_statistics
-
-            stats = mf.meta.get("map_stats")
-            check_map_statistics(stats, det.image_size, det.config.map.normalize, what=str(path))
-            det.map_stats = {k: v.float() for k, v in stats.items()}
+        det.map_stats = stored_map_statistics(mf, path)
         return det
 
     def __getstate__(self) -> dict:

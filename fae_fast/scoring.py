@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import torch
@@ -22,7 +23,8 @@ from . import ops
 
 __all__ = ["resolve_device", "autocast_dtype", "compute_maps", "thresholds_from_holdout", "check_threshold",
            "MapNormalizer",
-           "map_statistics", "normalize_maps", "check_map_statistics", "leave_one_out_normalized",
+           "map_statistics", "normalize_maps", "check_map_statistics", "stored_map_statistics",
+           "leave_one_out_normalized",
            "NORMALIZE_MODES"]
 
 _AMP = ("auto", "bf16", "fp16", "fp32")
@@ -97,8 +99,7 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
     dev = _model_device(model) if device is None else resolve_device(device)
     dtype = autocast_dtype(amp, dev)
     N, _, H, W = images.shape
-    if normalize != "none":
-        check_map_statistics(stats, (H, W), normalize)
+    normalizer = MapNormalizer(normalize, stats, (H, W)).to(dev)
     maps = torch.empty((N, 1, H, W), dtype=torch.float32)
     scores = torch.empty((N,), dtype=torch.float32)
     # pinned host buffers let the device->host copies overlap the next batch (CUDA only)
@@ -116,10 +117,7 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
                     inp = inp.contiguous(memory_format=torch.channels_last)
                 with _autocast(dev, dtype):
                     recon = model(inp)
-                amap, score = ops.anomaly_map(xb, recon, n=n, k=k)
-                if normalize != "none":
-                    amap = normalize_maps(amap, stats, normalize)
-                    score = amap.amax(dim=(1, 2, 3))
+                amap, score = normalizer(*ops.anomaly_map(xb, recon, n=n, k=k))
                 maps[s:s + len(xb)].copy_(amap, non_blocking=pin)
                 scores[s:s + len(xb)].copy_(score, non_blocking=pin)
         if pin:
@@ -204,6 +202,17 @@ def check_map_statistics(stats, size: tuple[int, int], mode: str = "zscore", wha
             raise ValueError(f"{what}: {key} holds non-finite{' or non-positive' if key == 'scale' else ''} values")
 
 
+def stored_map_statistics(model_file, path) -> dict[str, torch.Tensor] | None:
+    """The per-pixel statistics a model file (:class:`fae_fast.checkpoint.ModelFile`) carries for its
+    ``map.normalize`` (None for "none"), checked against its image size; ``ValueError`` naming ``path``."""
+    mode = model_file.config.map.normalize
+    if mode == "none":
+        return None
+    stats = model_file.meta.get("map_stats")
+    check_map_statistics(stats, tuple(int(v) for v in model_file.image_size), mode, what=str(path))
+    return {k: v.float() for k, v in stats.items()}
+
+
 def leave_one_out_normalized(maps: torch.Tensor, mode: str) -> torch.Tensor:
     """Each map normalised by the statistics of the *other* maps (N >= 3): the held-out normal images give both
     the statistics and the thresholds, and normalising an image by statistics that include it would shrink its
@@ -244,8 +253,8 @@ class MapNormalizer(torch.nn.Module):
     """:func:`normalize_maps` as a module, for compiled and exported graphs: ``(map, score) -> (map', score')``
     with ``score' = max(map')``; the identity for mode "none".
 
-    The statistics are buffers (they travel with ``.to()``, are part of an ONNX export and of a graph's
-    fingerprint); z-scores multiply by a stored ``1 / scale``.
+    The statistics are buffers: they travel with ``.to()`` and are part of an ONNX export and of a graph's
+    fingerprint.
     """
 
     def __init__(self, mode: str = "none", stats: dict[str, torch.Tensor] | None = None,
@@ -258,14 +267,12 @@ class MapNormalizer(torch.nn.Module):
             size = tuple(stats["mean"].shape[-2:]) if isinstance(stats, dict) and "mean" in stats else (0, 0)
         check_map_statistics(stats, tuple(size), mode)
         self.register_buffer("mean", stats["mean"].float().clone())
-        self.register_buffer("inv_scale", 1.0 / stats["scale"].float())
+        self.register_buffer("scale", stats["scale"].float().clone())
 
     def forward(self, amap: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "none":
             return amap, score
-        out = amap - self.mean
-        if self.mode == "zscore":
-            out = out * self.inv_scale
+        out = normalize_maps(amap, {"mean": self.mean, "scale": self.scale}, self.mode)
         return out, out.amax(dim=(1, 2, 3))
 
 
@@ -283,8 +290,6 @@ def check_threshold(value, name: str) -> float | None:
         TypeError: not a number (a string, a bool, a container).
         ValueError: NaN or +-inf.
     """
-    import math
-
     if value is None:
         return None
     if isinstance(value, (str, bytes, bool)):

@@ -242,7 +242,7 @@ class _Progress:
     every ``every_s`` seconds, with the ETA, so that a long run is never silent."""
 
     def __init__(self, total: int, initial: int, enabled: bool, every_s: float = 30.0):
-        self.total, self.done, self.enabled, self.every_s = total, initial, enabled, every_s
+        self.total, self.enabled, self.every_s = total, enabled, every_s
         self.bar = None
         self.t0 = self.t_print = time.perf_counter()
         self.initial = initial
@@ -254,7 +254,6 @@ class _Progress:
                 self.bar = None
 
     def update(self, done: int, rec: dict | None) -> None:
-        self.done = done
         if self.bar is not None:
             if rec is not None:
                 self.bar.set_postfix(loss=f"{rec['loss']:.4g}", img_s=f"{rec['img_per_s']:.0f}")
@@ -300,9 +299,7 @@ class _Trainer:
         self.amp_dtype = autocast_dtype(tc.amp, dev)
         self.train_images = train_images
         H, W = int(train_images.shape[2]), int(train_images.shape[3])
-        crop = None if tc.crop_size is None else tuple(int(v) for v in tc.crop_size)
-        if crop is not None and (crop[0] > H or crop[1] > W):
-            raise ValueError(f"cfg.train.crop_size {crop} is larger than the images ({H}x{W})")
+        crop = None if tc.crop_size is None else tuple(int(v) for v in tc.crop_size)  # checked by the sampler
         # seeded init without touching the caller's RNG: the model is built on the CPU, so only the CPU generator
         # is forked and seeded (torch.manual_seed would also reseed every CUDA generator of the caller)
         with torch.random.fork_rng(devices=[]):
@@ -336,7 +333,9 @@ class _Trainer:
         self.autocast = (torch.autocast(device_type=dev.type, dtype=self.amp_dtype)
                          if self.amp_dtype is not None else contextlib.nullcontext())
         self.fingerprint = _fingerprint(train_images)
-        self.sigma_max = effective_sigma_max(cfg, train_images)
+        # the noise estimate reads up to 64 images: only worth it when there is noise (sigma is drawn either way,
+        # so the random streams do not depend on it)
+        self.sigma_max = 0.0 if cfg.noise.mode == "none" else effective_sigma_max(cfg, train_images)
 
     def step(self, step: int) -> torch.Tensor:
         """One optimisation step (0-based ``step``); returns the detached loss on the device (no sync)."""

@@ -58,7 +58,7 @@ import torch.nn as nn
 
 from ..api import Prediction, above, check_float_images
 from ..config import check_image_size
-from ..scoring import check_threshold
+from ..scoring import MapNormalizer, check_threshold, stored_map_statistics
 
 __all__ = ["Engine", "InferenceResult", "apply_thresholds", "resolve_dtype", "resolve_device", "plan_batches",
            "BACKENDS"]
@@ -266,7 +266,6 @@ class Engine:
                  backend: str = "auto", threads: int | None = None, normalize: str = "none",
                  map_stats: dict | None = None):
         from .. import _backend
-        from ..scoring import MapNormalizer
         from ..config import MapConfig, smoothing_for_size
 
         if not isinstance(model, nn.Module):
@@ -436,13 +435,10 @@ class Engine:
             kwargs["thresholds"] = {k: check_threshold(v, f"{path}: stored {k} threshold")
                                     for k, v in mf.thresholds.items() if k in ("image", "pixel")}
         kwargs.setdefault("in_channels", mf.config.model.in_channels)
-        if mf.config.map.normalize != "none":
-            from ..scoring import check_map_statistics
-
-            check_map_statistics(mf.meta.get("map_stats"), tuple(mf.image_size), mf.config.map.normalize,
-                                 what=str(path))
+        stats = stored_map_statistics(mf, path)
+        if stats is not None:
             kwargs.setdefault("normalize", mf.config.map.normalize)
-            kwargs.setdefault("map_stats", mf.meta["map_stats"])
+            kwargs.setdefault("map_stats", stats)
         return cls(model.eval(), image_size=tuple(mf.image_size), **kwargs)
 
     @staticmethod
