@@ -20,7 +20,7 @@ from fae_fast.config import preset
 from fae_fast.inference import Engine, InlineStream
 from tests.test_api import det  # noqa: F401  (a module-scoped fixture shared with the API tests)
 from tests.test_engine import K_SMOOTH, N_SMOOTH, H, W, frames, tiny_model
-from tests.test_stream import engine  # noqa: F401  (the same engine fixture as the stream tests)
+from tests.test_stream import cuda_engine, engine  # noqa: F401  (the stream tests' engines)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -248,9 +248,8 @@ def test_cuda_stream_and_engine_fail_safe():
     """The overlapped CUDA stream flags bad float frames from the range copied back with the scores; a model that
     breaks is anomalous (the Triton map bounds non-finite errors to 1e30, so its score is huge, not NaN); a bad
     float batch already on the GPU is refused by Engine.predict."""
-    dev = torch.device("cuda")
-    eng = Engine(tiny_model(), image_size=(H, W), n=N_SMOOTH, k=K_SMOOTH, device=dev, batch_sizes=(1, 2, 4, 8),
-                 thresholds={"image": 1e-3, "pixel": 5e-4})
+    eng = cuda_engine()
+    dev = eng.device
     x = float_frames(6, seed=10)
     ref = eng.predict(x)
     imgs = [np.ascontiguousarray(f.permute(1, 2, 0).numpy()) for f in x]

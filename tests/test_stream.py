@@ -277,11 +277,15 @@ def test_constructor_validation(engine):
         InlineStream(engine, input_dtype=np.int16)
 
 
+def cuda_engine() -> Engine:
+    """The tiny engine of these tests on CUDA, with CUDA graphs for batches 1..8 (also used by test_failsafe)."""
+    return Engine(tiny_model(), image_size=(H, W), n=N_SMOOTH, k=K_SMOOTH, device=torch.device("cuda"),
+                  batch_sizes=(1, 2, 4, 8), thresholds={"image": 1e-3, "pixel": 5e-4})
+
+
 @pytest.mark.gpu
 def test_cuda_stream_overlapped_matches_predict():
-    dev = torch.device("cuda")
-    eng = Engine(tiny_model(), image_size=(H, W), n=N_SMOOTH, k=K_SMOOTH, device=dev, batch_sizes=(1, 2, 4, 8),
-                 thresholds={"image": 1e-3, "pixel": 5e-4})
+    eng = cuda_engine()
     x = frames(40, seed=23)
     ref = eng.predict(x)
     imgs = [np.ascontiguousarray(f.permute(1, 2, 0).numpy()) for f in x]
