@@ -105,6 +105,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     grad_clip: float = 1.0
+    # exponential moving average of the weights (and BatchNorm statistics), used for the thresholds and saved
+    # as the model; 0 = off. The decay ramps up as min(ema_decay, (1 + t) / (10 + t)) over the first steps.
+    ema_decay: float = 0.0
     image_size: tuple[int, int] | str = (256, 256)  # (H, W), non-square allowed; or "auto" (below)
     auto_pixels: int = 256 * 256        # "auto" size: the data's aspect ratio at about this many pixels
     keep_aspect: bool = False           # resize keeping aspect ratio and pad, instead of stretching
@@ -250,6 +253,7 @@ _RANGES = {
     "map.n": "[0, inf)", "map.k": "[1, inf)", "map.ref_size": "[1, inf)",
     "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
     "train.weight_decay": "[0, inf)", "train.warmup_steps": "[0, inf)", "train.grad_clip": "[0, inf)",
+    "train.ema_decay": "[0, 1)",
     "train.auto_pixels": f"[{MIN_SIDE * MIN_SIDE}, {MAX_SIDE * MAX_SIDE}]",
     "train.holdout_fraction": "[0, 1)", "train.threshold_quantile": "[0, 1]",
     "train.pixel_threshold_quantile": "[0, 1]", "train.checkpoint_every": "[0, inf)",

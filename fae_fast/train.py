@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import sys
 import time
@@ -41,7 +42,7 @@ from .config import NOISE_MODES, FAEConfig, smoothing_for_size
 from .scoring import autocast_dtype, compute_maps, resolve_device, thresholds_from_holdout
 
 __all__ = ["NOISE_MODES", "TrainResult", "train", "batch_loss", "step_seed", "split_holdout", "lr_factor",
-           "holdout_thresholds", "estimate_noise_std", "effective_sigma_max"]
+           "holdout_thresholds", "estimate_noise_std", "effective_sigma_max", "WeightEma"]
 
 _MASK64 = (1 << 64) - 1
 # config keys that may change between a run and its resumption without changing what the steps compute
@@ -221,7 +222,8 @@ def effective_sigma_max(cfg: FAEConfig, images: torch.Tensor) -> float:
 
 
 def _check_resume_config(path, saved: dict, cfg: FAEConfig) -> None:
-    a, b = _flat(saved), _flat(cfg.to_dict())
+    # a key the saved config lacks was written by a version without that setting: it ran with the default
+    a, b = {**_flat(FAEConfig().to_dict()), **_flat(saved)}, _flat(cfg.to_dict())
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in _RESUMABLE_CHANGES)
     if diff:
         raise ValueError(f"cannot resume from {path}: its config differs from this one in "
@@ -235,6 +237,34 @@ def _fingerprint(images: torch.Tensor) -> list[int]:
     """A cheap identity check of the training images (shape and a strided checksum)."""
     flat = images.reshape(images.shape[0], -1)
     return [*map(int, images.shape), int(flat[:, ::97].sum(dtype=torch.int64))]
+
+
+class WeightEma:
+    """An exponential moving average of a network's floating-point state (weights and BatchNorm statistics).
+
+    After optimisation step ``t`` (0-based), :meth:`update` sets ``ema <- d * ema + (1 - d) * live`` with
+    ``d = min(decay, (1 + t) / (10 + t))`` (the ramp keeps the first steps' random init from dominating a short
+    run); integer buffers (BatchNorm's step counts) are copied. ``self.model`` is a copy in eval mode.
+
+    Example:
+        >>> ema = WeightEma(torch.nn.Linear(2, 2), decay=0.99)
+        >>> ema.update(step=0)   # after each optimiser step
+    """
+
+    def __init__(self, live: torch.nn.Module, decay: float):
+        self.decay = float(decay)
+        self.model = copy.deepcopy(live).eval().requires_grad_(False)
+        pairs = list(zip(self.model.state_dict(keep_vars=True).values(), live.state_dict(keep_vars=True).values()))
+        self._float = ([e.detach() for e, v in pairs if e.is_floating_point()],
+                       [v.detach() for e, v in pairs if e.is_floating_point()])
+        self._other = [(e.detach(), v.detach()) for e, v in pairs if not e.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1.0 + step) / (10.0 + step))
+        torch._foreach_lerp_(self._float[0], self._float[1], 1.0 - d)
+        for e, v in self._other:
+            e.copy_(v)
 
 
 class _Progress:
@@ -326,6 +356,7 @@ class _Trainer:
         # with crops, textures are borrowed from the batch's own crops (same scale); otherwise from every image
         self.pool = None if crop is not None else train_images
         self.fwd = torch.compile(model) if tc.compile else model
+        self.ema = WeightEma(model, float(tc.ema_decay)) if tc.ema_decay > 0 else None
         # one backend for noise injection and loss: the reference and the Triton kernel draw different eps from a
         # seed, so a fallback of one op alone would silently turn same-eps noise into independent noise
         self.noise_backend = ops.noise_backend(dev)
@@ -352,14 +383,20 @@ class _Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
+        if self.ema is not None:
+            self.ema.update(step)
         return loss.detach()
+
+    def eval_model(self) -> torch.nn.Module:
+        """The network that is scored and saved: the weight average with ``train.ema_decay``, else the live one."""
+        return self.model if self.ema is None else self.ema.model
 
     def state_dict(self, step: int, history: list) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
                 "generator": self.gen.get_state(), "sampler": self.sampler.state_dict(), "step": step,
                 "history": history, "config": self.cfg.to_dict(), "fingerprint": self.fingerprint,
-                "device_type": self.dev.type}
+                "device_type": self.dev.type, "ema": None if self.ema is None else self.ema.model.state_dict()}
 
     def load_state(self, path) -> tuple[int, list]:
         """Continue from the training-state file ``path``: returns (steps done, history)."""
@@ -375,6 +412,8 @@ class _Trainer:
             warnings.warn(f"the training images differ from those of {path} (shape or checksum); resuming "
                           "anyway", UserWarning, stacklevel=3)
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.model.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -491,7 +530,7 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
     def run_callback(done: int) -> None:
         trainer.model.eval()
         try:
-            callback(done, trainer.model)
+            callback(done, trainer.eval_model())
         finally:
             trainer.model.train()
 
@@ -530,7 +569,8 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
         run_callback(end)
 
     # ---- thresholds from held-out normal images
-    model = trainer.model.eval()
+    trainer.model.eval()
+    model = trainer.eval_model()
     if hold_images.shape[0] == 0:
         warnings.warn("no held-out normal images (holdout_fraction is 0 and no holdout given): thresholds are "
                       "computed on the training images and will be optimistic", UserWarning, stacklevel=2)

@@ -208,6 +208,46 @@ def test_resume_is_bit_exact(images, tmp_path):
     assert resumed.thresholds == straight.thresholds
 
 
+def test_weight_ema_is_the_ramped_average_of_the_live_weights():
+    from fae_fast.train import WeightEma
+
+    live = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    ema = WeightEma(live, decay=0.5)
+    start = _weights(live)
+    expected = {k: v.clone() for k, v in start.items()}
+    for t in range(3):
+        with torch.no_grad():
+            for p in live.parameters():
+                p.add_(1.0)
+        live.train()(torch.randn(4, 1, 3, 3))  # moves BatchNorm's statistics and its step count
+        ema.update(t)
+        d = min(0.5, (1 + t) / (10 + t))
+        for k, v in live.state_dict().items():
+            expected[k] = d * expected[k] + (1 - d) * v if v.is_floating_point() else v.clone()
+    got = ema.model.state_dict()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6)
+    assert int(got["1.num_batches_tracked"]) == 3 and not ema.model.training
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_ema_is_the_saved_model_and_resumes_bit_exact(images, tmp_path):
+    live = train(_cfg(steps=6), images, progress=False)
+    straight = train(_cfg(steps=6, ema_decay=0.9), images, progress=False)
+    # the live weights are the same run's; the model returned (and thresholded) is their average
+    assert not all(torch.equal(v, _weights(straight.model)[k]) for k, v in _weights(live.model).items())
+    assert straight.thresholds != live.thresholds
+    p = tmp_path / "state.pt"
+    train(_cfg(steps=6, ema_decay=0.9), images, progress=False, checkpoint=p, stop_at=3)
+    resumed = train(_cfg(steps=6, ema_decay=0.9), images, progress=False, checkpoint=p, resume=p)
+    _assert_same_weights(_weights(straight.model), _weights(resumed.model))
+    assert resumed.thresholds == straight.thresholds
+    with pytest.raises(ValueError, match="train.ema_decay"):
+        train(_cfg(steps=6), images, progress=False, resume=p)
+    with pytest.raises(ValueError, match=r"train.ema_decay must be in \[0, 1\)"):
+        train(_cfg(steps=6, ema_decay=1.0), images, progress=False)
+
+
 def test_periodic_checkpoints(images, tmp_path, monkeypatch):
     steps_saved = []
     real = ckpt.save_train_state
