@@ -303,8 +303,13 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
                          "train_seconds": round(train_s, 2),
                          "final_loss": float(res.history[-1]["loss"]) if res.history else None,
                          "curve": curve, **main})
-            for (a, b, mode), r in scored.items():
-                scoring_runs.setdefault(f"{name}|n={a},k={b},{mode}", []).append(_row(r))
+            if res.live_model is not None:  # the same run without the weight average: a paired comparison
+                scored[("live", n, k, default_mode)] = scorer(res.live_model, [(n, k)], (default_mode,))[
+                    (n, k, default_mode)]
+            for key, r in scored.items():
+                a, b, mode = key[-3:]
+                live = "live weights," if key[0] == "live" else ""
+                scoring_runs.setdefault(f"{name}|{live}n={a},k={b},{mode}", []).append(_row(r))
             log(f"[ablate] {name:18s} seed {seed}: " + ", ".join(f"{m} {main[m]:.4f}" for m in METRICS)
                 + f" ({train_s:.0f} s)")
             del res, scored

@@ -63,6 +63,7 @@ class TrainResult:
         map_stats: per-pixel statistics of the held-out maps (``cfg.map.normalize`` != "none"), else None.
         step: steps done (``cfg.train.steps`` unless stopped early with ``stop_at``).
         config: the configuration trained with.
+        live_model: with ``cfg.train.ema_decay``, the last live weights (``model`` is their average), else None.
     """
 
     model: torch.nn.Module
@@ -73,6 +74,7 @@ class TrainResult:
     config: FAEConfig | None = None
     holdout_indices: torch.Tensor | None = field(default=None, repr=False)
     map_stats: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    live_model: torch.nn.Module | None = field(default=None, repr=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -577,4 +579,5 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
         hold_images = trainer.train_images
     thresholds, scores, stats = holdout_thresholds(model, cfg, hold_images, dev, batch_size=max(1, min(64, 2 * B)))
     return TrainResult(model=model, thresholds=thresholds, history=history, holdout_scores=scores, step=end,
-                       config=cfg, holdout_indices=hold_idx, map_stats=stats)
+                       config=cfg, holdout_indices=hold_idx, map_stats=stats,
+                       live_model=None if trainer.ema is None else trainer.model)

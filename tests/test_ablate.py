@@ -93,6 +93,17 @@ def test_tiny_ablation_end_to_end(tmp_path, capsys):
     assert svg.startswith("<svg") and svg.count("<polyline") == 3 * 3  # 3 variants x 3 metrics
 
 
+def test_a_weight_average_run_also_scores_its_live_weights(tmp_path):
+    data = make_dataset(tmp_path / "d", n_train=12, n_test_good=2, n_test_defect=2, size=(32, 32), seed=3)
+    out = tmp_path / "ablation.json"
+    assert main(["ablate", "--data", str(data), "--variants", "fae", "--seeds", "0", "--steps", "3", "--size", "32",
+                 "--preset", "tiny", "--batch-size", "4", "--device", "cpu", "--json", str(out), "--no-sweep",
+                 "--set", "train.ema_decay=0.5", "--set", "train.holdout_fraction=0.25"]) == 0
+    res = json.loads(out.read_text())
+    n, k = res["smoothing_default"]
+    assert set(res["scoring"]) == {f"fae|n={n},k={k},mean", f"fae|live weights,n={n},k={k},mean"}
+
+
 def _part(variant, seeds, sweep_rows=()):
     runs = [{"variant": variant, "seed": s, **{m: 0.5 + 0.1 * s for m in
                                                ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap",

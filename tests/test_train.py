@@ -237,6 +237,9 @@ def test_ema_is_the_saved_model_and_resumes_bit_exact(images, tmp_path):
     # the live weights are the same run's; the model returned (and thresholded) is their average
     assert not all(torch.equal(v, _weights(straight.model)[k]) for k, v in _weights(live.model).items())
     assert straight.thresholds != live.thresholds
+    # the average does not steer training: the run's live weights are those of the run without it
+    _assert_same_weights(_weights(straight.live_model), _weights(live.model))
+    assert live.live_model is None
     p = tmp_path / "state.pt"
     train(_cfg(steps=6, ema_decay=0.9), images, progress=False, checkpoint=p, stop_at=3)
     resumed = train(_cfg(steps=6, ema_decay=0.9), images, progress=False, checkpoint=p, resume=p)
