@@ -118,6 +118,7 @@ def test_serving_batch1_concurrent_clients(benchmark, setup, provider):
         fn()
         lats.clear()
         srv.batches.clear()
+    load_start = os.getloadavg()
     benchmark.pedantic(timed, rounds=1 if quick else ROUNDS, iterations=1, warmup_rounds=0)
     wall = float(np.median(walls))
     ms = np.asarray(lats) * 1e3
@@ -128,6 +129,7 @@ def test_serving_batch1_concurrent_clients(benchmark, setup, provider):
                 max_batch=MAX_BATCH, max_queue_delay_us=MAX_QUEUE_DELAY_US, frames_per_round=k * r,
                 fps=k * r / wall, p50_ms=float(np.percentile(ms, 50)), p99_ms=float(np.percentile(ms, 99)),
                 requests_timed=len(lats), server_batches=batches if provider == "triton" else None,
-                torch_threads=torch.get_num_threads(), machine_label=os.environ.get("FAE_FAST_MACHINE"))
+                torch_threads=torch.get_num_threads(), machine_label=os.environ.get("FAE_FAST_MACHINE"),
+                load_avg_start=list(load_start), load_avg_end=list(os.getloadavg()))
     benchmark.extra_info.update(info)
     assert len(lats) % (k * r) == 0 and len(lats) > 0
