@@ -580,15 +580,7 @@ def cmd_serve(args) -> int:
     kwargs = {"device": device, "backend": args.engine_backend, "threads": args.threads}
     if device != "cpu":  # CUDA graphs for every power of two up to --max-batch: a merged batch is padded at most 2x
         kwargs["batch_sizes"] = sorted({1, args.max_batch, *(2 ** i for i in range(12) if 2 ** i <= args.max_batch)})
-    try:
-        eng = Engine.from_model_file(model, **kwargs)
-    except ValueError as exc:
-        if "backend='onnxruntime'" in str(exc) and device == "auto":  # auto chose CUDA: the CPU-only backend cannot
-            kwargs.pop("backend")
-            eng = Engine.from_model_file(model, **kwargs)
-        else:
-            raise
-    eng.warmup()
+    eng = Engine.from_model_file(model, **kwargs).warmup()  # compiled / captured / exported before serving
     srv = FaeTritonServer(eng, name=args.name, address=args.address, grpc_port=grpc_port, http_port=http_port,
                           metrics_port=metrics_port, max_batch=args.max_batch,
                           max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size)
