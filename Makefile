@@ -22,6 +22,9 @@ test: install-test
 	# the anomalib integration in its own venv (torch 2.14.1 + torchvision 0.29.1 + anomalib 2.7.0, git-ignored
 	# .venv-anomalib/): fails loudly if that venv cannot be built
 	bash scripts/anomalib_ci.sh
+	# Triton serving in its own venv (PyTriton 0.7.0 needs numpy<2; git-ignored .venv-serve/, CPU torch 2.13.0):
+	# real servers on loopback; fails loudly if that venv cannot be built
+	bash scripts/serve_ci.sh
 
 bench:
 	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-json=bench/results/latest.json

@@ -7,6 +7,9 @@
                      [--engine-backend auto|torch|onnxruntime] [--threads N]
     fae-fast demo [--out DIR]
     fae-fast bench [--quick] [--json FILE]
+    fae-fast serve --model MODEL [--grpc-port 8001] [--http-port 8000] [--max-batch 16] [--max-queue-delay-us 500]
+                   [--max-queue-size 64] [--device auto]          (Triton through PyTriton: pip install fae_fast[serve])
+    fae-fast export --model MODEL --triton-repo DIR [--name fae]  (a Triton model repository: ONNX + config.pbtxt)
 """
 from __future__ import annotations
 
@@ -541,6 +544,104 @@ def cmd_bench(args, rest) -> int:
     return int(bench.main(rest) or 0)
 
 
+# ------------------------------------------------------------------------------------------ serving (issue 12)
+def _check_port(value: int, flag: str, off_ok: bool = False) -> int | None:
+    """A TCP port 1..65535; 0 turns the endpoint off where ``off_ok``."""
+    if off_ok and value == 0:
+        return None
+    if not 1 <= value <= 65535:
+        raise CLIError(f"{flag} {value}: a port must be 1..65535" + (" (0: off)" if off_ok else ""))
+    return value
+
+
+def _check_batching(args) -> None:
+    _check_positive(args.max_batch, "--max-batch")
+    for value, flag in ((args.max_queue_delay_us, "--max-queue-delay-us"), (args.max_queue_size, "--max-queue-size")):
+        if value < 0:
+            raise CLIError(f"{flag} {value}: must be >= 0")
+
+
+def cmd_serve(args) -> int:
+    """The engine of ``--model`` behind a Triton server (PyTriton) until Ctrl-C or SIGTERM."""
+    device = _check_device(args.device)
+    model = _check_in_file(args.model, "--model")
+    grpc_port = _check_port(args.grpc_port, "--grpc-port", off_ok=True)
+    http_port = _check_port(args.http_port, "--http-port", off_ok=True)
+    metrics_port = _check_port(args.metrics_port, "--metrics-port", off_ok=True)
+    if grpc_port is None and http_port is None:
+        raise CLIError("--grpc-port 0 and --http-port 0: the server would have no endpoint")
+    _check_batching(args)
+    try:
+        from .serving.server import FaeTritonServer
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+    from .inference import Engine
+
+    kwargs = {"device": device, "backend": args.engine_backend, "threads": args.threads}
+    if device != "cpu":  # CUDA graphs for every power of two up to --max-batch: a merged batch is padded at most 2x
+        kwargs["batch_sizes"] = sorted({1, args.max_batch, *(2 ** i for i in range(12) if 2 ** i <= args.max_batch)})
+    eng = Engine.from_model_file(model, **kwargs).warmup()  # compiled / captured / exported before serving
+    srv = FaeTritonServer(eng, name=args.name, address=args.address, grpc_port=grpc_port, http_port=http_port,
+                          metrics_port=metrics_port, max_batch=args.max_batch,
+                          max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size)
+    srv.start()
+    (h, w), ends = eng.image_size, []
+    for what, port in (("gRPC", grpc_port), ("HTTP", http_port), ("metrics", metrics_port)):
+        if port is not None:
+            ends.append(f"{what} {args.address}:{port}")
+    print(f"serving {model} as model '{args.name}' ({h}x{w}x{eng.in_channels} uint8 frames; engine {eng.backend} on "
+          f"{eng.device}): {', '.join(ends)}; max batch {args.max_batch}, queue delay {args.max_queue_delay_us} us, "
+          f"queue size {args.max_queue_size}; Ctrl-C stops", flush=True)
+    srv.serve()
+    print(f"fae-fast serve: stopped ({sum(srv.batches.values())} batches, "
+          f"{sum(n * c for (_, n), c in srv.batches.items())} frames served)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """``--triton-repo DIR``: a Triton model repository (ONNX graph + config.pbtxt) of ``--model``."""
+    model = _check_in_file(args.model, "--model")
+    repo = _check_out_dir(args.triton_repo, "--triton-repo")
+    _check_batching(args)
+    from .serving.triton_repo import export_triton_repo
+
+    folder = export_triton_repo(model, repo, name=args.name, max_batch=args.max_batch,
+                                max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size)
+    print(f"Triton model repository written: {folder / 'config.pbtxt'} and {folder / '1' / 'model.onnx'}; serve it "
+          f"with: tritonserver --model-repository {repo}")
+    return 0
+
+
+def _add_serving_parsers(sub, common, engine) -> None:
+    """``serve`` and ``export``."""
+    def batching(sp):
+        sp.add_argument("--name", default="fae", help="the Triton model name clients address (default fae)")
+        sp.add_argument("--max-batch", type=int, default=16,
+                        help="largest batch Triton's dynamic batcher forms, in frames (default 16)")
+        sp.add_argument("--max-queue-delay-us", type=int, default=500,
+                        help="how long Triton may hold a request to batch it with later ones (default 500 us)")
+        sp.add_argument("--max-queue-size", type=int, default=64,
+                        help="requests waiting beyond this are rejected with 'Exceeds maximum queue size' "
+                             "(default 64; 0: unbounded)")
+
+    sv = sub.add_parser("serve", help="serve a model through NVIDIA Triton (PyTriton; pip install fae_fast[serve])")
+    sv.add_argument("--model", required=True)
+    sv.add_argument("--address", default="127.0.0.1",
+                    help="interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    sv.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0: off)")
+    sv.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0: off)")
+    sv.add_argument("--metrics-port", type=int, default=0, help="Triton's Prometheus metrics port (default 0: off)")
+    batching(sv)
+    common(sv)
+    engine(sv)
+
+    ex = sub.add_parser("export", help="a Triton model repository (ONNX graph + config.pbtxt) for a Triton server")
+    ex.add_argument("--model", required=True)
+    ex.add_argument("--triton-repo", required=True, metavar="DIR",
+                    help="repository folder: writes DIR/<name>/config.pbtxt and DIR/<name>/1/model.onnx")
+    batching(ex)
+
+
 # ------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fae-fast", description="Filtering Autoencoder anomaly detection, fast.")
@@ -622,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="throughput/latency: plain PyTorch vs fae_fast (see fae-fast bench --help)",
                    add_help=False)
+    _add_serving_parsers(sub, common, engine)
     return p
 
 
@@ -635,7 +737,7 @@ def main(argv=None) -> int:
         return int(ablate_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "predict": cmd_predict,
-                "demo": cmd_demo}
+                "demo": cmd_demo, "serve": cmd_serve, "export": cmd_export}
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         print(f"fae-fast {args.command}: warning: {message}", file=sys.stderr)
