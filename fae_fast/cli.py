@@ -268,8 +268,10 @@ def _load_detector(args, device: str):
 
 
 def cmd_eval(args) -> int:
+    from . import distributed
     from .data import load_test_set
     from .evaluate import evaluate, format_table
+    from .scoring import resolve_device
 
     device = _check_device(args.device)
     _check_positive(args.batch_size, "--batch-size")
@@ -277,11 +279,17 @@ def cmd_eval(args) -> int:
         _check_out_file(args.json, "--json")
     if args.report:
         _check_out_dir(args.report, "--report")
-    det = _load_detector(args, device)
+    # under torchrun the maps are computed split across the ranks and gathered; rank 0 reports
+    dist, dev = distributed.setup(resolve_device(device))
+    det = _load_detector(args, str(dev) if dist.active else device)
     # Detector.evaluate, unrolled so that the metrics are printed before any file is written (a full disk
     # must not lose them)
     test = load_test_set(Path(args.data), det.image_size, keep_aspect=det.config.train.keep_aspect)
-    _, maps, scores = det.anomaly_maps(test.images, batch_size=args.batch_size)
+    maps, scores = distributed.sharded_map(lambda imgs: det.anomaly_maps(imgs, batch_size=args.batch_size)[1:],
+                                           test.images, dist, dev)
+    if not dist.is_main:
+        distributed.shutdown()
+        return 0
     scores, maps = scores.numpy(), maps[:, 0].numpy()
     labels, masks = test.labels.numpy(), test.masks[:, 0].numpy()
     result = evaluate(scores, maps, labels, masks, test.defect_types)
@@ -298,6 +306,7 @@ def cmd_eval(args) -> int:
                      paths=[str(p) for p in test.paths], image_threshold=det.thresholds["image"],
                      pixel_threshold=det.thresholds["pixel"], title=f"fae_fast report: {Path(args.data).name}")
         print(f"report written to {Path(args.report) / 'report.html'}")
+    distributed.shutdown()
     return 0
 
 
