@@ -18,8 +18,9 @@ What a run on N processes does (``fae_fast.train.train`` calls into this module;
 * held-out maps are computed split across the ranks (contiguous shards, the rule of DALI's ``shard_id`` /
   ``num_shards``) and gathered in order, so thresholds equal the one-process ones.
 
-Everything here is a no-op (or returns its input) on one process, and nothing imports ``torch.distributed`` until
-a function runs.
+Everything here is a no-op (or returns its input) outside torchrun, and nothing imports ``torch.distributed`` until
+a function runs. ``torchrun --nproc-per-node 1`` runs the distributed path with one process (DDP, NCCL, the
+SyncBatchNorm layers, which then normalise like BatchNorm): the GPU check exercises it on one GPU.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Dist", "env_world", "restart_count", "setup", "shutdown", "shard_range", "rank_rows", "describe",
+__all__ = ["Dist", "under_torchrun", "env_world", "restart_count", "setup", "shutdown", "shard_range", "rank_rows", "describe",
            "prepare_model", "wrap", "unwrap_model", "broadcast_module", "mean_across", "gather_rows", "sharded_map",
            "sharded_load", "fault_hook"]
 
@@ -52,7 +53,8 @@ class Dist:
 
     @property
     def active(self) -> bool:
-        return self.world_size > 1
+        """In a process group (under torchrun, ``--nproc-per-node 1`` included: DDP, NCCL and SyncBatchNorm run)."""
+        return self.backend is not None
 
 
 def _env_int(name: str, default: int) -> int:
@@ -63,6 +65,11 @@ def _env_int(name: str, default: int) -> int:
         return int(v)
     except ValueError:
         raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def under_torchrun() -> bool:
+    """torchrun's environment is set (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``): the env:// rendezvous can run."""
+    return all(os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
 
 
 def env_world() -> tuple[int, int, int]:
@@ -86,11 +93,11 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
         device: the resolved training device; on CUDA each process uses ``cuda:LOCAL_RANK`` instead.
 
     Returns:
-        (:class:`Dist`, device). One process: ``(Dist(), device)`` and no process group.
+        (:class:`Dist`, device). Outside torchrun: ``(Dist(), device)`` and no process group.
     """
-    rank, world, local = env_world()
-    if world == 1:
+    if not under_torchrun():
         return Dist(), device
+    rank, world, local = env_world()
     import torch.distributed as dist
 
     if device.type == "cuda":

@@ -326,8 +326,8 @@ class _Trainer:
         # batch: one stream per batch; keyed: per block of global samples (any split of the batch, same model)
         self.streams = ("keyed" if d.active else "batch") if tc.streams == "auto" else tc.streams
         if d.active and self.streams != "keyed":
-            raise ValueError(f"train.streams='batch' cannot be split over {d.world_size} processes: use 'keyed' "
-                             "or 'auto'")
+            raise ValueError(f"train.streams='batch' cannot run under torchrun (world size {d.world_size}): a batch "
+                             "split across processes needs 'keyed' (or 'auto')")
         self.block = int(tc.stream_block) if self.streams == "keyed" else None
         rows = distributed.rank_rows(int(tc.batch_size), d, self.block or 1) if d.active else None
         self.offset = rows[0] if rows is not None else 0

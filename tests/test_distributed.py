@@ -31,20 +31,21 @@ def _keyed_inputs(x, pool, offset, block=1, backend="torch"):
         seen.append(inp.detach().clone())
         return inp * 0.5
 
-    cor = Corruptor(CorruptionConfig(), image_size=tuple(x.shape[2:]), device="cpu")
-    gen = torch.Generator()
+    cor = Corruptor(CorruptionConfig(), image_size=tuple(x.shape[2:]), device=x.device)
+    gen = torch.Generator(device=x.device)
     loss = batch_loss(fwd, x, cor, gen, step=3, seed=11, sigma_max=0.1, pool=pool, noise_backend=backend,
                       keyed=(offset, block))
     return seen[0], loss
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_a_sample_is_corrupted_and_noised_alike_in_any_share_of_the_batch(backend):
+@pytest.mark.parametrize("backend,device", [("torch", "cpu"), ("triton", "cpu"),
+                                            pytest.param("triton", "cuda", marks=pytest.mark.gpu)])
+def test_a_sample_is_corrupted_and_noised_alike_in_any_share_of_the_batch(backend, device):
     if backend == "triton":
         pytest.importorskip("triton")
     torch.manual_seed(0)
-    x = (torch.rand(4, 3, 16, 16) * 255).to(torch.uint8)
-    pool = (torch.rand(6, 3, 16, 16) * 255).to(torch.uint8)
+    x = (torch.rand(4, 3, 16, 16) * 255).to(torch.uint8).to(device)
+    pool = (torch.rand(6, 3, 16, 16) * 255).to(torch.uint8).to(device)
     full, loss_full = _keyed_inputs(x, pool, 0, backend=backend)        # one process: batch of 4
     r0, loss0 = _keyed_inputs(x[:2], pool, 0, backend=backend)          # rank 0 of 2: samples 0, 1
     r1, loss1 = _keyed_inputs(x[2:], pool, 2, backend=backend)          # rank 1 of 2: samples 2, 3
@@ -208,3 +209,29 @@ def _flat(d, prefix=""):
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+@pytest.mark.gpu
+def test_torchrun_on_one_gpu_runs_nccl_ddp_and_syncbatchnorm(tmp_path):
+    """The CUDA path (NCCL, DDP, SyncBatchNorm converted and converted back) with ``--nproc-per-node 1``: a GPU
+    machine with one device cannot run two NCCL ranks; the result equals a plain run up to cuDNN's reduction order."""
+    from fae_fast.synthetic import make_dataset
+
+    data = make_dataset(tmp_path / "cat", n_train=10, n_test_good=1, n_test_defect=1, size=(32, 32),
+                        defects=("scratch",))
+    cfg = {"model": {"widths": [8, 16], "dilations": [1], "norm": "batch"}, "map": {"normalize": "none"},
+           "train": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 2, "streams": "keyed",
+                     "amp": "fp32", "holdout_fraction": 0.3}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    common = ["train", "--data", data, "--config", tmp_path / "cfg.json", "--preset", "tiny", "--size", "32x32",
+              "--device", "cuda", "--quiet"]
+    p = _run(common + ["--out", tmp_path / "ddp.fae", "--checkpoint", tmp_path / "ddp.pt"], _env(), nproc=1)
+    first = p.stdout.splitlines()[0]
+    assert first.startswith("train: world size 1 (nccl, cuda), SyncBatchNorm"), first
+    _run(common + ["--out", tmp_path / "plain.fae"], _env())
+    ddp, _ = _weights(tmp_path / "ddp.fae")
+    plain, _ = _weights(tmp_path / "plain.fae")
+    assert ddp.keys() == plain.keys()  # SyncBatchNorm converted back: the same BatchNorm2d state
+    for k in plain:
+        torch.testing.assert_close(ddp[k].float(), plain[k].float(), rtol=0, atol=5e-3,
+                                   msg=lambda m, k=k: f"{k}: {m}")
