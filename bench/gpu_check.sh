@@ -150,8 +150,8 @@ step engine 180 $PY -m fae_fast bench $ENGINE --providers eager_fp32,engine --ba
 step ops_compiled 100 "${BPYTEST[@]}" bench/bench_anomaly_map.py bench/bench_corrupt_and_noise.py \
     bench/bench_noisy_target_loss.py -k "torch_compile and ($OPS_COMPILED_K)" --benchmark-json="$WORK/ops_compiled.json"
 step profile_engine 60 $PY -m bench.profile_engine --out "$WORK" ${SMOKE:+--quick}
-step gpu_tests_heavy 200 "${PYTEST[@]}" -v -m gpu tests $(printf -- '--ignore=%s ' $KERNEL_TESTS tests/test_distributed.py) \
-    $XDIST --durations=10 \
+step gpu_tests_heavy 200 "${PYTEST[@]}" -v -m gpu tests \
+    $(printf -- '--ignore=%s ' $KERNEL_TESTS tests/test_distributed.py) $XDIST --durations=10 \
     --junitxml="$WORK/gpu_tests_heavy.xml"
 # --- if time is left: the plain compiled baseline of the engine, the loader without DALI --------------------------
 [ -z "$SMOKE" ] && step engine_compiled 120 $PY -m fae_fast bench --providers compiled_bf16 --batch-sizes 64 \

@@ -241,8 +241,9 @@ def cmd_train(args) -> int:
     noise = nz.mode if nz.mode == "none" else f"{nz.mode} (sigma_max {nz.sigma_max:g} {nz.sigma_reference})"
     world = f"{distributed.describe(dist, dev, cfg.model.norm)}, " if dist.active else ""
     say(f"train: {world}{source}, size {h}x{w} (HxW){crop}, {t.steps} steps, batch {t.batch_size}"
-        f"{' (global)' if dist.world_size > 1 else ''}, lr {t.lr:g}, noise {noise}, map normalisation {cfg.map.normalize}, "
-        f"widths {tuple(cfg.model.widths)}, {len(paths)} images, {_torch_threads()} CPU threads", flush=True)
+        f"{' (global)' if dist.world_size > 1 else ''}, lr {t.lr:g}, noise {noise}, "
+        f"map normalisation {cfg.map.normalize}, widths {tuple(cfg.model.widths)}, {len(paths)} images, "
+        f"{_torch_threads()} CPU threads", flush=True)
     if resume_note:
         say(resume_note, flush=True)
     det = Detector(cfg, device=str(dev) if dist.active else device)

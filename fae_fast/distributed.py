@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Dist", "under_torchrun", "env_world", "restart_count", "setup", "shutdown", "shard_range", "rank_rows", "describe",
+__all__ = ["Dist", "under_torchrun", "env_world", "restart_count", "setup", "shutdown", "shard_range", "rank_rows",
+           "describe",
            "prepare_model", "wrap", "unwrap_model", "broadcast_module", "mean_across", "gather_rows", "sharded_map",
            "sharded_load", "fault_hook"]
 

@@ -115,7 +115,8 @@ def _backward(grad_out, recon, x, sigma, seed, noise, block=None, sample_offset=
     args, flat, block, grid = _geometry(recon, x, noise, extra=grad, block=block)
     sg = plane_strides(grad)
     wrap_triton(_noisy_target_loss_bwd_kernel)[grid](
-        recon, x, sigma, noise if noise is not None else x, grad_out, grad, seed, int(sample_offset) * C, 2.0 / x.numel(), C, H, W,
+        recon, x, sigma, noise if noise is not None else x, grad_out, grad, seed, int(sample_offset) * C,
+        2.0 / x.numel(), C, H, W,
         *args, sg[0], sg[1], sg[2], sg[3],
         HAS_NOISE=noise is not None, FLAT=flat, BLOCK=block, num_warps=4)
     return grad
