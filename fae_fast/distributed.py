@@ -29,10 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Dist", "under_torchrun", "env_world", "restart_count", "setup", "shutdown", "shard_range", "rank_rows",
-           "describe",
-           "prepare_model", "wrap", "unwrap_model", "broadcast_module", "mean_across", "gather_rows", "sharded_map",
-           "sharded_load", "fault_hook"]
+__all__ = ["Dist", "under_torchrun", "env_world", "restart_count", "setup", "current", "shutdown", "shard_range",
+           "rank_rows", "describe", "prepare_model", "wrap", "unwrap_model", "broadcast_module", "finish_models",
+           "mean_across", "gather_rows", "sharded_map", "sharded_load", "fault_hook"]
 
 #: test hook: ``"RANK:STEP"`` makes that rank exit (status 13) after STEP steps, on torchrun's first attempt only
 FAULT_ENV = "FAE_FAST_TEST_KILL_RANK_AT"
@@ -123,6 +122,15 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
         raise ValueError(f"a process group ({dist.get_backend()}, world size {dist.get_world_size()}) already "
                          f"exists; this run needs {backend} with world size {world}")
     return Dist(rank, world, local, backend), device
+
+
+def current() -> Dist:
+    """The :class:`Dist` of the process group this process is in (``Dist()`` when none)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return Dist()
+    return Dist(dist.get_rank(), dist.get_world_size(), env_world()[2], dist.get_backend())
 
 
 def shutdown() -> None:
@@ -223,6 +231,17 @@ def broadcast_module(model: torch.nn.Module, d: Dist, src: int = 0) -> None:
             dist.broadcast(c, src)
             if c.data_ptr() != t.data_ptr():
                 t.copy_(c)
+
+
+def finish_models(trainer, d: Dist) -> None:
+    """After the last step: every network the trainer holds (the live one, and a weight average where it keeps one
+    as ``trainer.ema.model``) gets rank 0's buffers and plain ``BatchNorm2d`` layers again."""
+    if not d.active:
+        return
+    ema = getattr(trainer, "ema", None)
+    for net in [trainer.model] + ([ema.model] if ema is not None else []):
+        broadcast_module(net, d)
+        unwrap_model(net)
 
 
 def mean_across(value: torch.Tensor, d: Dist) -> torch.Tensor:

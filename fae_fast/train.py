@@ -365,8 +365,7 @@ class _Trainer:
         self.corruptor = Corruptor(cfg.corruption, image_size=crop or (H, W), device=dev)
         # with crops, textures are borrowed from the batch's own crops (same scale); otherwise from every image
         self.pool = None if crop is not None else train_images
-        ddp = distributed.wrap(model, d, dev)
-        self.fwd = torch.compile(ddp) if tc.compile else ddp
+        self.fwd = torch.compile(model) if tc.compile else model
         # one backend for noise injection and loss: the reference and the Triton kernel draw different eps from a
         # seed, so a fallback of one op alone would silently turn same-eps noise into independent noise
         self.noise_backend = ops.noise_backend(dev)
@@ -377,6 +376,9 @@ class _Trainer:
         # the noise estimate reads up to 64 images: only worth it when there is noise (sigma is drawn either way,
         # so the random streams do not depend on it)
         self.sigma_max = 0.0 if cfg.noise.mode == "none" else effective_sigma_max(cfg, train_images)
+        if d.active:  # DDP averages the gradients over the ranks; self.model stays the plain network
+            ddp = distributed.wrap(model, d, dev)
+            self.fwd = torch.compile(ddp) if tc.compile else ddp
 
     def step(self, step: int) -> torch.Tensor:
         """One optimisation step (0-based ``step``); returns the detached loss on the device (no sync)."""
@@ -406,11 +408,12 @@ class _Trainer:
         self.key_gen = torch.Generator(device=self.dev)
 
     def state_dict(self, step: int, history: list) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+        return {"streams": {"mode": self.streams, "block": self.block},
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
                 "generator": self.gen.get_state(), "sampler": self.sampler.state_dict(), "step": step,
                 "history": history, "config": self.cfg.to_dict(), "fingerprint": self.fingerprint,
-                "device_type": self.dev.type, "streams": {"mode": self.streams, "block": self.block}}
+                "device_type": self.dev.type}
 
     def load_state(self, path) -> tuple[int, list]:
         """Continue from the training-state file ``path``: returns (steps done, history)."""
@@ -465,11 +468,11 @@ def _check_train_args(cfg: FAEConfig, images, holdout, log_every: int) -> None:
 
 
 def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torch.Tensor, dev,
-                       batch_size: int = 32, dist=None) -> tuple[dict[str, float], torch.Tensor, dict | None]:
+                       batch_size: int = 32) -> tuple[dict[str, float], torch.Tensor, dict | None]:
     """Thresholds (and, with ``cfg.map.normalize``, the per-pixel map statistics) from held-out normal images.
 
-    With ``dist`` (several processes) each rank maps its shard of the images and the maps are gathered in order:
-    every rank gets the thresholds one process computes.
+    Under torchrun each rank maps its shard of the images and the maps are gathered in order: every rank gets the
+    thresholds one process computes.
 
     Returns:
         (thresholds, image scores of the held-out images, statistics or None). With a normalisation the
@@ -480,10 +483,10 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
 
     H, W = int(hold_images.shape[2]), int(hold_images.shape[3])
     n, k = smoothing_for_size(cfg.map, H, W)
-    from .distributed import Dist, sharded_map
+    from .distributed import current, sharded_map
 
     maps, scores = sharded_map(lambda imgs: compute_maps(model, imgs, n=n, k=k, batch_size=batch_size, device=dev,
-                                                         amp=cfg.train.amp), hold_images, dist or Dist(), dev)
+                                                         amp=cfg.train.amp), hold_images, current(), dev)
     stats = None
     need = 3 if cfg.map.normalize == "zscore" else 2
     if cfg.map.normalize != "none" and maps.shape[0] < need:
@@ -599,20 +602,18 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
                 run_callback(done)
     finally:
         bar.close()
+    distributed.finish_models(trainer, dist)  # rank 0's BatchNorm statistics everywhere, BatchNorm2d layers again
     if checkpoint is not None:
         save_train_state(checkpoint, trainer.state_dict(end, history))
     if callback is not None:
         run_callback(end)
 
     # ---- thresholds from held-out normal images
-    # one model everywhere (local BatchNorm statistics differ per rank: rank 0's, which its checkpoints hold)
-    distributed.broadcast_module(trainer.model, dist)
-    model = distributed.unwrap_model(trainer.model).eval()
+    model = trainer.model.eval()
     if hold_images.shape[0] == 0:
         warnings.warn("no held-out normal images (holdout_fraction is 0 and no holdout given): thresholds are "
                       "computed on the training images and will be optimistic", UserWarning, stacklevel=2)
         hold_images = trainer.train_images
-    thresholds, scores, stats = holdout_thresholds(model, cfg, hold_images, dev, batch_size=max(1, min(64, 2 * B)),
-                                                   dist=dist)
+    thresholds, scores, stats = holdout_thresholds(model, cfg, hold_images, dev, batch_size=max(1, min(64, 2 * B)))
     return TrainResult(model=model, thresholds=thresholds, history=history, holdout_scores=scores, step=end,
                        config=cfg, holdout_indices=hold_idx, map_stats=stats)
