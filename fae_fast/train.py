@@ -399,14 +399,6 @@ class _Trainer:
         self.sched.step()
         return loss.detach()
 
-    def _use_keyed(self, block: int) -> None:
-        """Switch a one-process run to keyed streams of ``block`` (resuming a file trained that way)."""
-        if int(self.tc.batch_size) % block:
-            raise ValueError(f"train.batch_size {self.tc.batch_size} must be a multiple of the stream block {block} "
-                             "of the resumed run")
-        self.streams, self.block, self.offset = "keyed", block, 0
-        self.key_gen = torch.Generator(device=self.dev)
-
     def state_dict(self, step: int, history: list) -> dict:
         return {"streams": {"mode": self.streams, "block": self.block},
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
@@ -443,6 +435,14 @@ class _Trainer:
         self.gen.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"])
         return int(state["step"]), list(state["history"])
+
+    def _use_keyed(self, block: int) -> None:
+        """Switch a one-process run to keyed streams of ``block`` (resuming a file trained that way)."""
+        if int(self.tc.batch_size) % block:
+            raise ValueError(f"train.batch_size {self.tc.batch_size} must be a multiple of the stream block {block} "
+                             "of the resumed run")
+        self.streams, self.block, self.offset = "keyed", block, 0
+        self.key_gen = torch.Generator(device=self.dev)
 
 
 def _check_train_args(cfg: FAEConfig, images, holdout, log_every: int) -> None:
