@@ -11,7 +11,9 @@ One step::
 with AdamW, linear warmup + cosine decay, gradient clipping, bf16 autocast on CUDA, channels_last and optional
 ``torch.compile``. Every random number comes from one ``torch.Generator`` seeded with ``cfg.train.seed`` (plus
 the per-step noise seeds derived from it), so a CPU run is reproducible bit for bit, and a run resumed from a
-training-state checkpoint continues exactly where it stopped.
+training-state checkpoint continues exactly where it stopped. With ``cfg.train.streams="keyed"`` (the default
+under torchrun) the corruption, sigma and noise of each sample are drawn from seeds of (seed, step, global sample
+index) instead, so a batch split across processes (:mod:`fae_fast.distributed`) trains the same model.
 
 With bf16 or fp32 the loop never waits for the device except when it logs (every ``log_every`` steps: the loss
 is accumulated on the device and read back only then) and when it writes a checkpoint; fp16's GradScaler reads

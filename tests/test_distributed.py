@@ -88,6 +88,30 @@ def test_shards_and_rows():
         distributed.rank_rows(8, distributed.Dist(0, 2), block=3)
 
 
+def test_the_shards_are_the_dali_readers_shards(tmp_path):
+    """shard_range (which the cv2 decoding uses) splits a file list exactly like DALI's ``readers.file``."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def
+
+    files = []
+    for i in range(10):  # the reader does not decode: any bytes
+        (tmp_path / f"{i}.bin").write_bytes(b"x")
+        files.append(str(tmp_path / f"{i}.bin"))
+    for n in (3, 4):
+        for sid in range(n):
+            @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+            def pipe():
+                _, labels = fn.readers.file(files=files, labels=list(range(10)), shard_id=sid, num_shards=n,
+                                            stick_to_shard=True, random_shuffle=False)
+                return labels
+
+            p = pipe()
+            p.build()
+            lo, hi = distributed.shard_range(10, sid, n)
+            got = [int(p.run()[0].as_array()[0, 0]) for _ in range(hi - lo + 1)]
+            assert got == list(range(lo, hi)) + [lo], (n, sid, got)  # the shard, then it wraps to its start
+
+
 def _tiny_cfg(**train) -> FAEConfig:
     cfg = FAEConfig.from_dict({"model": {"widths": [4, 8], "dilations": [1], "norm": "group"},
                                "noise": {"sigma_max": 0.1},
