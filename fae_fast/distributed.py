@@ -125,10 +125,10 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
 
 
 def current() -> Dist:
-    """The :class:`Dist` of the process group this process is in (``Dist()`` when none)."""
+    """The :class:`Dist` of the process group :func:`setup` joined (``Dist()`` outside torchrun or before it)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (under_torchrun() and dist.is_available() and dist.is_initialized()):
         return Dist()
     return Dist(dist.get_rank(), dist.get_world_size(), env_world()[2], dist.get_backend())
 
@@ -287,10 +287,15 @@ def sharded_map(fn, items: torch.Tensor, d: Dist, device: torch.device):
     if not d.active:
         return fn(items)
     lo, hi = shard_range(items.shape[0], d.rank, d.world_size)
-    out = fn(items[lo:hi])
+    # a rank with an empty shard (fewer items than ranks) runs one item for the outputs' shapes and sends none
+    out = fn(items[lo:hi]) if hi > lo else _none_of(fn(items[:1]))
     if isinstance(out, torch.Tensor):
         return gather_rows(out, d, device)
     return tuple(gather_rows(o, d, device) for o in out)
+
+
+def _none_of(out):
+    return out[:0] if isinstance(out, torch.Tensor) else tuple(o[:0] for o in out)
 
 
 def sharded_load(paths, load, d: Dist, device: torch.device) -> torch.Tensor:
