@@ -139,6 +139,9 @@ step corruption 75 "${BPYTEST[@]}" bench/bench_corruption.py bench/bench_elastic
 # -v: each test's result is in log.txt the moment it ends, also when the step is cut short
 step gpu_tests_kernels 100 "${PYTEST[@]}" -v -m gpu $KERNEL_TESTS $XDIST --durations=10 \
     --junitxml="$WORK/gpu_tests_kernels.xml"
+# torchrun with 1 CUDA process (NCCL, DDP, SyncBatchNorm; one GPU cannot hold two NCCL ranks) vs a plain run, and
+# the keyed Triton noise on CUDA: 2 short trainings at 32x32, no compile
+step torchrun 40 "${PYTEST[@]}" -v -m gpu tests/test_distributed.py --durations=5 --junitxml="$WORK/torchrun.xml"
 # --- compile-heavy: training, the engine, the compiled references, the engine and export tests -------------------
 step train_step 150 env BENCH_PROFILE_DIR="$WORK" "${BPYTEST[@]}" -s bench/bench_train_step.py \
     --benchmark-json="$WORK/train_step.json"  # -s: each provider's img/s is in log.txt as soon as it is measured
@@ -147,7 +150,8 @@ step engine 180 $PY -m fae_fast bench $ENGINE --providers eager_fp32,engine --ba
 step ops_compiled 100 "${BPYTEST[@]}" bench/bench_anomaly_map.py bench/bench_corrupt_and_noise.py \
     bench/bench_noisy_target_loss.py -k "torch_compile and ($OPS_COMPILED_K)" --benchmark-json="$WORK/ops_compiled.json"
 step profile_engine 60 $PY -m bench.profile_engine --out "$WORK" ${SMOKE:+--quick}
-step gpu_tests_heavy 200 "${PYTEST[@]}" -v -m gpu tests $(printf -- '--ignore=%s ' $KERNEL_TESTS) $XDIST --durations=10 \
+step gpu_tests_heavy 200 "${PYTEST[@]}" -v -m gpu tests \
+    $(printf -- '--ignore=%s ' $KERNEL_TESTS tests/test_distributed.py) $XDIST --durations=10 \
     --junitxml="$WORK/gpu_tests_heavy.xml"
 # --- if time is left: the plain compiled baseline of the engine, the loader without DALI --------------------------
 [ -z "$SMOKE" ] && step engine_compiled 120 $PY -m fae_fast bench --providers compiled_bf16 --batch-sizes 64 \

@@ -365,7 +365,13 @@ class Detector:
                                                              self.config.train.auto_pixels)
         size = self.image_size
         if paths is not None:
-            images = load_images(paths, size, keep_aspect=self.config.train.keep_aspect)
+            from . import distributed
+            from .scoring import resolve_device
+
+            # under torchrun each rank decodes its shard of the files (DALI's shard rule) and they are gathered
+            dist, dev = distributed.setup(resolve_device(self.device))
+            images = distributed.sharded_load(
+                paths, lambda ps: load_images(ps, size, keep_aspect=self.config.train.keep_aspect), dist, dev)
         else:
             images, _ = to_uint8_batch(data, size, self.config.train.keep_aspect)
         result = train_mod.train(self.config, images, checkpoint=checkpoint, resume=resume,

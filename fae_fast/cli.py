@@ -195,17 +195,38 @@ _write_json = _atomic.write_json
 
 
 # ------------------------------------------------------------------------------------------ commands
+def _resume_of(args, restarts: int) -> tuple[str | None, str]:
+    """The file to resume from and why: ``--resume FILE``; ``--resume auto``: ``--checkpoint`` if it exists;
+    no ``--resume`` in a job torchrun has restarted (``--max-restarts``): ``--checkpoint`` if it exists."""
+    if args.resume == "auto" or (args.resume is None and restarts > 0):
+        if not args.checkpoint:
+            if args.resume == "auto":
+                raise CLIError("--resume auto resumes from --checkpoint: give --checkpoint FILE")
+            return None, ""
+        if Path(args.checkpoint).exists():
+            why = "--resume auto" if args.resume == "auto" else f"torchrun restart {restarts}"
+            return args.checkpoint, f"resuming from {args.checkpoint} ({why})"
+        return None, ""
+    if args.resume:
+        _check_in_file(args.resume, "--resume")
+    return args.resume, (f"resuming from {args.resume}" if args.resume else "")
+
+
 def cmd_train(args) -> int:
+    from . import distributed
     from .api import Detector, resolve_auto_size
     from .data import normal_image_paths
+    from .scoring import resolve_device
 
     cfg = _load_config(args)
     device = _check_device(args.device)
     out = _check_out_file(args.out, "--out")
     if args.checkpoint:
         _check_out_file(args.checkpoint, "--checkpoint")
-    if args.resume:
-        _check_in_file(args.resume, "--resume")
+    resume, resume_note = _resume_of(args, distributed.restart_count())
+    # under torchrun: join the process group now; only rank 0 prints and writes files
+    dist, dev = distributed.setup(resolve_device(device))
+    say = print if dist.is_main else (lambda *a, **k: None)
     if not Path(args.data).is_dir():
         raise CLIError(f"--data {args.data}: not a folder")
     paths = normal_image_paths(args.data)  # refuses a folder without images, naming it
@@ -221,15 +242,21 @@ def cmd_train(args) -> int:
     crop = "" if t.crop_size is None else f", crops {t.crop_size[0]}x{t.crop_size[1]}"
     nz = cfg.noise
     noise = nz.mode if nz.mode == "none" else f"{nz.mode} (sigma_max {nz.sigma_max:g} {nz.sigma_reference})"
-    print(f"train: {source}, size {h}x{w} (HxW){crop}, {t.steps} steps, batch {t.batch_size}, lr {t.lr:g}, "
-          f"noise {noise}, map normalisation {cfg.map.normalize}, widths {tuple(cfg.model.widths)}, "
-          f"{len(paths)} images, {_torch_threads()} CPU threads", flush=True)
-    det = Detector(cfg, device=device)
+    world = f"{distributed.describe(dist, dev, cfg.model.norm)}, " if dist.active else ""
+    say(f"train: {world}{source}, size {h}x{w} (HxW){crop}, {t.steps} steps, batch {t.batch_size}"
+        f"{' (global)' if dist.world_size > 1 else ''}, lr {t.lr:g}, noise {noise}, "
+        f"map normalisation {cfg.map.normalize}, widths {tuple(cfg.model.widths)}, {len(paths)} images, "
+        f"{_torch_threads()} CPU threads", flush=True)
+    if resume_note:
+        say(resume_note, flush=True)
+    det = Detector(cfg, device=str(dev) if dist.active else device)
     t0 = time.perf_counter()
-    det.fit(paths, checkpoint=args.checkpoint, resume=args.resume, progress=not args.quiet)
-    det.save(out)
-    print(f"trained {cfg.train.steps} steps in {time.perf_counter() - t0:.1f} s; model written to {args.out}")
-    print(f"thresholds: image {det.thresholds['image']:.6g}, pixel {det.thresholds['pixel']:.6g}")
+    det.fit(paths, checkpoint=args.checkpoint, resume=resume, progress=not args.quiet and dist.is_main)
+    if dist.is_main:
+        det.save(out)
+    say(f"trained {cfg.train.steps} steps in {time.perf_counter() - t0:.1f} s; model written to {args.out}")
+    say(f"thresholds: image {det.thresholds['image']:.6g}, pixel {det.thresholds['pixel']:.6g}")
+    distributed.shutdown()
     return 0
 
 
@@ -245,8 +272,10 @@ def _load_detector(args, device: str):
 
 
 def cmd_eval(args) -> int:
+    from . import distributed
     from .data import load_test_set
     from .evaluate import evaluate, format_table
+    from .scoring import resolve_device
 
     device = _check_device(args.device)
     _check_positive(args.batch_size, "--batch-size")
@@ -254,11 +283,17 @@ def cmd_eval(args) -> int:
         _check_out_file(args.json, "--json")
     if args.report:
         _check_out_dir(args.report, "--report")
-    det = _load_detector(args, device)
+    # under torchrun the maps are computed split across the ranks and gathered; rank 0 reports
+    dist, dev = distributed.setup(resolve_device(device))
+    det = _load_detector(args, str(dev) if dist.active else device)
     # Detector.evaluate, unrolled so that the metrics are printed before any file is written (a full disk
     # must not lose them)
     test = load_test_set(Path(args.data), det.image_size, keep_aspect=det.config.train.keep_aspect)
-    _, maps, scores = det.anomaly_maps(test.images, batch_size=args.batch_size)
+    maps, scores = distributed.sharded_map(lambda imgs: det.anomaly_maps(imgs, batch_size=args.batch_size)[1:],
+                                           test.images, dist, dev)
+    if not dist.is_main:
+        distributed.shutdown()
+        return 0
     scores, maps = scores.numpy(), maps[:, 0].numpy()
     labels, masks = test.labels.numpy(), test.masks[:, 0].numpy()
     result = evaluate(scores, maps, labels, masks, test.defect_types)
@@ -275,6 +310,7 @@ def cmd_eval(args) -> int:
                      paths=[str(p) for p in test.paths], image_threshold=det.thresholds["image"],
                      pixel_threshold=det.thresholds["pixel"], title=f"fae_fast report: {Path(args.data).name}")
         print(f"report written to {Path(args.report) / 'report.html'}")
+    distributed.shutdown()
     return 0
 
 
@@ -679,7 +715,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep-aspect", action="store_true", help="resize keeping the aspect ratio (pads)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--checkpoint", help="training-state checkpoint file (written periodically, atomically)")
-    t.add_argument("--resume", help="continue from a training-state checkpoint")
+    t.add_argument("--resume", help="continue from a training-state checkpoint; 'auto': from --checkpoint if it "
+                                    "exists (under torchrun a restarted job does this without the flag)")
     t.add_argument("--quiet", action="store_true")
     common(t)
 

@@ -125,6 +125,11 @@ class TrainConfig:
     channels_last: bool = True
     checkpoint_every: int = 500
     seed: int = 0
+    # where each sample's corruption, sigma and noise come from: "batch" (one stream per batch, the batched fast
+    # path), "keyed" (a stream per block of stream_block samples keyed by (seed, step, global index): a batch split
+    # across torchrun processes trains the same model), "auto" (batch on one process, keyed on several)
+    streams: str = "auto"
+    stream_block: int = 1
     device: str = "auto"
     num_workers: int = 2
 
@@ -257,7 +262,7 @@ _RANGES = {
     "train.auto_pixels": f"[{MIN_SIDE * MIN_SIDE}, {MAX_SIDE * MAX_SIDE}]",
     "train.holdout_fraction": "[0, 1)", "train.threshold_quantile": "[0, 1]",
     "train.pixel_threshold_quantile": "[0, 1]", "train.checkpoint_every": "[0, inf)",
-    "train.num_workers": "[0, inf)",
+    "train.num_workers": "[0, inf)", "train.stream_block": "[1, inf)",
 }
 _CHOICES = {
     "noise.mode": NOISE_MODES,
@@ -269,6 +274,7 @@ _CHOICES = {
     "model.downsample": ("maxpool", "conv"),
     "model.upsample": ("bilinear", "transpose"),
     "train.amp": ("auto", "bf16", "fp16", "fp32"),
+    "train.streams": ("auto", "batch", "keyed"),
 }
 
 

@@ -474,6 +474,36 @@ class Corruptor:
             self.last_details = {"dropped": (active & ~valid).sum()}
         return Corruption(texture, m, raw)
 
+    def keyed(self, x: torch.Tensor, generator: torch.Generator, seeds, pool: torch.Tensor | None = None
+              ) -> Corruption:
+        """Corrupt ``x`` in ``len(seeds)`` equal blocks of consecutive rows, block i drawn from ``generator``
+        reseeded with ``seeds[i]``.
+
+        A block's corruption depends only on its seed, its images and ``pool`` (None: the block borrows textures
+        from its own images), never on the batch around it: the per-sample streams that let a batch be split
+        across processes (:mod:`fae_fast.distributed`). One call of the batched path per block: with blocks of
+        one image this costs more than one batched call (measured in ``tests/test_distributed.py``'s note).
+
+        Args:
+            x: (B, C, H, W) float in [0, 1] or uint8; B a multiple of ``len(seeds)``.
+            generator: reseeded per block (its state is overwritten).
+            seeds: host ints, one per block.
+            pool: as in ``__call__``.
+        """
+        n = len(seeds)
+        if n < 1 or x.shape[0] % n:
+            raise ValueError(f"keyed: the batch ({x.shape[0]}) must split into len(seeds) ({n}) equal blocks")
+        blk = x.shape[0] // n
+        parts, dropped = [], 0
+        for i, s in enumerate(seeds):
+            generator.manual_seed(int(s))
+            parts.append(self(x[i * blk:(i + 1) * blk], generator, pool=pool))
+            dropped = dropped + self.last_details["dropped"]
+        self.last_details = {"dropped": dropped}
+        if n == 1:
+            return parts[0]
+        return Corruption(*(torch.cat(t, 0) for t in zip(*parts)))
+
     def corrupt(self, x: torch.Tensor, generator: torch.Generator, pool: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """Convenience: the corrupted images ``x~ = (1 - mask_beta) x + mask_beta T``, (B, C, H, W) float32."""

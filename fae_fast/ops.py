@@ -61,6 +61,14 @@ def _seed(seed):
     return int(seed)
 
 
+def _offset(v):
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= int(v) < 2 ** 31:
+        raise ValueError(f"sample_offset must be None or an int in [0, 2**31), got {v!r}")
+    return int(v)
+
+
 def _per_sample(name, v, batch, device):
     """A contiguous (B,) float tensor from a tensor or a Python number; checks length and device (not the values:
     that would wait for the device)."""
@@ -93,7 +101,7 @@ def _run(op, backend, device, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def corrupt_and_noise(x, texture, mask, sigma, seed, *, noise=None, backend="auto"):
+def corrupt_and_noise(x, texture, mask, sigma, seed, *, noise=None, sample_offset=None, backend="auto"):
     """Network input of a training step: ``(1 - m) * x + m * T + eps``, eps = sigma[b] * N(0, 1) from seed.
 
     Args:
@@ -103,6 +111,9 @@ def corrupt_and_noise(x, texture, mask, sigma, seed, *, noise=None, backend="aut
         sigma: (B,) noise std per sample, or a number.
         seed: int seed of the noise; :func:`noisy_target_loss` with the same seed regenerates the same eps.
         noise: explicit eps (B, C, H, W) for tests.
+        sample_offset: global index of sample 0 when a batch is split across processes: eps of every sample is
+            then keyed by (seed, its global index) alone, so a slice regenerates the eps of the whole batch's rows
+            (:mod:`fae_fast.reference`, module doc). None: the backend's batch stream.
         backend: "auto" | "triton" | "torch".
 
     Returns:
@@ -123,10 +134,10 @@ def corrupt_and_noise(x, texture, mask, sigma, seed, *, noise=None, backend="aut
     _same_device(x=x, texture=texture, mask=mask)
     sigma = _per_sample("sigma", sigma, B, x.device)
     return _run("corrupt_and_noise", backend, x.device, x, texture, mask, sigma, _seed(seed),
-                noise=_noise_arg(noise, x))
+                noise=_noise_arg(noise, x), sample_offset=_offset(sample_offset))
 
 
-def noisy_target_loss(recon, x, sigma, seed, *, noise=None, backend="auto"):
+def noisy_target_loss(recon, x, sigma, seed, *, noise=None, sample_offset=None, backend="auto"):
     """MSE between ``recon`` and ``x + eps``, eps regenerated from ``seed`` (the target is never stored).
 
     Args:
@@ -135,6 +146,7 @@ def noisy_target_loss(recon, x, sigma, seed, *, noise=None, backend="auto"):
         sigma: (B,) noise std per sample, or a number.
         seed: the seed passed to :func:`corrupt_and_noise` for this batch.
         noise: explicit eps for tests.
+        sample_offset: as given to :func:`corrupt_and_noise`.
         backend: "auto" | "triton" | "torch".
 
     Returns:
@@ -147,7 +159,7 @@ def noisy_target_loss(recon, x, sigma, seed, *, noise=None, backend="auto"):
     _same_device(recon=recon, x=x)
     sigma = _per_sample("sigma", sigma, x.shape[0], x.device)
     return _run("noisy_target_loss", backend, x.device, recon, x, sigma, _seed(seed),
-                noise=_noise_arg(noise, x))
+                noise=_noise_arg(noise, x), sample_offset=_offset(sample_offset))
 
 
 def anomaly_map(x, recon, *, n=4, k=7, backend="auto"):

@@ -13,6 +13,10 @@ Conventions shared by all backends:
   ``z`` (the reference uses ``torch.Generator``; Triton uses Philox through ``tl.randn4x`` with the counter
   (hw // 4, b * C + c) and lane hw % 4, so any block size regenerates the same eps); pass ``noise=`` to
   compare them exactly.
+* ``sample_offset`` (the global index of sample 0, for a batch split across processes) keys eps per sample:
+  sample b's eps then depends only on (seed, sample_offset + b, its shape), never on the batch it sits in. Triton
+  adds it to the Philox row (offset 0 is its usual stream); the reference then draws each sample from its own
+  generator seeded with :func:`sample_noise_seed` (None keeps its one draw for the whole batch).
 * The anomaly-map box filter uses the *valid-count* border rule: at the border each output is the mean of the
   window's pixels that lie inside the image (``avg_pool2d(..., count_include_pad=False)``). It never
   darkens borders and is defined for a window wider than the image.
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "standard_noise",
+    "sample_noise_seed",
     "corrupt_and_noise",
     "noisy_target_loss",
     "anomaly_map",
@@ -52,15 +57,35 @@ def standard_noise(shape, seed: int, device, dtype=torch.float32) -> torch.Tenso
     return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
 
-def _noise(x: torch.Tensor, sigma: torch.Tensor, seed: int, noise: torch.Tensor | None) -> torch.Tensor:
-    """eps = sigma[b] * z (float32), or the explicit ``noise`` (already scaled) when given."""
+_MASK64 = (1 << 64) - 1
+
+
+def sample_noise_seed(seed: int, index: int) -> int:
+    """The reference's per-sample noise seed in [0, 2**63): splitmix64 of (seed, global sample ``index``)."""
+    z = (int(seed) + (int(index) + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def _noise(x: torch.Tensor, sigma: torch.Tensor, seed: int, noise: torch.Tensor | None,
+           sample_offset: int | None = None) -> torch.Tensor:
+    """eps = sigma[b] * z (float32), or the explicit ``noise`` (already scaled) when given; with
+    ``sample_offset`` each sample's z comes from its own keyed generator (module doc)."""
     if noise is not None:
         return noise.float()
-    z = standard_noise(x.shape, seed, x.device)
+    if sample_offset is None:
+        z = standard_noise(x.shape, seed, x.device)
+    else:
+        gen = torch.Generator(device=x.device)
+        z = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+        for b in range(x.shape[0]):  # one small draw per sample: the CPU path, where a loop of B costs little
+            gen.manual_seed(sample_noise_seed(seed, int(sample_offset) + b))
+            z[b] = torch.randn(x.shape[1:], generator=gen, device=x.device)
     return z * sigma.float().view(-1, *([1] * (x.dim() - 1)))
 
 
-def corrupt_and_noise(x, texture, mask, sigma, seed, *, noise=None):
+def corrupt_and_noise(x, texture, mask, sigma, seed, *, noise=None, sample_offset=None):
     """Network input of a training step: ``(1 - m) * x + m * T + eps``.
 
     Args:
@@ -71,6 +96,7 @@ def corrupt_and_noise(x, texture, mask, sigma, seed, *, noise=None):
         sigma: per-sample noise standard deviation (B,).
         seed: integer seed of the noise stream.
         noise: explicit eps (B, C, H, W), for tests; overrides ``sigma`` and ``seed``.
+        sample_offset: global index of sample 0; given, eps is keyed per sample (module doc).
 
     Returns:
         The network input (B, C, H, W) in the dtype of ``x`` (float32 when ``x`` is uint8). The matching
@@ -85,10 +111,10 @@ def corrupt_and_noise(x, texture, mask, sigma, seed, *, noise=None):
     out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
     xf, tf, mf = _as_float(x).float(), _as_float(texture).float(), mask.float()
     blended = xf + mf * (tf - xf)
-    return (blended + _noise(x, sigma, seed, noise)).to(out_dtype)
+    return (blended + _noise(x, sigma, seed, noise, sample_offset)).to(out_dtype)
 
 
-def noisy_target_loss(recon, x, sigma, seed, *, noise=None):
+def noisy_target_loss(recon, x, sigma, seed, *, noise=None, sample_offset=None):
     """Mean squared error between ``recon`` and the noisy target ``x + eps`` (eps regenerated from ``seed``).
 
     Args:
@@ -97,11 +123,12 @@ def noisy_target_loss(recon, x, sigma, seed, *, noise=None):
         sigma: per-sample noise standard deviation (B,).
         seed: the seed that :func:`corrupt_and_noise` used for this batch.
         noise: explicit eps, for tests.
+        sample_offset: as given to :func:`corrupt_and_noise`.
 
     Returns:
         0-dim float32 tensor, differentiable with respect to ``recon``.
     """
-    target = _as_float(x).float() + _noise(x, sigma, seed, noise)
+    target = _as_float(x).float() + _noise(x, sigma, seed, noise, sample_offset)
     return (recon.float() - target).pow(2).mean()
 
 

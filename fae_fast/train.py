@@ -11,7 +11,9 @@ One step::
 with AdamW, linear warmup + cosine decay, gradient clipping, bf16 autocast on CUDA, channels_last and optional
 ``torch.compile``. Every random number comes from one ``torch.Generator`` seeded with ``cfg.train.seed`` (plus
 the per-step noise seeds derived from it), so a CPU run is reproducible bit for bit, and a run resumed from a
-training-state checkpoint continues exactly where it stopped.
+training-state checkpoint continues exactly where it stopped. With ``cfg.train.streams="keyed"`` (the default
+under torchrun) the corruption, sigma and noise of each sample are drawn from seeds of (seed, step, global sample
+index) instead, so a batch split across processes (:mod:`fae_fast.distributed`) trains the same model.
 
 With bf16 or fp32 the loop never waits for the device except when it logs (every ``log_every`` steps: the loss
 is accumulated on the device and read back only then) and when it writes a checkpoint; fp16's GradScaler reads
@@ -47,7 +49,9 @@ __all__ = ["NOISE_MODES", "TrainResult", "train", "batch_loss", "step_seed", "sp
 _MASK64 = (1 << 64) - 1
 # config keys that may change between a run and its resumption without changing what the steps compute
 _RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.device", "train.compile",
-                      "train.num_workers"}
+                      "train.num_workers",
+                      # checked on what they resolve to (the state's "streams"): "auto" may resume "keyed"
+                      "train.streams", "train.stream_block"}
 
 
 @dataclass
@@ -101,6 +105,14 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
     return z >> 1
 
 
+def sample_stream_seed(seed: int, step: int, index: int, stream: int) -> int:
+    """The seed of block (or sample) ``index`` of step ``step`` in keyed-stream training: a hash of all four.
+
+    ``stream`` 2 is the corruption, 3 is sigma (0 and 1 are the noise streams of :func:`step_seed`).
+    """
+    return step_seed(step_seed(seed, step, stream), index)
+
+
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random split of ``n`` images into (train indices, holdout indices), both sorted.
 
@@ -136,7 +148,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: int, seed: int, sigma_max: float,
                mode: str = "symmetric", noise_backend: str = "torch", pool: torch.Tensor | None = None,
-               channels_last: bool = False, autocast=None) -> torch.Tensor:
+               channels_last: bool = False, autocast=None, keyed: tuple[int, int] | None = None) -> torch.Tensor:
     """The FAE loss of one batch of normal images, with gradients to ``fwd``'s parameters (no optimiser step).
 
     ``x~ = corruptor(x)``; sigma ~ U(0, sigma_max) per sample from ``gen``; ``input = x~ + eps``;
@@ -156,26 +168,43 @@ def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: i
         pool: images the "other image" textures are cut from (None: the batch itself).
         channels_last: feed the network a channels_last input.
         autocast: a context manager around the forward pass (None: none).
+        keyed: ``(offset, block)``: keyed streams. ``x`` holds the global samples ``offset ..``; each block of
+            ``block`` of them draws its corruption and sigma from ``gen`` reseeded with
+            :func:`sample_stream_seed` of its global block index, and the noise is keyed per global sample
+            (``sample_offset``), so the loss's terms do not depend on how a global batch is split. None: one
+            stream for the batch (``gen``'s state).
 
     Returns:
         0-dim float32 loss.
     """
     B = x.shape[0]
     xf = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-    c = corruptor(xf, gen, pool=pool)
-    sigma = torch.rand(B, generator=gen, device=x.device) * sigma_max
+    offset = None
+    if keyed is None:
+        c = corruptor(xf, gen, pool=pool)
+        sigma = torch.rand(B, generator=gen, device=x.device) * sigma_max
+    else:
+        offset, block = int(keyed[0]), int(keyed[1])
+        first, n = offset // block, B // block
+        c = corruptor.keyed(xf, gen, [sample_stream_seed(seed, step, first + i, 2) for i in range(n)], pool=pool)
+        parts = []
+        for i in range(n):
+            gen.manual_seed(sample_stream_seed(seed, step, first + i, 3))
+            parts.append(torch.rand(block, generator=gen, device=x.device))
+        sigma = torch.cat(parts) * sigma_max
     zeros = torch.zeros_like(sigma)
     noise_seed = step_seed(seed, step)
     sigma_in = zeros if mode == "none" else sigma
     sigma_tgt = sigma if mode in ("symmetric", "independent") else zeros
     seed_tgt = step_seed(seed, step, stream=1) if mode == "independent" else noise_seed
     # the ops read a uint8 batch directly: a quarter of the bytes of a float copy
-    inp = ops.corrupt_and_noise(x, c.texture, c.mask_beta, sigma_in, noise_seed, backend=noise_backend)
+    inp = ops.corrupt_and_noise(x, c.texture, c.mask_beta, sigma_in, noise_seed, sample_offset=offset,
+                                backend=noise_backend)
     if channels_last:
         inp = inp.contiguous(memory_format=torch.channels_last)
     with autocast if autocast is not None else contextlib.nullcontext():
         recon = fwd(inp)
-    return ops.noisy_target_loss(recon, x, sigma_tgt, seed_tgt, backend=noise_backend)
+    return ops.noisy_target_loss(recon, x, sigma_tgt, seed_tgt, sample_offset=offset, backend=noise_backend)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):
@@ -320,12 +349,22 @@ class _Trainer:
     seeds, so :meth:`state_dict` / :meth:`load_state` resume a run bit for bit.
     """
 
-    def __init__(self, cfg: FAEConfig, train_images: torch.Tensor, dev: torch.device):
+    def __init__(self, cfg: FAEConfig, train_images: torch.Tensor, dev: torch.device, dist=None):
+        from . import distributed
         from .corruption import Corruptor
         from .data import TrainSampler
         from .models import build_model
 
+        d = self.dist = distributed.Dist() if dist is None else dist
         tc = self.tc = cfg.train
+        # batch: one stream per batch; keyed: per block of global samples (any split of the batch, same model)
+        self.streams = ("keyed" if d.active else "batch") if tc.streams == "auto" else tc.streams
+        if d.active and self.streams != "keyed":
+            raise ValueError(f"train.streams='batch' cannot run under torchrun (world size {d.world_size}): a batch "
+                             "split across processes needs 'keyed' (or 'auto')")
+        self.block = int(tc.stream_block) if self.streams == "keyed" else None
+        rows = distributed.rank_rows(int(tc.batch_size), d, self.block or 1) if d.active else None
+        self.offset = rows[0] if rows is not None else 0
         self.cfg, self.dev = cfg, dev
         self.steps = int(tc.steps)
         self.amp_dtype = autocast_dtype(tc.amp, dev)
@@ -337,7 +376,7 @@ class _Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(int(tc.seed))
             model = build_model(cfg.model)
-        model = model.to(dev)
+        model = distributed.prepare_model(model.to(dev), d, dev)  # SyncBatchNorm on CUDA with several processes
         if tc.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.train()
@@ -353,7 +392,10 @@ class _Trainer:
         self.gen = torch.Generator(device=dev)
         self.gen.manual_seed(int(tc.seed))
         self.sampler = TrainSampler(train_images, int(tc.batch_size), self.gen, flip=bool(tc.augment_flip),
-                                    rot90=bool(tc.augment_rot90), crop=crop)
+                                    rot90=bool(tc.augment_rot90), crop=crop, rows=rows)
+        # keyed streams reseed their own generator per block (nothing of it to checkpoint); self.gen, the sampler's,
+        # evolves alike on every process
+        self.key_gen = torch.Generator(device=dev) if self.streams == "keyed" else None
         self.corruptor = Corruptor(cfg.corruption, image_size=crop or (H, W), device=dev)
         # with crops, textures are borrowed from the batch's own crops (same scale); otherwise from every image
         self.pool = None if crop is not None else train_images
@@ -369,14 +411,19 @@ class _Trainer:
         # the noise estimate reads up to 64 images: only worth it when there is noise (sigma is drawn either way,
         # so the random streams do not depend on it)
         self.sigma_max = 0.0 if cfg.noise.mode == "none" else effective_sigma_max(cfg, train_images)
+        if d.active:  # DDP averages the gradients over the ranks; self.model stays the plain network
+            ddp = distributed.wrap(model, d, dev)
+            self.fwd = torch.compile(ddp) if tc.compile else ddp
 
     def step(self, step: int) -> torch.Tensor:
         """One optimisation step (0-based ``step``); returns the detached loss on the device (no sync)."""
         tc = self.tc
         xb = self.sampler.next()                            # uint8 (B, 3, h, w) on dev
-        loss = batch_loss(self.fwd, xb, self.corruptor, self.gen, step=step, seed=int(tc.seed),
+        keyed = None if self.block is None else (self.offset, self.block)
+        loss = batch_loss(self.fwd, xb, self.corruptor, self.key_gen or self.gen, step=step, seed=int(tc.seed),
                           sigma_max=self.sigma_max, mode=self.cfg.noise.mode, noise_backend=self.noise_backend,
-                          pool=self.pool, channels_last=bool(tc.channels_last), autocast=self.autocast)
+                          pool=self.pool, channels_last=bool(tc.channels_last), autocast=self.autocast,
+                          keyed=keyed)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if tc.grad_clip and tc.grad_clip > 0:
@@ -394,7 +441,8 @@ class _Trainer:
         return self.model if self.ema is None else self.ema.model
 
     def state_dict(self, step: int, history: list) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+        return {"streams": {"mode": self.streams, "block": self.block},
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
                 "generator": self.gen.get_state(), "sampler": self.sampler.state_dict(), "step": step,
                 "history": history, "config": self.cfg.to_dict(), "fingerprint": self.fingerprint,
@@ -410,6 +458,14 @@ class _Trainer:
             # continue the same streams
             raise ValueError(f"{path} was written by a run on {saved_dev}, this run is on {self.dev.type}: resume "
                              f"on the device type the run started on")
+        saved = state.get("streams", {"mode": "batch", "block": None})  # files from before keyed streams
+        if saved["mode"] != self.streams or saved["block"] != self.block:
+            if self.cfg.train.streams != "auto" or self.dist.active or saved["mode"] != "keyed":
+                what = (f"streams {saved['mode']!r}" + (f" (block {saved['block']})" if saved["block"] else ""))
+                raise ValueError(f"cannot resume from {path} with train.streams={self.cfg.train.streams!r} on "
+                                 f"{self.dist.world_size} process(es): it was trained with {what}; a 'batch' run "
+                                 "resumes on one process only, a 'keyed' one with the same train.stream_block")
+            self._use_keyed(int(saved["block"]))  # one process, "auto": continue the keyed streams of the file
         if list(state.get("fingerprint", [])) != self.fingerprint:
             warnings.warn(f"the training images differ from those of {path} (shape or checksum); resuming "
                           "anyway", UserWarning, stacklevel=3)
@@ -422,6 +478,14 @@ class _Trainer:
         self.gen.set_state(state["generator"])
         self.sampler.load_state_dict(state["sampler"])
         return int(state["step"]), list(state["history"])
+
+    def _use_keyed(self, block: int) -> None:
+        """Switch a one-process run to keyed streams of ``block`` (resuming a file trained that way)."""
+        if int(self.tc.batch_size) % block:
+            raise ValueError(f"train.batch_size {self.tc.batch_size} must be a multiple of the stream block {block} "
+                             "of the resumed run")
+        self.streams, self.block, self.offset = "keyed", block, 0
+        self.key_gen = torch.Generator(device=self.dev)
 
 
 def _check_train_args(cfg: FAEConfig, images, holdout, log_every: int) -> None:
@@ -450,6 +514,9 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
                        batch_size: int = 32) -> tuple[dict[str, float], torch.Tensor, dict | None]:
     """Thresholds (and, with ``cfg.map.normalize``, the per-pixel map statistics) from held-out normal images.
 
+    Under torchrun each rank maps its shard of the images and the maps are gathered in order: every rank gets the
+    thresholds one process computes.
+
     Returns:
         (thresholds, image scores of the held-out images, statistics or None). With a normalisation the
         thresholds are read off leave-one-out normalised maps, as new normal images will be scored. With too few
@@ -459,8 +526,10 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
 
     H, W = int(hold_images.shape[2]), int(hold_images.shape[3])
     n, k = smoothing_for_size(cfg.map, H, W)
-    maps, scores = compute_maps(model, hold_images, n=n, k=k, batch_size=batch_size, device=dev,
-                                amp=cfg.train.amp)
+    from .distributed import current, sharded_map
+
+    maps, scores = sharded_map(lambda imgs: compute_maps(model, imgs, n=n, k=k, batch_size=batch_size, device=dev,
+                                                         amp=cfg.train.amp), hold_images, current(), dev)
     stats = None
     need = 3 if cfg.map.normalize == "zscore" else 2
     if cfg.map.normalize != "none" and maps.shape[0] < need:
@@ -514,6 +583,12 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
     steps = int(tc.steps)
     end = steps if stop_at is None else min(steps, int(stop_at))
     dev = resolve_device(tc.device if device is None else device)
+    from . import distributed
+
+    dist, dev = distributed.setup(dev)  # torchrun: join the job, one device per local rank; else a no-op
+    progress = progress and dist.is_main
+    if dist.active and dist.is_main and progress:
+        print(f"fae_fast train: {distributed.describe(dist, dev, cfg.model.norm)}", file=sys.stderr, flush=True)
 
     # ---- data split
     if holdout is None:
@@ -524,7 +599,9 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
         hold_idx, train_images, hold_images = None, images, holdout
     if train_images.shape[0] == 0:
         raise ValueError("no training images left after the holdout split")
-    trainer = _Trainer(cfg, train_images.to(dev).contiguous(), dev)
+    trainer = _Trainer(cfg, train_images.to(dev).contiguous(), dev, dist)
+    if not dist.is_main:
+        checkpoint = None  # rank 0 writes the (rank-independent) training state
     start, history = (0, []) if resume is None else trainer.load_state(resume)
     if start > end:
         raise ValueError(f"{resume} is at step {start}, past the requested end {end}")
@@ -538,6 +615,7 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
 
     # ---- the loop
     B = int(tc.batch_size)
+    fault = distributed.fault_hook(dist)
     bar = _Progress(end, start, progress)
     loss_sum, n_logged = torch.zeros((), device=dev), 0
     t_log = time.perf_counter()
@@ -547,8 +625,10 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
             loss_sum += trainer.step(step)
             n_logged += 1
             done, rec = step + 1, None
+            if fault is not None:
+                fault(done)
             if done % int(log_every) == 0 or done == end:
-                mean_loss = float(loss_sum) / n_logged               # the one sync per log interval
+                mean_loss = float(distributed.mean_across(loss_sum, dist)) / n_logged  # one sync per log interval
                 now = time.perf_counter()
                 rec = {"step": done, "loss": mean_loss, "lr": float(lr_used),
                        "img_per_s": n_logged * B / max(now - t_log, 1e-9)}
@@ -565,6 +645,7 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
                 run_callback(done)
     finally:
         bar.close()
+    distributed.finish_models(trainer, dist)  # rank 0's BatchNorm statistics everywhere, BatchNorm2d layers again
     if checkpoint is not None:
         save_train_state(checkpoint, trainer.state_dict(end, history))
     if callback is not None:

@@ -27,8 +27,8 @@ __all__ = ["corrupt_and_noise_triton"]
 _BLOCK = 1024
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _corrupt_and_noise_kernel(x_ptr, t_ptr, m_ptr, sigma_ptr, noise_ptr, out_ptr, seed,
+@triton.jit(do_not_specialize=["seed", "row0"])
+def _corrupt_and_noise_kernel(x_ptr, t_ptr, m_ptr, sigma_ptr, noise_ptr, out_ptr, seed, row0,
                               C, H, W,
                               sxb, sxc, sxh, sxw, stb, stc, sth, stw, smb, smh, smw,
                               snb, snc, snh, snw, sob, soc, soh, sow,
@@ -52,13 +52,13 @@ def _corrupt_and_noise_kernel(x_ptr, t_ptr, m_ptr, sigma_ptr, noise_ptr, out_ptr
                       other=0).to(tl.float32)
     else:
         sigma = tl.load(sigma_ptr + b).to(tl.float32)
-        eps = standard_normal(seed, row, blk, BLOCK) * sigma
+        eps = standard_normal(seed, row0 + row, blk, BLOCK) * sigma  # row0: first sample's global plane
     out = x + m * (t - x) + eps
     tl.store(out_ptr + b * sob + c * soc + plane_offset(hw, W, soh, sow, FLAT),
              cast_for_store(out, out_ptr.dtype.element_ty), mask=valid)
 
 
-def _launch(x, texture, mask, sigma, seed, noise, block=None):
+def _launch(x, texture, mask, sigma, seed, noise, block=None, sample_offset=0):
     """Allocate the output (x's layout preserved: channels_last stays channels_last) and launch the kernel."""
     B, C, H, W = x.shape
     out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
@@ -74,7 +74,7 @@ def _launch(x, texture, mask, sigma, seed, noise, block=None):
                                         else _BLOCK))
     grid = (B * C, triton.cdiv(H * W, block))
     wrap_triton(_corrupt_and_noise_kernel)[grid](
-        x, texture, mask, sigma, noise if noise is not None else x, out, seed,
+        x, texture, mask, sigma, noise if noise is not None else x, out, seed, int(sample_offset) * C,
         C, H, W,
         sx[0], sx[1], sx[2], sx[3], st[0], st[1], st[2], st[3], sm[0], sm[2], sm[3],
         sn[0], sn[1], sn[2], sn[3], so[0], so[1], so[2], so[3],
@@ -84,8 +84,8 @@ def _launch(x, texture, mask, sigma, seed, noise, block=None):
 
 @triton_op("fae_fast_triton::corrupt_and_noise", mutates_args={})
 def _corrupt_and_noise_op(x: torch.Tensor, texture: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor,
-                          seed: int, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _launch(x, texture, mask, sigma, seed, noise)
+                          seed: int, noise: Optional[torch.Tensor] = None, sample_offset: int = 0) -> torch.Tensor:
+    return _launch(x, texture, mask, sigma, seed, noise, sample_offset=sample_offset)
 
 
 # Under the interpreter, triton_op's own fake implementation (tracing the body with fake tensors) reaches the
@@ -93,11 +93,11 @@ def _corrupt_and_noise_op(x: torch.Tensor, texture: torch.Tensor, mask: torch.Te
 # CPU (the tests prove "no graph break" there). On a GPU triton_op's traced fake is used, as intended.
 if interpreting():
     @_corrupt_and_noise_op.register_fake
-    def _corrupt_and_noise_fake(x, texture, mask, sigma, seed, noise=None):
+    def _corrupt_and_noise_fake(x, texture, mask, sigma, seed, noise=None, sample_offset=0):
         return torch.empty_like(x, dtype=x.dtype if x.dtype.is_floating_point else torch.float32)
 
 
-def corrupt_and_noise_triton(x, texture, mask, sigma, seed, *, noise=None):
+def corrupt_and_noise_triton(x, texture, mask, sigma, seed, *, noise=None, sample_offset=None):
     """Network input ``(1 - m) * x + m * T + eps`` in one Triton pass (same contract as the reference).
 
     Args:
@@ -107,6 +107,8 @@ def corrupt_and_noise_triton(x, texture, mask, sigma, seed, *, noise=None):
         sigma: (B,) float noise std per sample.
         seed: int in [0, 2**63), key of the Philox stream; the loss regenerates eps from it.
         noise: explicit eps (B, C, H, W) (tests); replaces ``sigma * z``.
+        sample_offset: global index of sample 0 (None: 0); eps of global sample j depends only on (seed, j):
+            the Philox counter's row is ``(sample_offset + b) * C + c``.
 
     Returns:
         (B, C, H, W) in x's dtype (float32 for uint8 x), in x's memory layout.
@@ -118,7 +120,7 @@ def corrupt_and_noise_triton(x, texture, mask, sigma, seed, *, noise=None):
     """
     check_device(x, "corrupt_and_noise")
     if torch.compiler.is_compiling():
-        return _corrupt_and_noise_op(x, texture, mask, sigma, int(seed), noise)
+        return _corrupt_and_noise_op(x, texture, mask, sigma, int(seed), noise, int(sample_offset or 0))
     # eager: the same launcher without the custom-op dispatcher (~20 us of host time per call, measured on CPU);
     # nothing here needs autograd: the network input is not differentiated
-    return _launch(x, texture, mask, sigma, int(seed), noise)
+    return _launch(x, texture, mask, sigma, int(seed), noise, sample_offset=int(sample_offset or 0))

@@ -28,7 +28,7 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _residual(r_ptr, x_ptr, sigma_ptr, noise_ptr, seed, row, blk, b, c, hw, valid, W,
+def _residual(r_ptr, x_ptr, sigma_ptr, noise_ptr, seed, row0, row, blk, b, c, hw, valid, W,
               srb, src, srh, srw, sxb, sxc, sxh, sxw, snb, snc, snh, snw,
               HAS_NOISE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr):
     """d = r - x - eps in float32 (0 outside the plane), eps regenerated exactly as the injection drew it."""
@@ -38,12 +38,12 @@ def _residual(r_ptr, x_ptr, sigma_ptr, noise_ptr, seed, row, blk, b, c, hw, vali
         eps = tl.load(noise_ptr + b * snb + c * snc + plane_offset(hw, W, snh, snw, FLAT), mask=valid,
                       other=0).to(tl.float32)
     else:
-        eps = standard_normal(seed, row, blk, BLOCK) * tl.load(sigma_ptr + b).to(tl.float32)
+        eps = standard_normal(seed, row0 + row, blk, BLOCK) * tl.load(sigma_ptr + b).to(tl.float32)
     return tl.where(valid, r - (x + eps), 0.0)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _noisy_target_loss_fwd_kernel(r_ptr, x_ptr, sigma_ptr, noise_ptr, partial_ptr, seed, C, H, W,
+@triton.jit(do_not_specialize=["seed", "row0"])
+def _noisy_target_loss_fwd_kernel(r_ptr, x_ptr, sigma_ptr, noise_ptr, partial_ptr, seed, row0, C, H, W,
                                   srb, src, srh, srw, sxb, sxc, sxh, sxw, snb, snc, snh, snw,
                                   HAS_NOISE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr):
     """partial[row, blk] = sum over the block of (r - (x + eps))^2.
@@ -57,13 +57,13 @@ def _noisy_target_loss_fwd_kernel(r_ptr, x_ptr, sigma_ptr, noise_ptr, partial_pt
     c = row - b * C
     hw = blk * BLOCK + tl.arange(0, BLOCK)
     valid = hw < H * W
-    d = _residual(r_ptr, x_ptr, sigma_ptr, noise_ptr, seed, row, blk, b, c, hw, valid, W,
+    d = _residual(r_ptr, x_ptr, sigma_ptr, noise_ptr, seed, row0, row, blk, b, c, hw, valid, W,
                   srb, src, srh, srw, sxb, sxc, sxh, sxw, snb, snc, snh, snw, HAS_NOISE, FLAT, BLOCK)
     tl.store(partial_ptr + row * tl.num_programs(1) + blk, tl.sum(d * d, axis=0))
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _noisy_target_loss_bwd_kernel(r_ptr, x_ptr, sigma_ptr, noise_ptr, g_ptr, grad_ptr, seed, scale, C, H, W,
+@triton.jit(do_not_specialize=["seed", "row0"])
+def _noisy_target_loss_bwd_kernel(r_ptr, x_ptr, sigma_ptr, noise_ptr, g_ptr, grad_ptr, seed, row0, scale, C, H, W,
                                   srb, src, srh, srw, sxb, sxc, sxh, sxw, snb, snc, snh, snw,
                                   sgb, sgc, sgh, sgw,
                                   HAS_NOISE: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr):
@@ -78,7 +78,7 @@ def _noisy_target_loss_bwd_kernel(r_ptr, x_ptr, sigma_ptr, noise_ptr, g_ptr, gra
     c = row - b * C
     hw = blk * BLOCK + tl.arange(0, BLOCK)
     valid = hw < H * W
-    d = _residual(r_ptr, x_ptr, sigma_ptr, noise_ptr, seed, row, blk, b, c, hw, valid, W,
+    d = _residual(r_ptr, x_ptr, sigma_ptr, noise_ptr, seed, row0, row, blk, b, c, hw, valid, W,
                   srb, src, srh, srw, sxb, sxc, sxh, sxw, snb, snc, snh, snw, HAS_NOISE, FLAT, BLOCK)
     g = tl.load(g_ptr).to(tl.float32) * scale
     tl.store(grad_ptr + b * sgb + c * sgc + plane_offset(hw, W, sgh, sgw, FLAT),
@@ -99,23 +99,24 @@ def _geometry(recon, x, noise, extra=None, block=None):
     return args, flat, block, (B * C, triton.cdiv(H * W, block))
 
 
-def _forward(recon, x, sigma, seed, noise, block=None):
+def _forward(recon, x, sigma, seed, noise, block=None, sample_offset=0):
     B, C, H, W = x.shape
     args, flat, block, grid = _geometry(recon, x, noise, block=block)
     partial = torch.empty(grid[0] * grid[1], device=x.device, dtype=torch.float32)
     wrap_triton(_noisy_target_loss_fwd_kernel)[grid](
-        recon, x, sigma, noise if noise is not None else x, partial, seed, C, H, W, *args,
+        recon, x, sigma, noise if noise is not None else x, partial, seed, int(sample_offset) * C, C, H, W, *args,
         HAS_NOISE=noise is not None, FLAT=flat, BLOCK=block, num_warps=4)
     return partial.sum() / x.numel()
 
 
-def _backward(grad_out, recon, x, sigma, seed, noise, block=None):
+def _backward(grad_out, recon, x, sigma, seed, noise, block=None, sample_offset=0):
     B, C, H, W = x.shape
     grad = torch.empty_like(recon)  # recon's dtype and layout: the gradient the network expects
     args, flat, block, grid = _geometry(recon, x, noise, extra=grad, block=block)
     sg = plane_strides(grad)
     wrap_triton(_noisy_target_loss_bwd_kernel)[grid](
-        recon, x, sigma, noise if noise is not None else x, grad_out, grad, seed, 2.0 / x.numel(), C, H, W,
+        recon, x, sigma, noise if noise is not None else x, grad_out, grad, seed, int(sample_offset) * C,
+        2.0 / x.numel(), C, H, W,
         *args, sg[0], sg[1], sg[2], sg[3],
         HAS_NOISE=noise is not None, FLAT=flat, BLOCK=block, num_warps=4)
     return grad
@@ -123,15 +124,15 @@ def _backward(grad_out, recon, x, sigma, seed, noise, block=None):
 
 @triton_op("fae_fast_triton::noisy_target_loss", mutates_args={})
 def _noisy_target_loss_op(recon: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, seed: int,
-                          noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _forward(recon, x, sigma, seed, noise)
+                          noise: Optional[torch.Tensor] = None, sample_offset: int = 0) -> torch.Tensor:
+    return _forward(recon, x, sigma, seed, noise, sample_offset=sample_offset)
 
 
 @triton_op("fae_fast_triton::noisy_target_loss_backward", mutates_args={})
 def _noisy_target_loss_backward_op(grad_out: torch.Tensor, recon: torch.Tensor, x: torch.Tensor,
                                    sigma: torch.Tensor, seed: int,
-                                   noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _backward(grad_out, recon, x, sigma, seed, noise)
+                                   noise: Optional[torch.Tensor] = None, sample_offset: int = 0) -> torch.Tensor:
+    return _backward(grad_out, recon, x, sigma, seed, noise, sample_offset=sample_offset)
 
 
 # Under the interpreter, triton_op's own fake implementation (tracing the body with fake tensors) reaches the
@@ -139,17 +140,17 @@ def _noisy_target_loss_backward_op(grad_out: torch.Tensor, recon: torch.Tensor, 
 # CPU (the tests prove "no graph break" there). On a GPU triton_op's traced fake is used, as intended.
 if interpreting():
     @_noisy_target_loss_op.register_fake
-    def _noisy_target_loss_fake(recon, x, sigma, seed, noise=None):
+    def _noisy_target_loss_fake(recon, x, sigma, seed, noise=None, sample_offset=0):
         return x.new_empty((), dtype=torch.float32)
 
     @_noisy_target_loss_backward_op.register_fake
-    def _noisy_target_loss_backward_fake(grad_out, recon, x, sigma, seed, noise=None):
+    def _noisy_target_loss_backward_fake(grad_out, recon, x, sigma, seed, noise=None, sample_offset=0):
         return torch.empty_like(recon)
 
 
 def _setup_context(ctx, inputs, output):
-    recon, x, sigma, seed, noise = inputs
-    ctx.seed = seed
+    recon, x, sigma, seed, noise, sample_offset = inputs
+    ctx.seed, ctx.sample_offset = seed, sample_offset
     ctx.has_noise = noise is not None
     ctx.save_for_backward(recon, x, sigma, noise if noise is not None else sigma)
 
@@ -157,14 +158,14 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad_out):
     recon, x, sigma, noise = ctx.saved_tensors
     grad = torch.ops.fae_fast_triton.noisy_target_loss_backward(
-        grad_out.contiguous(), recon, x, sigma, ctx.seed, noise if ctx.has_noise else None)
-    return grad, None, None, None, None
+        grad_out.contiguous(), recon, x, sigma, ctx.seed, noise if ctx.has_noise else None, ctx.sample_offset)
+    return grad, None, None, None, None, None
 
 
 _noisy_target_loss_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def noisy_target_loss_triton(recon, x, sigma, seed, *, noise=None):
+def noisy_target_loss_triton(recon, x, sigma, seed, *, noise=None, sample_offset=None):
     """MSE between ``recon`` and ``x + eps``, eps regenerated from ``seed`` (same contract as the reference).
 
     Args:
@@ -173,6 +174,7 @@ def noisy_target_loss_triton(recon, x, sigma, seed, *, noise=None):
         sigma: (B,) float noise std per sample.
         seed: the seed given to :func:`fae_fast.kernels.corrupt_and_noise.corrupt_and_noise_triton`.
         noise: explicit eps (B, C, H, W) (tests); replaces ``sigma * z``.
+        sample_offset: global index of sample 0 (None: 0), as given to the injection.
 
     Returns:
         0-dim float32 loss.
@@ -183,6 +185,6 @@ def noisy_target_loss_triton(recon, x, sigma, seed, *, noise=None):
     """
     check_device(recon, "noisy_target_loss")
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and recon.requires_grad):
-        return _noisy_target_loss_op(recon, x, sigma, int(seed), noise)
+        return _noisy_target_loss_op(recon, x, sigma, int(seed), noise, int(sample_offset or 0))
     # eager without autograd (validation losses): skip the custom-op dispatcher (~20 us of host time per call)
-    return _forward(recon, x, sigma, int(seed), noise)
+    return _forward(recon, x, sigma, int(seed), noise, sample_offset=int(sample_offset or 0))

@@ -381,6 +381,9 @@ class TrainSampler:
         flip: random horizontal and vertical flips.
         rot90: random 90-degree rotations (needs H == W, or a square ``crop``).
         crop: (h, w): each image of a batch is a random h x w window of its source image (None: whole images).
+        rows: (start, stop): return only these rows of every batch (one process's share of a global batch of
+            ``batch_size``); every random draw is still made for the whole batch, so the shares of all processes
+            are exactly the rows of the batch one sampler with ``rows=None`` returns.
 
     Example:
         >>> s = TrainSampler(images, 32, torch.Generator().manual_seed(0), rot90=True)   # doctest: +SKIP
@@ -388,7 +391,7 @@ class TrainSampler:
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, generator, flip: bool = True,
-                 rot90: bool = False, crop: Sequence[int] | None = None):
+                 rot90: bool = False, crop: Sequence[int] | None = None, rows: Sequence[int] | None = None):
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3:
@@ -407,6 +410,10 @@ class TrainSampler:
         out_hw = tuple(images.shape[2:]) if crop is None else crop
         if rot90 and out_hw[0] != out_hw[1]:
             raise ValueError(f"rot90=True needs square batches, got H x W = {out_hw[0]} x {out_hw[1]}")
+        rows = (0, int(batch_size)) if rows is None else (int(rows[0]), int(rows[1]))
+        if not 0 <= rows[0] < rows[1] <= int(batch_size):
+            raise ValueError(f"rows must be (start, stop) with 0 <= start < stop <= batch_size {batch_size}, "
+                             f"got {rows}")
         if isinstance(generator, int):
             generator = torch.Generator().manual_seed(generator)
         if not isinstance(generator, torch.Generator):
@@ -417,6 +424,7 @@ class TrainSampler:
         self.flip = bool(flip)
         self.rot90 = bool(rot90)
         self.crop = crop
+        self.rows = rows
         self.epoch = 0
         self._perm = None
         self._pos = 0
@@ -461,16 +469,17 @@ class TrainSampler:
         return idx.to(dst, non_blocking=dst.type == "cuda")
 
     def next(self) -> torch.Tensor:
-        """The next batch: ``uint8 (B, 3, H, W)`` on the images' device."""
-        x = self.images.index_select(0, self._indices())
+        """The next batch: ``uint8 (B, 3, H, W)`` on the images' device (B = stop - start with ``rows``)."""
+        lo, hi = self.rows
+        x = self.images.index_select(0, self._indices()[lo:hi])
         if self.crop is not None:
             x = self._random_crop(x)
         if not (self.flip or self.rot90):
             return x
         b, gdev = x.shape[0], self.generator.device
-        # one draw of 3 bits per image: transpose, vertical flip, horizontal flip
-        bits = torch.randint(0, 2, (b, 3), generator=self.generator, device=gdev, dtype=torch.uint8)
-        bits = bits.to(x.device, non_blocking=True).bool()
+        # one draw of 3 bits per image of the whole batch: transpose, vertical flip, horizontal flip
+        bits = torch.randint(0, 2, (self.batch_size, 3), generator=self.generator, device=gdev, dtype=torch.uint8)
+        bits = bits[lo:hi].to(x.device, non_blocking=True).bool()
         if self.rot90 and not self.flip:
             # rotations only: transpose, vflip and hflip are reflections, so an even count is a rotation
             bits[:, 2] = bits[:, 0] ^ bits[:, 1]
@@ -484,9 +493,9 @@ class TrainSampler:
     def _random_crop(self, x: torch.Tensor) -> torch.Tensor:
         """One uniformly placed (h, w) window per image, gathered in one indexing op (no per-image loop)."""
         (b, c, H, W), (h, w) = x.shape, self.crop
-        gdev = self.generator.device
-        oy = torch.randint(0, H - h + 1, (b,), generator=self.generator, device=gdev).to(x.device)
-        ox = torch.randint(0, W - w + 1, (b,), generator=self.generator, device=gdev).to(x.device)
+        gdev, (lo, hi), n = self.generator.device, self.rows, self.batch_size
+        oy = torch.randint(0, H - h + 1, (n,), generator=self.generator, device=gdev)[lo:hi].to(x.device)
+        ox = torch.randint(0, W - w + 1, (n,), generator=self.generator, device=gdev)[lo:hi].to(x.device)
         rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
         bi = torch.arange(b, device=x.device)[:, None, None, None]
