@@ -11,6 +11,7 @@ import numbers
 import torch
 
 from . import _backend
+from .reference import MAP_ERRORS
 
 __all__ = ["corrupt_and_noise", "noisy_target_loss", "anomaly_map", "elastic_warp", "rasterize_strokes",
            "last_backend", "noise_backend"]
@@ -162,14 +163,16 @@ def noisy_target_loss(recon, x, sigma, seed, *, noise=None, sample_offset=None, 
                 noise=_noise_arg(noise, x), sample_offset=_offset(sample_offset))
 
 
-def anomaly_map(x, recon, *, n=4, k=7, backend="auto"):
-    """Channel-mean squared error, ``n`` passes of a ``k x k`` mean filter (valid-count borders), per-image max.
+def anomaly_map(x, recon, *, n=4, k=7, error="squared", backend="auto"):
+    """Per-pixel error, ``n`` passes of a ``k x k`` mean filter (valid-count borders), per-image max.
 
     Args:
         x: input images (B, C, H, W), uint8 or float in [0, 1].
         recon: reconstructions (B, C, H, W), float (bf16/fp16 allowed).
         n: passes, 0..8.
         k: odd window, 1..31.
+        error: "squared" (channel-mean squared error) | "gradient" (channel mean of the squared Sobel gradient of
+            the residual; :func:`fae_fast.reference.error_image`).
         backend: "auto" | "triton" | "torch".
 
     Returns:
@@ -190,9 +193,11 @@ def anomaly_map(x, recon, *, n=4, k=7, backend="auto"):
         raise ValueError(f"n (box-filter passes) must be an int in 0..8, got {n!r}")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not (1 <= k <= 31 and k % 2 == 1):
         raise ValueError(f"k (window) must be an odd int in 1..31, got {k!r}")
+    if error not in MAP_ERRORS:
+        raise ValueError(f"error must be one of {MAP_ERRORS}, got {error!r}")
     if min(x.shape) == 0:
         raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
-    return _run("anomaly_map", backend, x.device, x, recon, n=int(n), k=int(k))
+    return _run("anomaly_map", backend, x.device, x, recon, n=int(n), k=int(k), error=error)
 
 
 def elastic_warp(mask, alpha, smoothness, seed, *, field=None, backend="auto"):

@@ -34,6 +34,8 @@ __all__ = [
     "corrupt_and_noise",
     "noisy_target_loss",
     "anomaly_map",
+    "error_image",
+    "MAP_ERRORS",
     "elastic_field",
     "elastic_warp",
     "rasterize_strokes",
@@ -132,22 +134,48 @@ def noisy_target_loss(recon, x, sigma, seed, *, noise=None, sample_offset=None):
     return (recon.float() - target).pow(2).mean()
 
 
-def anomaly_map(x, recon, *, n=4, k=7):
+#: error kinds of the anomaly map: "squared" (DESIGN.md) and "gradient" (the squared Sobel gradient of the error)
+MAP_ERRORS = ("squared", "gradient")
+# the normalised 3 x 3 Sobel derivative along W (cross-correlation); its transpose is the one along H
+_SOBEL = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
+
+
+def error_image(x, recon, error="squared"):
+    """The per-pixel error before smoothing, (B, 1, H, W) float32.
+
+    ``"squared"``: ``mean_c (recon - x)^2``. ``"gradient"``: ``mean_c |S (recon - x)|^2`` with ``S`` the 3 x 3
+    Sobel derivatives along W and H divided by 8 (a unit step gives 1/2), the residual replicated at the border.
+    The gradient of the residual keeps what changes within a few pixels (pits, cracks, scratches, the edges of a
+    stain) and drops smooth brightness offsets of the whole reconstruction, which the squared error scores as
+    much as a defect.
+    """
+    d = recon.float() - _as_float(x).float()
+    if error == "squared":
+        return d.pow(2).mean(dim=1, keepdim=True)
+    B, C, H, W = d.shape
+    kx = torch.tensor(_SOBEL, device=d.device, dtype=torch.float32) / 8.0
+    weight = torch.stack([kx, kx.t()]).unsqueeze(1)                       # (2, 1, 3, 3)
+    g = F.conv2d(F.pad(d.reshape(B * C, 1, H, W), (1, 1, 1, 1), mode="replicate"), weight)
+    return g.pow(2).sum(dim=1).reshape(B, C, H, W).mean(dim=1, keepdim=True)
+
+
+def anomaly_map(x, recon, *, n=4, k=7, error="squared"):
     """Error map, n passes of a k x k mean filter, and the per-image max.
 
-    ``e = mean_c (recon - x)^2``; ``e <- box_k(e)`` n times with the valid-count border rule (module doc);
-    ``score = max_{h, w} e``.
+    ``e = error_image(x, recon, error)`` (``mean_c (recon - x)^2`` by default); ``e <- box_k(e)`` n times with the
+    valid-count border rule (module doc); ``score = max_{h, w} e``.
 
     Args:
         x: input images (B, C, H, W), uint8 or float in [0, 1].
         recon: reconstructions (B, C, H, W), float.
         n: number of box-filter passes (0 = no smoothing).
         k: odd window size (1 = no smoothing).
+        error: one of :data:`MAP_ERRORS`.
 
     Returns:
         (map (B, 1, H, W) float32, score (B,) float32).
     """
-    err = (recon.float() - _as_float(x).float()).pow(2).mean(dim=1, keepdim=True)
+    err = error_image(x, recon, error)
     if k > 1:
         for _ in range(n):
             err = F.avg_pool2d(err, k, stride=1, padding=k // 2, count_include_pad=False)

@@ -16,7 +16,9 @@ cfg = dict(K._GPU_CFG)
 nw = cfg.pop("num_warps")
 for xs, rs, smooth in [("*bf16", "*bf16", True), ("*u8", "*fp32", False)]:
     sig = dict(x_ptr=xs, r_ptr=rs, lh_ptr="*fp32", rw_ptr="*fp32", map_ptr="*fp32", score_ptr="*fp32")
-    aot_compile(K._anomaly_map_kernel, sig, dict(SMOOTH=smooth, PRECISION=K._PRECISION, **cfg), num_warps=nw)
+    for gradient in (False, True):
+        aot_compile(K._anomaly_map_kernel, sig, dict(SMOOTH=smooth, GRADIENT=gradient, PRECISION=K._PRECISION, **cfg),
+                    num_warps=nw)
 import torch
 from fae_fast._backend import BackendUnavailable
 try:  # compiled Triton on CPU tensors: a clear error, not Triton's "0 active drivers"
@@ -71,6 +73,24 @@ def test_reference_properties():
     assert (s <= raw.amax(dim=(1, 2, 3)) + 1e-7).all()
 
 
+def test_gradient_error_is_the_sobel_of_the_residual():
+    x = torch.zeros(1, 3, 6, 7)
+    step = x.clone()
+    step[..., 3:] = 1.0                        # a unit step along W in every channel
+    e = reference.error_image(x, step, "gradient")[0, 0]
+    # |d/dW| = (1 + 2 + 1) / 8 = 1/2 on the two columns either side of the step, 0 elsewhere (also at the
+    # replicated border): a step is scored where it is, not where the border is
+    assert_close(e[:, 2:4], torch.full((6, 2), 0.25))
+    assert float(e[:, :2].abs().max()) == 0.0 and float(e[:, 4:].abs().max()) == 0.0
+    # a brightness offset of the whole reconstruction is no error at all for the gradient (it is for squared)
+    assert float(reference.error_image(x, x + 0.3, "gradient").abs().max()) == 0.0
+    assert_close(reference.error_image(x, x + 0.3, "squared"), torch.full((1, 1, 6, 7), 0.09))
+    # the channel mean of per-channel gradients
+    two = step.clone()
+    two[:, 1:] = 0.0
+    assert_close(reference.error_image(x, two, "gradient"), reference.error_image(x, step, "gradient") / 3)
+
+
 def test_separable_operator_equals_n_passes():
     """The L @ E @ R of the kernel is exactly n valid-count passes (checked in float64, all borders)."""
     e = torch.rand(1, 1, 11, 6, dtype=torch.float64)
@@ -86,11 +106,12 @@ def test_separable_operator_equals_n_passes():
 # ---------------------------------------------------------------- kernel vs reference
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_matches_reference(case):
+@pytest.mark.parametrize("error", reference.MAP_ERRORS)
+def test_matches_reference(case, error):
     B, C, H, W, n, k = case
     x, r = _inputs((B, C, H, W))
-    amap, score = K.anomaly_map_triton(x, r, n=n, k=k)
-    ref_map, ref_score = reference.anomaly_map(x, r, n=n, k=k)
+    amap, score = K.anomaly_map_triton(x, r, n=n, k=k, error=error)
+    ref_map, ref_score = reference.anomaly_map(x, r, n=n, k=k, error=error)
     assert amap.shape == (B, 1, H, W) and amap.dtype == torch.float32 and score.shape == (B,)
     assert_close(amap, ref_map, dtype=torch.float32)
     assert_close(score, ref_score, dtype=torch.float32)
@@ -99,22 +120,24 @@ def test_matches_reference(case):
 @pytest.mark.parametrize("x_dtype,r_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                                              (torch.uint8, torch.bfloat16), (torch.uint8, torch.float32),
                                              (torch.float32, torch.float16)])
-def test_dtypes(x_dtype, r_dtype):
+@pytest.mark.parametrize("error", reference.MAP_ERRORS)
+def test_dtypes(x_dtype, r_dtype, error):
     # both sides upcast the same low-precision values to float32, so the float32 tolerance applies
     x, r = _inputs((2, 3, 7, 13), x_dtype, r_dtype)
-    amap, score = K.anomaly_map_triton(x, r, n=2, k=5)
-    ref_map, ref_score = reference.anomaly_map(x, r, n=2, k=5)
+    amap, score = K.anomaly_map_triton(x, r, n=2, k=5, error=error)
+    ref_map, ref_score = reference.anomaly_map(x, r, n=2, k=5, error=error)
     assert_close(amap, ref_map, dtype=torch.float32)
     assert_close(score, ref_score, dtype=torch.float32)
 
 
-def test_non_contiguous_inputs():
+@pytest.mark.parametrize("error", reference.MAP_ERRORS)
+def test_non_contiguous_inputs(error):
     x, r = _inputs((2, 3, 17, 26))
     x = x.contiguous(memory_format=torch.channels_last)
     r = r.transpose(2, 3).contiguous().transpose(2, 3)[..., ::2]  # column-major plane, stride_w = 2 * H
     x = x[..., 1::2]
-    amap, score = K.anomaly_map_triton(x, r, n=2, k=7)
-    ref_map, ref_score = reference.anomaly_map(x, r, n=2, k=7)
+    amap, score = K.anomaly_map_triton(x, r, n=2, k=7, error=error)
+    ref_map, ref_score = reference.anomaly_map(x, r, n=2, k=7, error=error)
     assert_close(amap, ref_map, dtype=torch.float32)
     assert_close(score, ref_score, dtype=torch.float32)
 
@@ -123,8 +146,8 @@ def test_tile_shapes_agree():
     """A 16x16 tile with a 16-deep K loop and a 32x16 tile give the same map (tile seams are exact)."""
     x, r = _inputs((1, 3, 35, 19))
     lh, rw = K._box_operators(35, 19, 5, 3, x.device)
-    a, sa = K._launch(x, r, lh, rw, 3 * 2, dict(TH=16, TW=16, BK=16, num_warps=1))
-    b, sb = K._launch(x, r, lh, rw, 3 * 2, dict(TH=32, TW=16, BK=16, num_warps=1))
+    a, sa = K._launch(x, r, lh, rw, 3 * 2, True, dict(TH=16, TW=16, BK=16, num_warps=1))
+    b, sb = K._launch(x, r, lh, rw, 3 * 2, True, dict(TH=32, TW=16, BK=16, num_warps=1))
     assert_close(a, b, dtype=torch.float32, atol=1e-7)
     assert torch.equal(sa, a.amax(dim=(1, 2, 3))) and torch.equal(sb, b.amax(dim=(1, 2, 3)))
 
@@ -162,12 +185,13 @@ def test_custom_op_path_matches_eager_path():
     """torch.ops.fae_fast_triton.anomaly_map (what torch.compile calls) gives what the eager launcher gives."""
     x, r = _inputs((2, 3, 7, 13))
     lh, rw = K._box_operators(7, 13, 5, 2, x.device)
-    amap, score = torch.ops.fae_fast_triton.anomaly_map(x, r, lh, rw, 4)
-    ref_map, ref_score = reference.anomaly_map(x, r, n=2, k=5)
-    assert_close(amap, ref_map, dtype=torch.float32)
-    assert_close(score, ref_score, dtype=torch.float32)
-    raw, _ = torch.ops.fae_fast_triton.anomaly_map(x, r, None, None, 0)
-    assert_close(raw, reference.anomaly_map(x, r, n=0, k=5)[0], dtype=torch.float32)
+    for gradient, error in ((False, "squared"), (True, "gradient")):
+        amap, score = torch.ops.fae_fast_triton.anomaly_map(x, r, lh, rw, 4, gradient)
+        ref_map, ref_score = reference.anomaly_map(x, r, n=2, k=5, error=error)
+        assert_close(amap, ref_map, dtype=torch.float32)
+        assert_close(score, ref_score, dtype=torch.float32)
+        raw, _ = torch.ops.fae_fast_triton.anomaly_map(x, r, None, None, 0, gradient)
+        assert_close(raw, reference.anomaly_map(x, r, n=0, k=5, error=error)[0], dtype=torch.float32)
 
 
 def test_no_graph_break_under_dynamo_and_cached_operators():
@@ -199,11 +223,12 @@ GPU_CASES = [(64, 3, 256, 256, 4, 7), (3, 3, 512, 512, 4, 7), (512, 3, 33, 47, 2
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("r_dtype", [torch.float32, torch.bfloat16])
-def test_gpu_matches_reference(case, r_dtype):
+@pytest.mark.parametrize("error", reference.MAP_ERRORS)
+def test_gpu_matches_reference(case, r_dtype, error):
     B, C, H, W, n, k = case
     x, r = _inputs((B, C, H, W), torch.uint8, r_dtype, device="cuda")
-    amap, score = K.anomaly_map_triton(x, r, n=n, k=k)
-    ref_map, ref_score = reference.anomaly_map(x, r, n=n, k=k)
+    amap, score = K.anomaly_map_triton(x, r, n=n, k=k, error=error)
+    ref_map, ref_score = reference.anomaly_map(x, r, n=n, k=k, error=error)
     assert_close(amap, ref_map, dtype=torch.float32)  # tf32x3 on tensor cores must keep float32 accuracy
     assert_close(score, ref_score, dtype=torch.float32)
 
