@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from . import _atomic, ops
-from .config import FAEConfig, parse_size, preset, smoothing_for_size
+from .config import MAP_ERRORS, FAEConfig, parse_size, preset, smoothing_for_size
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1max")
 
@@ -137,10 +137,10 @@ def smoothing_grid(n: int, k: int) -> list[tuple[int, int]]:
 
 
 def maps_for_settings(model, images: torch.Tensor, settings, *, batch_size: int = 16, device=None):
-    """Anomaly maps of ``images`` for several (n, k): one forward pass per batch, one map per setting.
+    """Anomaly maps of ``images`` for several (n, k, error): one forward pass per batch, one map per setting.
 
     Returns:
-        {(n, k): (maps (N, 1, H, W) float32, scores (N,) float32)} on the CPU.
+        {(n, k, error): (maps (N, 1, H, W) float32, scores (N,) float32)} on the CPU.
     """
     from .scoring import _autocast, autocast_dtype, resolve_device
 
@@ -157,7 +157,7 @@ def maps_for_settings(model, images: torch.Tensor, settings, *, batch_size: int 
                 with _autocast(dev, dtype):
                     recon = model(xb.float() / 255.0)
                 for s in settings:
-                    amap, score = ops.anomaly_map(xb, recon, n=s[0], k=s[1])
+                    amap, score = ops.anomaly_map(xb, recon, n=s[0], k=s[1], error=s[2])
                     out[s][0][i:i + len(xb)] = amap.float().cpu()
                     out[s][1][i:i + len(xb)] = score.float().cpu()
     finally:
@@ -184,7 +184,7 @@ class _Scorer:
         self.labels, self.masks = test.labels.numpy(), test.masks[:, 0].numpy()
 
     def __call__(self, model, settings, modes) -> dict:
-        """{(n, k, mode): evaluate() result, with the edge diagnostic as ``edge_max_fraction_good``}."""
+        """{(n, k, error, mode): evaluate() result, with the edge diagnostic as ``edge_max_fraction_good``}."""
         from .evaluate import evaluate
         from .scoring import map_statistics, normalize_maps
 
@@ -202,7 +202,7 @@ class _Scorer:
                 scores = maps.amax(dim=(1, 2, 3))
                 res = evaluate(scores.numpy(), maps[:, 0].numpy(), self.labels, self.masks, self.test.defect_types)
                 res["edge_max_fraction_good"] = edge_max_fraction(maps[good]) if good.any() else float("nan")
-                out[(s[0], s[1], mode)] = res
+                out[(*s, mode)] = res
         return out
 
 
@@ -254,7 +254,7 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
 
     Returns:
         A JSON-ready dict with ``runs`` (per run: metrics, per defect type, config, learning curve), ``summary``
-        (variant -> metric -> mean/std/n), ``scoring`` ("variant|n=..,k=..,mode" -> metric -> mean/std/n),
+        (variant -> metric -> mean/std/n), ``scoring`` ("variant|n=..,k=..,error,mode" -> metric -> mean/std/n),
         the commit and the machine.
     """
     from .data import load_images, load_test_set, normal_image_paths
@@ -269,8 +269,9 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
     log(f"[ablate] {len(train_images)} train / {len(test)} test images at {size[0]}x{size[1]} "
         f"({time.perf_counter() - t0:.1f} s); commit {git_commit()}")
     n, k = smoothing_for_size(base.map, *size)
-    default_mode = base.map.normalize
-    grid = smoothing_grid(n, k) if sweep else [(n, k)]
+    default_mode, error = base.map.normalize, base.map.error
+    main_key = (n, k, error, default_mode)
+    grid = [(a, b, e) for a, b in smoothing_grid(n, k) for e in MAP_ERRORS] if sweep else [(n, k, error)]
     modes = NORMALIZE if sweep else (default_mode,)
     runs, scoring_runs = [], {}
     for name in variants:
@@ -281,7 +282,7 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
             curve: list[dict] = []
 
             def on_eval(step, model, scorer=scorer, curve=curve):
-                res = scorer(model, [(n, k)], (default_mode,))[(n, k, default_mode)]
+                res = scorer(model, [(n, k, error)], (default_mode,))[main_key]
                 curve.append({"step": int(step), **_row(res)})
                 log(f"[ablate]   {name} seed {seed} step {step}: "
                     + ", ".join(f"{m} {curve[-1][m]:.4f}" for m in METRICS[:3]))
@@ -298,18 +299,17 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
                 det.map_stats = res.map_stats
                 det.save(Path(save_models) / f"{name}_seed{seed}.fae")
             scored = scorer(res.model, grid, modes)
-            main = _row(scored[(n, k, default_mode)])
+            main = _row(scored[main_key])
             runs.append({"variant": name, "seed": int(seed), "label": describe(cfg), "config": cfg.to_dict(),
                          "train_seconds": round(train_s, 2),
                          "final_loss": float(res.history[-1]["loss"]) if res.history else None,
                          "curve": curve, **main})
             if res.live_model is not None:  # the same run without the weight average: a paired comparison
-                scored[("live", n, k, default_mode)] = scorer(res.live_model, [(n, k)], (default_mode,))[
-                    (n, k, default_mode)]
+                scored[("live", *main_key)] = scorer(res.live_model, [(n, k, error)], (default_mode,))[main_key]
             for key, r in scored.items():
-                a, b, mode = key[-3:]
+                a, b, e, mode = key[-4:]
                 live = "live weights," if key[0] == "live" else ""
-                scoring_runs.setdefault(f"{name}|{live}n={a},k={b},{mode}", []).append(_row(r))
+                scoring_runs.setdefault(f"{name}|{live}n={a},k={b},{e},{mode}", []).append(_row(r))
             log(f"[ablate] {name:18s} seed {seed}: " + ", ".join(f"{m} {main[m]:.4f}" for m in METRICS)
                 + f" ({train_s:.0f} s)")
             del res, scored
@@ -318,6 +318,7 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
         "image_size": list(size),
         "smoothing_default": [n, k],
         "normalize_default": default_mode,
+        "error_default": error,
         "steps": base.train.steps,
         "seeds": list(seeds),
         "commit": git_commit(),
@@ -399,8 +400,8 @@ def markdown_table(result: dict) -> str:
             lines.append(f"| {v} / {t} | {_cells(trow)} |\n")
     lines.append("\n" + "".join(f"- `{v}`: {lab}\n" for v, lab in labels.items()))
     if result.get("scoring"):
-        lines.append("\nScoring sweep (smoothing n, k and map normalisation), same models:\n\n"
-                     + head.format("variant, n, k, normalisation"))
+        lines.append("\nScoring sweep (smoothing n, k, error kind and map normalisation), same models:\n\n"
+                     + head.format("variant, n, k, error, normalisation"))
         for key, row in result["scoring"].items():
             lines.append(f"| {key} | {_cells(row)} |\n")
     curves = [r for r in result["runs"] if r.get("curve")]

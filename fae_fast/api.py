@@ -429,7 +429,8 @@ class Detector:
         engine = self._cpu_engine()
         if engine is None:
             n, k = self.smoothing
-            maps, scores = compute_maps(model, batch, n=n, k=k, batch_size=batch_size, device=self.device,
+            maps, scores = compute_maps(model, batch, n=n, k=k, error=self.config.map.error,
+                                        batch_size=batch_size, device=self.device,
                                         amp=self.config.train.amp, normalize=self.config.map.normalize,
                                         stats=self.map_stats)
         else:
@@ -461,7 +462,8 @@ class Detector:
         except RuntimeError:  # inference-mode tensors have no version counter: always rebuild (exports are cached)
             versions = None
         n, k = self.smoothing
-        signature = (tuple(map(id, objects)), tuple(map(id, tensors)), versions, self.image_size, n, k, mode,
+        signature = (tuple(map(id, objects)), tuple(map(id, tensors)), versions, self.image_size, n, k,
+                     self.config.map.error, mode,
                      self.config.model.in_channels, self.engine_backend, self.threads)
         cached = self._engine
         # the cache holds the objects themselves, so their ids cannot be reused by others while it lives
@@ -469,7 +471,8 @@ class Detector:
             return cached[2]
         from .inference import Engine
 
-        engine = Engine(model, image_size=self.image_size, n=n, k=k, dtype="fp32", device="cpu",
+        engine = Engine(model, image_size=self.image_size, n=n, k=k, error=self.config.map.error, dtype="fp32",
+                        device="cpu",
                         backend=self.engine_backend, threads=self.threads, normalize=mode, map_stats=stats,
                         in_channels=self.config.model.in_channels)
         self._engine = (signature, (objects, tensors), engine)

@@ -95,6 +95,9 @@ class MapConfig:
     # "zscore" (and divide by the per-pixel std plus its median): pixels that are always hard to reconstruct
     # (edges, glare, the frame border) stop outscoring real defects
     normalize: str = "mean"
+    # the per-pixel error before smoothing: "squared" (mean_c (recon - x)^2, DESIGN.md) | "gradient" (the squared
+    # Sobel gradient of the residual: local structure only, smooth brightness offsets of the reconstruction drop out)
+    error: str = "squared"
 
 
 @dataclass
@@ -242,6 +245,8 @@ class FAEConfig:
 #: bounds of ``--size`` and of the "auto" size
 MIN_SIDE, MAX_SIDE = 8, 8192
 NOISE_MODES = ("symmetric", "none", "input", "independent")
+#: error kinds of the anomaly map (:func:`fae_fast.reference.error_image`)
+MAP_ERRORS = ("squared", "gradient")
 
 # allowed ranges, "[lo, hi]" inclusive, "(lo, hi)" exclusive, in the notation the error messages print
 _RANGES = {
@@ -268,6 +273,7 @@ _CHOICES = {
     "noise.mode": NOISE_MODES,
     "noise.sigma_reference": ("absolute", "image_noise"),
     "map.normalize": ("none", "mean", "zscore"),
+    "map.error": MAP_ERRORS,
     "model.norm": ("batch", "group", "instance", "none"),
     "model.act": ("relu", "silu", "gelu", "leaky_relu"),
     "model.skip_mode": ("concat", "add", "none"),

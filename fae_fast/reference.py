@@ -28,6 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .config import MAP_ERRORS
+
 __all__ = [
     "standard_noise",
     "sample_noise_seed",
@@ -134,8 +136,6 @@ def noisy_target_loss(recon, x, sigma, seed, *, noise=None, sample_offset=None):
     return (recon.float() - target).pow(2).mean()
 
 
-#: error kinds of the anomaly map: "squared" (DESIGN.md) and "gradient" (the squared Sobel gradient of the error)
-MAP_ERRORS = ("squared", "gradient")
 # the normalised 3 x 3 Sobel derivative along W (cross-correlation); its transpose is the one along H
 _SOBEL = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
 

@@ -82,9 +82,10 @@ def test_tiny_ablation_end_to_end(tmp_path, capsys):
     types = set(by["fae"]["per_defect"])
     assert types and types == set(res["summary"]["fae"]["per_defect"])
     assert "commit" in res and res["machine"]["node"]
-    # the scoring sweep: every smoothing setting with every normalisation (the holdout has 4 images)
+    # the scoring sweep: every smoothing setting with every error kind and normalisation (the holdout has 4 images)
     n_settings = len(smoothing_grid(*res["smoothing_default"]))
-    assert sum(k.startswith("fae|") for k in res["scoring"]) == 3 * n_settings
+    assert sum(k.startswith("fae|") for k in res["scoring"]) == 2 * 3 * n_settings
+    assert {k.split(",")[2] for k in res["scoring"]} == {"squared", "gradient"}
     assert sorted(p.name for p in models.iterdir()) == ["fae_seed0.fae", "plain_ae_seed0.fae", "same_noise_seed0.fae"]
     table = markdown_table(res)
     assert "| fae (n=1) |" in table and "Learning curves" in table and "zscore" in table
@@ -101,7 +102,7 @@ def test_a_weight_average_run_also_scores_its_live_weights(tmp_path):
                  "--set", "train.ema_decay=0.5", "--set", "train.holdout_fraction=0.25"]) == 0
     res = json.loads(out.read_text())
     n, k = res["smoothing_default"]
-    assert set(res["scoring"]) == {f"fae|n={n},k={k},mean", f"fae|live weights,n={n},k={k},mean"}
+    assert set(res["scoring"]) == {f"fae|n={n},k={k},squared,mean", f"fae|live weights,n={n},k={k},squared,mean"}
 
 
 def _part(variant, seeds, sweep_rows=()):
@@ -110,7 +111,7 @@ def _part(variant, seeds, sweep_rows=()):
                                                 "image_f1max")}} for s in seeds]
     return {"dataset": "/d", "image_size": [32, 32], "steps": 5, "smoothing_default": [4, 3], "seeds": list(seeds),
             "config": {"model": {"widths": [16, 32]}}, "commit": "abc",
-            "seconds": 1.0, "runs": runs, "scoring_runs": {"fae|n=4,k=3,none": list(sweep_rows)}}
+            "seconds": 1.0, "runs": runs, "scoring_runs": {"fae|n=4,k=3,squared,none": list(sweep_rows)}}
 
 
 def test_merge_recomputes_mean_and_std_over_all_parts():

@@ -158,12 +158,12 @@ class _Pipeline(nn.Module):
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, n: int, k: int, map_fn, residual: bool = False,
-                 normalizer: nn.Module | None = None):
+                 normalizer: nn.Module | None = None, error: str = "squared"):
         super().__init__()
         self.model = model
         self.normalizer = normalizer
         self.dtype = dtype
-        self.n, self.k = int(n), int(k)
+        self.n, self.k, self.error = int(n), int(k), error
         self.map_fn = map_fn
         self.residual = bool(residual)
 
@@ -175,7 +175,7 @@ class _Pipeline(nn.Module):
             # float32 image here keeps recon - x == h exact instead of rounding x + h to bf16 (2**-9 relative,
             # which measured 5x the map error of plain autocast); Inductor fuses the add into the last conv
             out = xf.to(torch.float32) + out.to(torch.float32)
-        amap, score = self.map_fn(x, out, n=self.n, k=self.k)
+        amap, score = self.map_fn(x, out, n=self.n, k=self.k, error=self.error)
         return (amap, score) if self.normalizer is None else self.normalizer(amap, score)
 
 
@@ -228,6 +228,7 @@ class Engine:
         image_size: (H, W) of the frames (the size the model was trained at).
         n, k: box-filter passes and odd window of the anomaly map; None: ``smoothing_for_size`` of the default
             :class:`~fae_fast.config.MapConfig` at ``image_size``.
+        error: the map's error kind, "squared" | "gradient" (:func:`fae_fast.reference.error_image`).
         thresholds: ``{"image": float, "pixel": float}`` defaults for ``pred_label`` / ``pred_mask`` (either may
             be missing or None; overridable per call).
         dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16", "fp32" or a torch dtype: the precision of the
@@ -260,7 +261,7 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, *, image_size, n: int | None = None, k: int | None = None,
-                 thresholds: dict | None = None, dtype="auto", device="auto", compile=None, cuda_graphs=None,
+                 error: str = "squared", thresholds: dict | None = None, dtype="auto", device="auto", compile=None, cuda_graphs=None,
                  batch_sizes: Sequence[int] = (1, 16, 64, 256), fold_bn: bool = True, map_backend: str = "auto",
                  in_channels: int = 3, cudnn_benchmark: bool = True, compile_dynamic: bool | None = None,
                  backend: str = "auto", threads: int | None = None, normalize: str = "none",
@@ -279,6 +280,11 @@ class Engine:
             raise ValueError(f"n (box-filter passes) must be in 0..8, got {n!r}")
         if not (1 <= self.k <= 31 and self.k % 2 == 1):
             raise ValueError(f"k (window) must be an odd int in 1..31, got {k!r}")
+        from ..reference import MAP_ERRORS
+
+        if error not in MAP_ERRORS:
+            raise ValueError(f"error (the map's error kind) must be one of {MAP_ERRORS}, got {error!r}")
+        self.error = error
         self.in_channels = int(in_channels)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -331,13 +337,14 @@ class Engine:
             net.residual = False
         self.normalizer = MapNormalizer(normalize, map_stats, self.image_size).to(self.device)
         self._pipeline = _Pipeline(net, self.dtype, self.n, self.k, map_fn, residual=residual,
-                                   normalizer=self.normalizer).eval()
+                                   normalizer=self.normalizer, error=self.error).eval()
         if on_cuda:
             # one eager call of the map op: the Triton kernel caches its box-filter operators per image size on the
             # first eager call, so the compiled graph reads them as constants instead of rebuilding them
             with torch.inference_mode():
                 map_fn(torch.zeros((1, self.in_channels, H, W), dtype=torch.uint8, device=self.device),
-                       torch.zeros((1, self.in_channels, H, W), device=self.device), n=self.n, k=self.k)
+                       torch.zeros((1, self.in_channels, H, W), device=self.device), n=self.n, k=self.k,
+                       error=self.error)
         fn = self._pipeline
         if self.compile_mode is not None:
             import torch._dynamo.config as dcfg
@@ -391,7 +398,7 @@ class Engine:
         from .ort import OrtRunner
 
         try:
-            graph = ReferenceGraph(model, n=self.n, k=self.k, fold_bn=fold_bn,
+            graph = ReferenceGraph(model, n=self.n, k=self.k, error=self.error, fold_bn=fold_bn,
                                    normalizer=copy.deepcopy(self.normalizer).cpu())
             runner = OrtRunner(graph, image_size=self.image_size, in_channels=self.in_channels, threads=self.threads)
             runner.session("uint8")
@@ -431,6 +438,7 @@ class Engine:
         n, k = smoothing_for_size(mf.config.map, *mf.image_size)
         kwargs.setdefault("n", n)
         kwargs.setdefault("k", k)
+        kwargs.setdefault("error", mf.config.map.error)
         if "thresholds" not in kwargs:  # stored thresholds must be finite (given ones are checked by __init__)
             kwargs["thresholds"] = {k: check_threshold(v, f"{path}: stored {k} threshold")
                                     for k, v in mf.thresholds.items() if k in ("image", "pixel")}
@@ -696,10 +704,10 @@ class Engine:
 
         net = copy.deepcopy(model).eval().to(self.device)
         return _Pipeline(net, torch.float32, self.n, self.k, reference.anomaly_map,
-                         normalizer=self.normalizer).eval()
+                         normalizer=self.normalizer, error=self.error).eval()
 
     def __repr__(self) -> str:
-        return (f"Engine(image_size={self.image_size}, n={self.n}, k={self.k}, dtype={self.dtype}, "
+        return (f"Engine(image_size={self.image_size}, n={self.n}, k={self.k}, error={self.error!r}, dtype={self.dtype}, "
                 f"device={self.device}, backend={self.backend!r}, threads={self.threads}, "
                 f"compile={self.compile_mode}, cuda_graphs={self.cuda_graphs}, batch_sizes={self.batch_sizes}, "
                 f"map_backend={self.map_backend!r}, thresholds={self.thresholds})")

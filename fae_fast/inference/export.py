@@ -43,6 +43,7 @@ class ReferenceGraph(nn.Module):
     Args:
         model: the network ((B, C, H, W) float in [0, 1] -> reconstruction); an eval copy is kept.
         n, k: box-filter passes and odd window.
+        error: the map's error kind, "squared" | "gradient" (:func:`fae_fast.reference.error_image`).
         fold_bn: fold BatchNorm into the convolutions (exact to ~1e-5 in float32; smaller graph).
         normalizer: a :class:`fae_fast.scoring.MapNormalizer` applied to the map and score (None: raw maps).
 
@@ -50,7 +51,8 @@ class ReferenceGraph(nn.Module):
     float32).
     """
 
-    def __init__(self, model: nn.Module, *, n: int, k: int, fold_bn: bool = True, normalizer: nn.Module | None = None):
+    def __init__(self, model: nn.Module, *, n: int, k: int, error: str = "squared", fold_bn: bool = True,
+                 normalizer: nn.Module | None = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -58,6 +60,8 @@ class ReferenceGraph(nn.Module):
             raise ValueError(f"n (box-filter passes) must be an int in 0..8, got {n!r}")
         if not (isinstance(k, int) and 1 <= k <= 31 and k % 2 == 1):
             raise ValueError(f"k (window) must be an odd int in 1..31, got {k!r}")
+        if error not in reference.MAP_ERRORS:
+            raise ValueError(f"error must be one of {reference.MAP_ERRORS}, got {error!r}")
         if fold_bn:
             from ..models import fold_batchnorm
 
@@ -67,13 +71,13 @@ class ReferenceGraph(nn.Module):
         self.model = model.float().eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.n, self.k = n, k
+        self.n, self.k, self.error = n, k, error
         self.normalizer = normalizer  # a scoring.MapNormalizer (per-pixel statistics of normal maps) or None
 
     def forward(self, x: torch.Tensor):
         xf = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
         recon = self.model(xf)
-        amap, score = reference.anomaly_map(xf, recon, n=self.n, k=self.k)
+        amap, score = reference.anomaly_map(xf, recon, n=self.n, k=self.k, error=self.error)
         return (amap, score) if self.normalizer is None else self.normalizer(amap, score)
 
 
@@ -86,15 +90,15 @@ def _example(image_size, in_channels, input_dtype, device, batch=2):
     raise ValueError(f"input_dtype must be 'uint8' or 'float32', got {input_dtype!r}")
 
 
-def onnx_metadata(*, image_size, n, k, thresholds=None, input_dtype="uint8") -> dict[str, str]:
-    """The key/value strings stored with an export: sizes, smoothing, input dtype, default thresholds."""
+def onnx_metadata(*, image_size, n, k, error="squared", thresholds=None, input_dtype="uint8") -> dict[str, str]:
+    """The key/value strings stored with an export: sizes, smoothing, error kind, input dtype, default thresholds."""
     from .._version import __version__
 
     th = dict(thresholds or {})
     return {
         "fae_fast_version": __version__,
         "image_size": json.dumps([int(v) for v in image_size]),
-        "n": str(int(n)), "k": str(int(k)),
+        "n": str(int(n)), "k": str(int(k)), "error": str(error),
         "input_dtype": str(input_dtype).replace("torch.", ""),
         "image_threshold": json.dumps(th.get("image")),
         "pixel_threshold": json.dumps(th.get("pixel")),
@@ -111,7 +115,7 @@ def _nk(image_size, n, k):
 
 
 def export_onnx(model: nn.Module, path, *, image_size, n: int | None = None, k: int | None = None,
-                thresholds: dict | None = None, input_dtype: str = "uint8", opset: int = 18,
+                error: str = "squared", thresholds: dict | None = None, input_dtype: str = "uint8", opset: int = 18,
                 in_channels: int = 3, fold_bn: bool = True, dynamo: bool = True, verbose: bool | None = None) -> Path:
     """Write the reference graph as ONNX with a dynamic batch dimension.
 
@@ -120,6 +124,7 @@ def export_onnx(model: nn.Module, path, *, image_size, n: int | None = None, k: 
         path: destination ``.onnx`` file.
         image_size: (H, W) of the inputs (fixed in the graph; the batch is dynamic).
         n, k: smoothing (None: ``smoothing_for_size`` of the default MapConfig).
+        error: the map's error kind, "squared" | "gradient".
         thresholds: default ``{"image", "pixel"}`` thresholds, stored as metadata only.
         input_dtype: "uint8" (normalisation inside the graph) or "float32" (input in [0, 1]).
         opset: ONNX opset, >= 17 (default 18: the native opset of the torch.export-based exporter; asking for
@@ -134,15 +139,16 @@ def export_onnx(model: nn.Module, path, *, image_size, n: int | None = None, k: 
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
     if isinstance(model, ReferenceGraph):  # the graph's own smoothing is what the file computes
-        graph, n, k = model, model.n, model.k
+        graph, n, k, error = model, model.n, model.k, model.error
     else:
         n, k = _nk(image_size, n, k)
-        graph = ReferenceGraph(model, n=n, k=k, fold_bn=fold_bn)
+        graph = ReferenceGraph(model, n=n, k=k, error=error, fold_bn=fold_bn)
     graph = graph.cpu().eval()
     x = _example(image_size, in_channels, input_dtype, "cpu")
     path = Path(path)
     names = dict(input_names=["images"], output_names=["anomaly_map", "pred_score"])
-    meta = onnx_metadata(image_size=image_size, n=n, k=k, thresholds=thresholds, input_dtype=input_dtype)
+    meta = onnx_metadata(image_size=image_size, n=n, k=k, error=error, thresholds=thresholds,
+                         input_dtype=input_dtype)
     try:
         import onnx
     except ImportError:  # the file is complete without metadata; onnx is only needed to add it
@@ -175,14 +181,14 @@ def export_onnx(model: nn.Module, path, *, image_size, n: int | None = None, k: 
 
 
 def export_aoti(model: nn.Module, path, *, image_size, n: int | None = None, k: int | None = None,
-                thresholds: dict | None = None, input_dtype: str = "uint8", device="cpu", in_channels: int = 3,
-                fold_bn: bool = True, max_batch: int = _MAX_BATCH) -> Path:
+                error: str = "squared", thresholds: dict | None = None, input_dtype: str = "uint8", device="cpu",
+                in_channels: int = 3, fold_bn: bool = True, max_batch: int = _MAX_BATCH) -> Path:
     """``torch.export`` the reference graph (dynamic batch) and compile it with AOTInductor into a package.
 
     Args:
         model: the network (or a :class:`ReferenceGraph`).
         path: destination ``.pt2`` package.
-        image_size, n, k, thresholds, input_dtype, in_channels, fold_bn: as :func:`export_onnx`.
+        image_size, n, k, error, thresholds, input_dtype, in_channels, fold_bn: as :func:`export_onnx`.
         device: where the package runs ("cpu" or "cuda"); the compiled code is device-specific.
         max_batch: the largest batch the package accepts.
 
@@ -190,10 +196,10 @@ def export_aoti(model: nn.Module, path, *, image_size, n: int | None = None, k: 
         The package path; :func:`load_aoti` runs it. The metadata goes to ``<path>.json``.
     """
     if isinstance(model, ReferenceGraph):  # the graph's own smoothing is what the package computes
-        graph, n, k = model, model.n, model.k
+        graph, n, k, error = model, model.n, model.k, model.error
     else:
         n, k = _nk(image_size, n, k)
-        graph = ReferenceGraph(model, n=n, k=k, fold_bn=fold_bn)
+        graph = ReferenceGraph(model, n=n, k=k, error=error, fold_bn=fold_bn)
     device = torch.device(device)
     graph = graph.to(device).eval()
     x = _example(image_size, in_channels, input_dtype, device)
@@ -203,7 +209,8 @@ def export_aoti(model: nn.Module, path, *, image_size, n: int | None = None, k: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
-    meta = onnx_metadata(image_size=image_size, n=n, k=k, thresholds=thresholds, input_dtype=input_dtype)
+    meta = onnx_metadata(image_size=image_size, n=n, k=k, error=error, thresholds=thresholds,
+                         input_dtype=input_dtype)
     meta["device"] = device.type
     write_text(str(path) + ".json", json.dumps(meta, indent=1))
     return path

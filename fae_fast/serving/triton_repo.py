@@ -122,7 +122,7 @@ def export_triton_repo(model_file, repo, *, name: str = "fae", max_batch: int = 
     data = ort.onnx_model(graph, image_size=eng.image_size, in_channels=eng.in_channels, input_dtype="uint8")
     m = onnx.load_from_string(data)
     normalize = getattr(eng.normalizer, "mode", "none")
-    meta = onnx_metadata(image_size=eng.image_size, n=eng.n, k=eng.k, thresholds=eng.thresholds)
+    meta = onnx_metadata(image_size=eng.image_size, n=eng.n, k=eng.k, error=eng.error, thresholds=eng.thresholds)
     meta.update({"fae_fast_version": __version__, "in_channels": str(eng.in_channels),
                  "input_scaling": "uint8 images / 255 inside the graph", "map_normalize": normalize,
                  "model_file": Path(model_file).name})

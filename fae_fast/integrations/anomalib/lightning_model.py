@@ -81,7 +81,7 @@ class Fae(AnomalibModule):
                          visualizer=visualizer)
         self.cfg, self.image_size = cfg, size
         n, k = smoothing_for_size(cfg.map, *size)
-        self.model = FaeModel(cfg.model, n=n, k=k)
+        self.model = FaeModel(cfg.model, n=n, k=k, error=cfg.map.error)
         self.loss = FaeLoss(cfg, size)
 
     @classmethod

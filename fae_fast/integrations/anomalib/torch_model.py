@@ -19,6 +19,7 @@ class FaeModel(nn.Module):
     Args:
         cfg: the network's :class:`fae_fast.config.ModelConfig`.
         n, k: the anomaly-map smoothing (passes, odd window) at the input size.
+        error: the anomaly map's error kind ("squared" | "gradient").
 
     Call:
         ``model(images)`` with ``images`` (B, C, H, W) float in [0, 1] (no ImageNet normalisation). In training
@@ -26,10 +27,10 @@ class FaeModel(nn.Module):
         anomaly_map (B, 1, H, W))``.
     """
 
-    def __init__(self, cfg: ModelConfig, *, n: int, k: int):
+    def __init__(self, cfg: ModelConfig, *, n: int, k: int, error: str = "squared"):
         super().__init__()
         self.net = build_model(cfg)
-        self.anomaly_map_generator = AnomalyMapGenerator(n=n, k=k)
+        self.anomaly_map_generator = AnomalyMapGenerator(n=n, k=k, error=error)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
         recon = self.net(images)
