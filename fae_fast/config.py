@@ -94,10 +94,10 @@ class MapConfig:
     # per-pixel normalisation by statistics of held-out normal images: "none" | "mean" (subtract the mean map) |
     # "zscore" (and divide by the per-pixel std plus its median): pixels that are always hard to reconstruct
     # (edges, glare, the frame border) stop outscoring real defects
-    normalize: str = "mean"
+    normalize: str = "zscore"
     # the per-pixel error before smoothing: "squared" (mean_c (recon - x)^2, DESIGN.md) | "gradient" (the squared
     # Sobel gradient of the residual: local structure only, smooth brightness offsets of the reconstruction drop out)
-    error: str = "squared"
+    error: str = "gradient"
 
 
 @dataclass
