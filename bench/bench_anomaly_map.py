@@ -3,6 +3,7 @@
 On CUDA: batch 1, 16, 64, 256 at 256^2 and 512^2, bf16 x and recon, n=4, k=7 (DESIGN.md target: batch 64 at
 256^2 <= 0.05 ms on an H200; eager 0.55 ms, compiled 0.52 ms, memory floor 0.03 ms). On CPU: one tiny case
 per provider (triton only through TRITON_INTERPRET=1, torch_compile skipped: its first compile costs ~25 s).
+Both error kinds: "squared" (DESIGN.md) and "gradient" (the default map: 8 shifted loads per channel in the kernel).
 
 Run: ``python -m pytest bench/bench_anomaly_map.py -o python_files='bench_*.py' --benchmark-json=...``.
 """
@@ -16,23 +17,24 @@ N, K = 4, 7
 
 @pytest.mark.parametrize("provider", ["torch", "torch_compile", "triton"])
 @pytest.mark.parametrize("batch,size", OP_CASES, ids=lambda v: str(v))
-def test_anomaly_map(benchmark, bench_info, device, provider, batch, size):
+@pytest.mark.parametrize("error", ["squared", "gradient"])
+def test_anomaly_map(benchmark, bench_info, device, provider, batch, size, error):
     fn = op_provider("anomaly_map", provider)
     dtype = torch.bfloat16 if CUDA else torch.float32
     x = torch.rand(batch, 3, size, size, device=device).to(dtype)
     r = (x.float() + 0.05 * torch.randn(x.shape, device=device)).to(dtype)
-    fn(x, r, n=N, k=K)  # compile / JIT outside the timed region
+    fn(x, r, n=N, k=K, error=error)  # compile / JIT outside the timed region
     sync(device)
 
     def run():
-        out = fn(x, r, n=N, k=K)
+        out = fn(x, r, n=N, k=K, error=error)
         sync(device)
         return out
 
     amap, score = benchmark(run)
     assert amap.shape == (batch, 1, size, size) and score.shape == (batch,)
     nbytes = 2 * x.numel() * x.element_size() + amap.numel() * 4 + score.numel() * 4
-    bench_info.update(provider=provider, batch=batch, size=size, n=N, k=K, dtype=str(dtype),
+    bench_info.update(provider=provider, batch=batch, size=size, n=N, k=K, error=error, dtype=str(dtype),
                       bytes_moved=nbytes, floor_ms=nbytes / COPY_BW * 1e3)
     if benchmark.stats is not None:
         median = benchmark.stats.stats.median

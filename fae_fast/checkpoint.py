@@ -361,7 +361,7 @@ def load_model_file(path, map_location="cpu", *, max_parameters: int | None = No
     if missing:
         raise ValueError(f"{path} is a damaged fae_fast model file: missing {missing}")
     try:
-        config = FAEConfig.from_dict(obj["config"])
+        config = FAEConfig.from_dict(_with_legacy_settings(obj["config"]))
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path} holds an invalid config: {exc}") from exc
     if not isinstance(obj["state"], dict):
@@ -374,6 +374,21 @@ def load_model_file(path, map_location="cpu", *, max_parameters: int | None = No
     return ModelFile(state=obj["state"], config=config, image_size=image_size,
                      thresholds=dict(obj["thresholds"]), version=written_by, meta=dict(obj.get("meta") or {}),
                      format_version=int(fv))
+
+
+# settings whose default changed: a model file written before the setting existed lacks it and was trained,
+# thresholded and scored with this value, not with today's default
+_LEGACY_SETTINGS = {"map": {"error": "squared", "normalize": "none"}}
+
+
+def _with_legacy_settings(config):
+    if not isinstance(config, dict):
+        return config  # from_dict names the problem
+    out = dict(config)
+    for section, values in _LEGACY_SETTINGS.items():
+        if isinstance(out.get(section, {}), dict):
+            out[section] = {**values, **out.get(section, {})}
+    return out
 
 
 def _max_parameters(value: int | None) -> int:

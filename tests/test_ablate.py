@@ -102,7 +102,8 @@ def test_a_weight_average_run_also_scores_its_live_weights(tmp_path):
                  "--set", "train.ema_decay=0.5", "--set", "train.holdout_fraction=0.25"]) == 0
     res = json.loads(out.read_text())
     n, k = res["smoothing_default"]
-    assert set(res["scoring"]) == {f"fae|n={n},k={k},squared,mean", f"fae|live weights,n={n},k={k},squared,mean"}
+    setting = f"n={n},k={k},{res['error_default']},{res['normalize_default']}"
+    assert set(res["scoring"]) == {f"fae|{setting}", f"fae|live weights,{setting}"}
 
 
 def _part(variant, seeds, sweep_rows=()):

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from fae_fast import reference
-from fae_fast.config import ModelConfig
+from fae_fast.config import MapConfig, ModelConfig
 from fae_fast.inference import Engine, InferenceResult, plan_batches
 from fae_fast.models import build_model
 from tests.helpers import assert_close
@@ -45,7 +45,7 @@ def frames(b: int, seed: int = 1, h: int = H, w: int = W) -> torch.Tensor:
     return torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-def eager_reference(model, x, n=N_SMOOTH, k=K_SMOOTH, autocast_dtype=None):
+def eager_reference(model, x, n=N_SMOOTH, k=K_SMOOTH, autocast_dtype=None, error=None):
     """fp32 eager oracle (or plain autocast at ``autocast_dtype``): (map (B, H, W), score (B,))."""
     xf = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     dev = x.device.type
@@ -53,7 +53,7 @@ def eager_reference(model, x, n=N_SMOOTH, k=K_SMOOTH, autocast_dtype=None):
                                          enabled=autocast_dtype is not None):
         net = model if next(model.parameters()).device == x.device else copy.deepcopy(model).to(x.device)
         recon = net(xf)
-    m, s = reference.anomaly_map(xf, recon.float(), n=n, k=k)
+    m, s = reference.anomaly_map(xf, recon.float(), n=n, k=k, error=error or MapConfig().error)  # engine default
     return m[:, 0], s
 
 

@@ -20,13 +20,14 @@ def model():
     return tiny_model(seed=4)
 
 
-def test_reference_graph_matches_eager(model):
-    g = ReferenceGraph(model, n=N_SMOOTH, k=K_SMOOTH)
+@pytest.mark.parametrize("error", ["squared", "gradient"])
+def test_reference_graph_matches_eager(model, error):
+    g = ReferenceGraph(model, n=N_SMOOTH, k=K_SMOOTH, error=error)
     x = frames(3, seed=31)
     with torch.no_grad():
         m, s = g(x)
         mf, sf = g(x.float() / 255)
-    ref_map, ref_score = eager_reference(model, x)
+    ref_map, ref_score = eager_reference(model, x, error=error)
     assert m.shape == (3, 1, H, W) and s.shape == (3,)
     assert_close(m[:, 0], ref_map, atol=1e-8, rtol=1e-4)
     assert_close(s, ref_score, atol=1e-8, rtol=1e-4)
@@ -58,6 +59,7 @@ def test_onnx_matches_eager(tmp_path, model, input_dtype):
     proto = onnx.load(str(path))
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["image_size"]) == [H, W] and meta["n"] == str(N_SMOOTH)
+    assert meta["error"] == "gradient"  # the default map's error kind, recorded with the graph
     assert json.loads(meta["image_threshold"]) == 0.1 and json.loads(meta["pixel_threshold"]) == 0.2
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert "AveragePool" in {n.op_type for n in proto.graph.node}

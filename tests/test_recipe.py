@@ -99,17 +99,17 @@ def test_training_uses_the_same_eps_tensor_on_both_sides(monkeypatch):
     drawn = {}
     real_in, real_loss = reference.corrupt_and_noise, reference.noisy_target_loss
 
-    def spy_in(x, texture, mask, sigma, seed, noise=None):
-        out = real_in(x, texture, mask, sigma, seed, noise=noise)
-        clean = real_in(x, texture, mask, torch.zeros_like(sigma), seed, noise=noise)
+    def spy_in(x, texture, mask, sigma, seed, noise=None, sample_offset=None):
+        out = real_in(x, texture, mask, sigma, seed, noise=noise, sample_offset=sample_offset)
+        clean = real_in(x, texture, mask, torch.zeros_like(sigma), seed, noise=noise, sample_offset=sample_offset)
         drawn.setdefault("in", []).append((out - clean).detach())
         return out
 
-    def spy_loss(recon, x, sigma, seed, noise=None):
-        target_eps = real_in(x, x, torch.zeros_like(x[:, :1], dtype=torch.float32), sigma, seed, noise=noise) \
-            - x.float() / 255.0
+    def spy_loss(recon, x, sigma, seed, noise=None, sample_offset=None):
+        target_eps = real_in(x, x, torch.zeros_like(x[:, :1], dtype=torch.float32), sigma, seed, noise=noise,
+                             sample_offset=sample_offset) - x.float() / 255.0
         drawn.setdefault("tgt", []).append(target_eps.detach())
-        return real_loss(recon, x, sigma, seed, noise=noise)
+        return real_loss(recon, x, sigma, seed, noise=noise, sample_offset=sample_offset)
 
     monkeypatch.setattr(reference, "corrupt_and_noise", spy_in)
     monkeypatch.setattr(reference, "noisy_target_loss", spy_loss)

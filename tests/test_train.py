@@ -80,10 +80,10 @@ def test_compute_maps_matches_reference_and_restores_mode():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3))
     net.train()
     x = torch.randint(0, 256, (5, 3, 17, 23), dtype=torch.uint8)
-    maps, scores = compute_maps(net, x, n=2, k=5, batch_size=2)
+    maps, scores = compute_maps(net, x, n=2, k=5, error="gradient", batch_size=2)
     assert net.training  # the caller's mode is restored
     with torch.no_grad():
-        ref_map, ref_score = reference.anomaly_map(x, net.eval()(x.float() / 255), n=2, k=5)
+        ref_map, ref_score = reference.anomaly_map(x, net.eval()(x.float() / 255), n=2, k=5, error="gradient")
     assert maps.shape == (5, 1, 17, 23) and maps.dtype == torch.float32 and scores.shape == (5,)
     torch.testing.assert_close(maps, ref_map)
     torch.testing.assert_close(scores, ref_score)

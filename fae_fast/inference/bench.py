@@ -55,9 +55,14 @@ __all__ = ["main", "make_model", "plain_postprocess", "Providers", "time_device"
 CPU_PROVIDERS = ("engine_torch", "onnxruntime", "openvino")  # providers that exist only on the CPU
 
 
-def plain_postprocess(x: torch.Tensor, recon: torch.Tensor, n: int, k: int):
+def plain_postprocess(x: torch.Tensor, recon: torch.Tensor, n: int, k: int, error: str = "squared"):
     """The post-processing as a user writes it: error map, n box filters, max (float32)."""
-    err = (recon.float() - x.float()).pow(2).mean(1, keepdim=True)
+    if error == "squared":
+        err = (recon.float() - x.float()).pow(2).mean(1, keepdim=True)
+    else:  # the Sobel gradient of the residual, written with conv2d
+        from .. import reference
+
+        err = reference.error_image(x, recon, error)
     for _ in range(n):
         err = F.avg_pool2d(err, k, 1, k // 2, count_include_pad=False)
     return err, err.amax(dim=(1, 2, 3))
@@ -91,7 +96,10 @@ class Providers:
         from .engine import Engine
 
         self.device = torch.device(device)
+        from ..config import MapConfig
+
         self.n, self.k, self.dtype, self.compile = n, k, dtype, compile
+        self.error = MapConfig().error  # what the engine computes by default, so every column does the same
         self.image_size = tuple(image_size)
         self.eager = copy.deepcopy(model).eval().to(self.device)
         self.cl = copy.deepcopy(model).eval().to(self.device).to(memory_format=torch.channels_last)
@@ -113,7 +121,7 @@ class Providers:
             from .ort import onnx_model
 
             # the bytes the engine runs (the export cache hands out the same ones)
-            onnx_bytes = onnx_model(ReferenceGraph(model, n=n, k=k), image_size=image_size,
+            onnx_bytes = onnx_model(ReferenceGraph(model, n=n, k=k, error=self.error), image_size=image_size,
                                     in_channels=self.engine.in_channels, input_dtype="uint8")
             if "onnxruntime" in cpu_providers:
                 import onnxruntime as ort
@@ -128,12 +136,12 @@ class Providers:
     # plain eager fp32 --------------------------------------------------------------------------------------
     def eager_device(self, x):
         with torch.inference_mode():
-            return plain_postprocess(x, self.eager(x), self.n, self.k)
+            return plain_postprocess(x, self.eager(x), self.n, self.k, self.error)
 
     def eager_host(self, frames):
         with torch.inference_mode():
             x = frames.to(self.device).permute(0, 3, 1, 2).float().div(255.0)
-            m, s = plain_postprocess(x, self.eager(x), self.n, self.k)
+            m, s = plain_postprocess(x, self.eager(x), self.n, self.k, self.error)
             return m.cpu(), s.cpu()
 
     # plain bf16 + channels_last + torch.compile -------------------------------------------------------------
@@ -141,15 +149,15 @@ class Providers:
         key = (kind, batch)
         if key not in self._compiled:
             mode = "reduce-overhead" if (batch == 1 and self.device.type == "cuda") else "default"
-            model, n, k = self.cl, self.n, self.k
+            model, n, k, error = self.cl, self.n, self.k, self.error
 
             if kind == "device":
                 def fn(x):
-                    return plain_postprocess(x, model(x), n, k)
+                    return plain_postprocess(x, model(x), n, k, error)
             else:
                 def fn(frames_dev):
                     x = frames_dev.permute(0, 3, 1, 2).float().div(255.0)
-                    return plain_postprocess(x, model(x), n, k)
+                    return plain_postprocess(x, model(x), n, k, error)
             # dynamic=False: one specialised graph per batch size, the strongest plain baseline (a batch-dynamic
             # graph, torch.compile's default after a recompile, can only be slower)
             self._compiled[key] = torch.compile(fn, mode=mode, dynamic=False) if self.compile else fn

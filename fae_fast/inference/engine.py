@@ -228,7 +228,8 @@ class Engine:
         image_size: (H, W) of the frames (the size the model was trained at).
         n, k: box-filter passes and odd window of the anomaly map; None: ``smoothing_for_size`` of the default
             :class:`~fae_fast.config.MapConfig` at ``image_size``.
-        error: the map's error kind, "squared" | "gradient" (:func:`fae_fast.reference.error_image`).
+        error: the map's error kind, "squared" | "gradient" (:func:`fae_fast.reference.error_image`); None: the
+            default :class:`~fae_fast.config.MapConfig`'s.
         thresholds: ``{"image": float, "pixel": float}`` defaults for ``pred_label`` / ``pred_mask`` (either may
             be missing or None; overridable per call).
         dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16", "fp32" or a torch dtype: the precision of the
@@ -261,7 +262,7 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, *, image_size, n: int | None = None, k: int | None = None,
-                 error: str = "squared", thresholds: dict | None = None, dtype="auto", device="auto", compile=None, cuda_graphs=None,
+                 error: str | None = None, thresholds: dict | None = None, dtype="auto", device="auto", compile=None, cuda_graphs=None,
                  batch_sizes: Sequence[int] = (1, 16, 64, 256), fold_bn: bool = True, map_backend: str = "auto",
                  in_channels: int = 3, cudnn_benchmark: bool = True, compile_dynamic: bool | None = None,
                  backend: str = "auto", threads: int | None = None, normalize: str = "none",
@@ -282,6 +283,7 @@ class Engine:
             raise ValueError(f"k (window) must be an odd int in 1..31, got {k!r}")
         from ..reference import MAP_ERRORS
 
+        error = MapConfig().error if error is None else error
         if error not in MAP_ERRORS:
             raise ValueError(f"error (the map's error kind) must be one of {MAP_ERRORS}, got {error!r}")
         self.error = error

@@ -43,7 +43,8 @@ class ReferenceGraph(nn.Module):
     Args:
         model: the network ((B, C, H, W) float in [0, 1] -> reconstruction); an eval copy is kept.
         n, k: box-filter passes and odd window.
-        error: the map's error kind, "squared" | "gradient" (:func:`fae_fast.reference.error_image`).
+        error: the map's error kind, "squared" | "gradient" (:func:`fae_fast.reference.error_image`); None: the
+            default MapConfig's.
         fold_bn: fold BatchNorm into the convolutions (exact to ~1e-5 in float32; smaller graph).
         normalizer: a :class:`fae_fast.scoring.MapNormalizer` applied to the map and score (None: raw maps).
 
@@ -51,7 +52,7 @@ class ReferenceGraph(nn.Module):
     float32).
     """
 
-    def __init__(self, model: nn.Module, *, n: int, k: int, error: str = "squared", fold_bn: bool = True,
+    def __init__(self, model: nn.Module, *, n: int, k: int, error: str | None = None, fold_bn: bool = True,
                  normalizer: nn.Module | None = None):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -60,6 +61,10 @@ class ReferenceGraph(nn.Module):
             raise ValueError(f"n (box-filter passes) must be an int in 0..8, got {n!r}")
         if not (isinstance(k, int) and 1 <= k <= 31 and k % 2 == 1):
             raise ValueError(f"k (window) must be an odd int in 1..31, got {k!r}")
+        if error is None:
+            from ..config import MapConfig
+
+            error = MapConfig().error
         if error not in reference.MAP_ERRORS:
             raise ValueError(f"error must be one of {reference.MAP_ERRORS}, got {error!r}")
         if fold_bn:
@@ -115,7 +120,7 @@ def _nk(image_size, n, k):
 
 
 def export_onnx(model: nn.Module, path, *, image_size, n: int | None = None, k: int | None = None,
-                error: str = "squared", thresholds: dict | None = None, input_dtype: str = "uint8", opset: int = 18,
+                error: str | None = None, thresholds: dict | None = None, input_dtype: str = "uint8", opset: int = 18,
                 in_channels: int = 3, fold_bn: bool = True, dynamo: bool = True, verbose: bool | None = None) -> Path:
     """Write the reference graph as ONNX with a dynamic batch dimension.
 
@@ -124,7 +129,7 @@ def export_onnx(model: nn.Module, path, *, image_size, n: int | None = None, k: 
         path: destination ``.onnx`` file.
         image_size: (H, W) of the inputs (fixed in the graph; the batch is dynamic).
         n, k: smoothing (None: ``smoothing_for_size`` of the default MapConfig).
-        error: the map's error kind, "squared" | "gradient".
+        error: the map's error kind, "squared" | "gradient" (None: the default MapConfig's).
         thresholds: default ``{"image", "pixel"}`` thresholds, stored as metadata only.
         input_dtype: "uint8" (normalisation inside the graph) or "float32" (input in [0, 1]).
         opset: ONNX opset, >= 17 (default 18: the native opset of the torch.export-based exporter; asking for
@@ -143,6 +148,7 @@ def export_onnx(model: nn.Module, path, *, image_size, n: int | None = None, k: 
     else:
         n, k = _nk(image_size, n, k)
         graph = ReferenceGraph(model, n=n, k=k, error=error, fold_bn=fold_bn)
+        error = graph.error
     graph = graph.cpu().eval()
     x = _example(image_size, in_channels, input_dtype, "cpu")
     path = Path(path)
@@ -181,7 +187,7 @@ def export_onnx(model: nn.Module, path, *, image_size, n: int | None = None, k: 
 
 
 def export_aoti(model: nn.Module, path, *, image_size, n: int | None = None, k: int | None = None,
-                error: str = "squared", thresholds: dict | None = None, input_dtype: str = "uint8", device="cpu",
+                error: str | None = None, thresholds: dict | None = None, input_dtype: str = "uint8", device="cpu",
                 in_channels: int = 3, fold_bn: bool = True, max_batch: int = _MAX_BATCH) -> Path:
     """``torch.export`` the reference graph (dynamic batch) and compile it with AOTInductor into a package.
 
@@ -200,6 +206,7 @@ def export_aoti(model: nn.Module, path, *, image_size, n: int | None = None, k: 
     else:
         n, k = _nk(image_size, n, k)
         graph = ReferenceGraph(model, n=n, k=k, error=error, fold_bn=fold_bn)
+        error = graph.error
     device = torch.device(device)
     graph = graph.to(device).eval()
     x = _example(image_size, in_channels, input_dtype, device)
