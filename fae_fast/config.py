@@ -246,7 +246,9 @@ class FAEConfig:
 MIN_SIDE, MAX_SIDE = 8, 8192
 NOISE_MODES = ("symmetric", "none", "input", "independent")
 #: error kinds of the anomaly map (:func:`fae_fast.reference.error_image`)
-MAP_ERRORS = ("squared", "gradient")
+MAP_ERRORS = ("squared", "gradient", "squared+gradient")
+#: the weight of the gradient term in the "squared+gradient" error
+GRADIENT_WEIGHT = 4.0
 
 # allowed ranges, "[lo, hi]" inclusive, "(lo, hi)" exclusive, in the notation the error messages print
 _RANGES = {

@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import MAP_ERRORS
+from .config import GRADIENT_WEIGHT, MAP_ERRORS
 
 __all__ = [
     "standard_noise",
@@ -145,18 +145,21 @@ def error_image(x, recon, error="squared"):
 
     ``"squared"``: ``mean_c (recon - x)^2``. ``"gradient"``: ``mean_c |S (recon - x)|^2`` with ``S`` the 3 x 3
     Sobel derivatives along W and H divided by 8 (a unit step gives 1/2), the residual replicated at the border.
-    The gradient of the residual keeps what changes within a few pixels (pits, cracks, scratches, the edges of a
-    stain) and drops smooth brightness offsets of the whole reconstruction, which the squared error scores as
-    much as a defect.
+    ``"squared+gradient"``: the squared error plus :data:`~fae_fast.config.GRADIENT_WEIGHT` times the gradient
+    one. The gradient of the residual keeps what changes within a few pixels (pits, cracks, scratches, the edges
+    of a stain) and drops smooth offsets of the reconstruction; the squared term keeps the inside of large
+    low-contrast defects, which the gradient alone sees only at their edges.
     """
     d = recon.float() - _as_float(x).float()
+    sq = d.pow(2).mean(dim=1, keepdim=True)
     if error == "squared":
-        return d.pow(2).mean(dim=1, keepdim=True)
+        return sq
     B, C, H, W = d.shape
     kx = torch.tensor(_SOBEL, device=d.device, dtype=torch.float32) / 8.0
     weight = torch.stack([kx, kx.t()]).unsqueeze(1)                       # (2, 1, 3, 3)
     g = F.conv2d(F.pad(d.reshape(B * C, 1, H, W), (1, 1, 1, 1), mode="replicate"), weight)
-    return g.pow(2).sum(dim=1).reshape(B, C, H, W).mean(dim=1, keepdim=True)
+    grad = g.pow(2).sum(dim=1).reshape(B, C, H, W).mean(dim=1, keepdim=True)
+    return grad if error == "gradient" else sq + GRADIENT_WEIGHT * grad
 
 
 def anomaly_map(x, recon, *, n=4, k=7, error="squared"):

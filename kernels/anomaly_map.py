@@ -1,8 +1,8 @@
 """Fused anomaly map: per-pixel error, n passes of a k x k valid-count mean filter, per-image max.
 
 The error is the channel-mean squared error, or with ``error="gradient"`` the channel mean of the squared Sobel
-gradient of the residual (:func:`fae_fast.reference.error_image`): 8 shifted loads per channel instead of one,
-the residual replicated at the border by clamping the indices.
+gradient of the residual, or their weighted sum ("squared+gradient"; :func:`fae_fast.reference.error_image`):
+8 (9) shifted loads per channel instead of one, the residual replicated at the border by clamping the indices.
 
 Why one matrix product replaces the n passes
 --------------------------------------------
@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fae_fast.config import GRADIENT_WEIGHT, MAP_ERRORS
 from fae_fast.kernels._common import check_device, interpreting, to_f32
 
 __all__ = ["anomaly_map_triton"]
@@ -60,12 +61,12 @@ def _residual_at(x_ptr, r_ptr, b, c, rows, cols, di: tl.constexpr, dj: tl.conste
 
 @triton.jit
 def _error_block(x_ptr, r_ptr, b, rows, cols, C, H, W, sxb, sxc, sxh, sxw, srb, src, srh, srw,
-                 GRADIENT: tl.constexpr):
-    """The error (squared, or squared Sobel gradient) on a (len(rows), len(cols)) block in float32; 0 outside
-    the image."""
+                 ERROR: tl.constexpr, GW: tl.constexpr):
+    """The error on a (len(rows), len(cols)) block in float32, 0 outside the image. ``ERROR``: 0 squared,
+    1 squared Sobel gradient, 2 squared + GW * gradient (the index in ``MAP_ERRORS``)."""
     inside = (rows[:, None] >= 0) & (rows[:, None] < H) & (cols[None, :] >= 0) & (cols[None, :] < W)
     acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
-    if GRADIENT:
+    if ERROR > 0:
         for c in range(C):
             nw = _residual_at(x_ptr, r_ptr, b, c, rows, cols, -1, -1, H, W, sxb, sxc, sxh, sxw, srb, src, srh, srw)
             nn = _residual_at(x_ptr, r_ptr, b, c, rows, cols, -1, 0, H, W, sxb, sxc, sxh, sxw, srb, src, srh, srw)
@@ -77,7 +78,12 @@ def _error_block(x_ptr, r_ptr, b, rows, cols, C, H, W, sxb, sxc, sxh, sxw, srb, 
             se = _residual_at(x_ptr, r_ptr, b, c, rows, cols, 1, 1, H, W, sxb, sxc, sxh, sxw, srb, src, srh, srw)
             gx = (ne + 2.0 * ee + se - nw - 2.0 * ww - sw) * 0.125
             gy = (sw + 2.0 * ss + se - nw - 2.0 * nn - ne) * 0.125
-            acc += gx * gx + gy * gy
+            if ERROR == 1:
+                acc += gx * gx + gy * gy
+            else:
+                dc = _residual_at(x_ptr, r_ptr, b, c, rows, cols, 0, 0, H, W, sxb, sxc, sxh, sxw, srb, src, srh,
+                                  srw)
+                acc += dc * dc + GW * (gx * gx + gy * gy)
         acc = tl.where(inside, acc, 0.0)
     else:
         xo = b * sxb + rows[:, None] * sxh + cols[None, :] * sxw
@@ -93,8 +99,8 @@ def _error_block(x_ptr, r_ptr, b, rows, cols, C, H, W, sxb, sxc, sxh, sxw, srb, 
 @triton.jit
 def _anomaly_map_kernel(x_ptr, r_ptr, lh_ptr, rw_ptr, map_ptr, score_ptr, C, H, W, HALO,
                         sxb, sxc, sxh, sxw, srb, src, srh, srw,
-                        SMOOTH: tl.constexpr, GRADIENT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-                        BK: tl.constexpr, PRECISION: tl.constexpr):
+                        SMOOTH: tl.constexpr, ERROR: tl.constexpr, GW: tl.constexpr, TH: tl.constexpr,
+                        TW: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     """map[b, tile] = L[tile, :] @ E @ R[:, tile] (E the error block);  score[b] = max over the image.
 
     Memory traffic: reads x and r once per tile plus the halo (1.4-2x at n=4, k=7, mostly L2 hits; DRAM sees
@@ -120,7 +126,7 @@ def _anomaly_map_kernel(x_ptr, r_ptr, lh_ptr, rw_ptr, map_ptr, score_ptr, C, H, 
             for cc in range(c_lo, c_hi, BK):
                 cb = cc + tl.arange(0, BK)
                 e = _error_block(x_ptr, r_ptr, b, ra, cb, C, H, W, sxb, sxc, sxh, sxw, srb, src, srh, srw,
-                                 GRADIENT)
+                                 ERROR, GW)
                 # the band matrices are mostly exact zeros and inf * 0 = nan inside a dot: bound non-finite
                 # errors (an fp16 overflow, a diverged model) to 1e30 so that they stay local and huge
                 e = tl.where(e == e, tl.minimum(e, 1e30), 1e30)
@@ -131,7 +137,7 @@ def _anomaly_map_kernel(x_ptr, r_ptr, lh_ptr, rw_ptr, map_ptr, score_ptr, C, H, 
                          other=0.0)
             acc = tl.dot(lh, t, acc, input_precision=PRECISION)
     else:
-        acc = _error_block(x_ptr, r_ptr, b, oi, oj, C, H, W, sxb, sxc, sxh, sxw, srb, src, srh, srw, GRADIENT)
+        acc = _error_block(x_ptr, r_ptr, b, oi, oj, C, H, W, sxb, sxc, sxh, sxw, srb, src, srh, srw, ERROR, GW)
     valid = (oi[:, None] < H) & (oj[None, :] < W)
     tl.store(map_ptr + b * H * W + oi[:, None] * W + oj[None, :], acc, mask=valid)
     # the map is >= 0, so 0 is a neutral start and float atomic_max is order-independent (deterministic)
@@ -165,7 +171,7 @@ def _box_operators(H, W, k, n, device):
     return pair
 
 
-def _launch(x, recon, lh, rw, halo, gradient, cfg=None):
+def _launch(x, recon, lh, rw, halo, error_id, cfg=None):
     B, C, H, W = x.shape
     cfg = dict(cfg or (_INTERP_CFG if interpreting() else _GPU_CFG))
     amap = torch.empty((B, 1, H, W), device=x.device, dtype=torch.float32)
@@ -175,15 +181,15 @@ def _launch(x, recon, lh, rw, halo, gradient, cfg=None):
     wrap_triton(_anomaly_map_kernel)[grid](
         x, recon, lh if smooth else amap, rw if smooth else amap, amap, score, C, H, W, halo,
         *x.stride(), *recon.stride(),
-        SMOOTH=smooth, GRADIENT=gradient, TH=cfg["TH"], TW=cfg["TW"], BK=cfg["BK"], PRECISION=_PRECISION,
+        SMOOTH=smooth, ERROR=error_id, GW=GRADIENT_WEIGHT, TH=cfg["TH"], TW=cfg["TW"], BK=cfg["BK"], PRECISION=_PRECISION,
         num_warps=cfg["num_warps"])
     return amap, score
 
 
 @triton_op("fae_fast_triton::anomaly_map", mutates_args={})
 def _anomaly_map_op(x: torch.Tensor, recon: torch.Tensor, lh: Optional[torch.Tensor], rw: Optional[torch.Tensor],
-                    halo: int, gradient: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch(x, recon, lh, rw, halo, gradient)
+                    halo: int, error_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(x, recon, lh, rw, halo, error_id)
 
 
 # Under the interpreter, triton_op's own fake implementation (tracing the body with fake tensors) reaches the
@@ -191,7 +197,7 @@ def _anomaly_map_op(x: torch.Tensor, recon: torch.Tensor, lh: Optional[torch.Ten
 # CPU (the tests prove "no graph break" there). On a GPU triton_op's traced fake is used, as intended.
 if interpreting():
     @_anomaly_map_op.register_fake
-    def _anomaly_map_fake(x, recon, lh, rw, halo, gradient):
+    def _anomaly_map_fake(x, recon, lh, rw, halo, error_id):
         B, _, H, W = x.shape
         return x.new_empty((B, 1, H, W), dtype=torch.float32), x.new_empty((B,), dtype=torch.float32)
 
@@ -204,7 +210,7 @@ def anomaly_map_triton(x, recon, *, n=4, k=7, error="squared"):
         recon: reconstructions (B, C, H, W), float (bf16/fp16/fp32); any strides.
         n: number of box passes (0 = none).
         k: odd window (1 = none).
-        error: "squared" | "gradient" (:func:`fae_fast.reference.error_image`).
+        error: one of ``MAP_ERRORS`` (:func:`fae_fast.reference.error_image`).
 
     Returns:
         (map (B, 1, H, W) float32, score (B,) float32), equal to the reference within float32 rounding.
@@ -218,9 +224,9 @@ def anomaly_map_triton(x, recon, *, n=4, k=7, error="squared"):
     if n > 0 and k > 1:
         lh, rw = _box_operators(H, W, k, n, x.device)
         halo = n * (k // 2)
-    gradient = error == "gradient"
+    error_id = MAP_ERRORS.index(error)
     if torch.compiler.is_compiling():
-        return _anomaly_map_op(x, recon, lh, rw, halo, gradient)
+        return _anomaly_map_op(x, recon, lh, rw, halo, error_id)
     # eager: the same launcher without the custom-op dispatcher, which costs ~20 us of host time per call
     # (measured on CPU), more than this kernel's GPU time budget at batch 64
-    return _launch(x, recon, lh, rw, halo, gradient)
+    return _launch(x, recon, lh, rw, halo, error_id)

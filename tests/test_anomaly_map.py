@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fae_fast import ops, reference
+from fae_fast.config import GRADIENT_WEIGHT
 from tests.helpers import assert_close, check_sm90_compile
 
 triton = pytest.importorskip("triton")
@@ -16,9 +17,9 @@ cfg = dict(K._GPU_CFG)
 nw = cfg.pop("num_warps")
 for xs, rs, smooth in [("*bf16", "*bf16", True), ("*u8", "*fp32", False)]:
     sig = dict(x_ptr=xs, r_ptr=rs, lh_ptr="*fp32", rw_ptr="*fp32", map_ptr="*fp32", score_ptr="*fp32")
-    for gradient in (False, True):
-        aot_compile(K._anomaly_map_kernel, sig, dict(SMOOTH=smooth, GRADIENT=gradient, PRECISION=K._PRECISION, **cfg),
-                    num_warps=nw)
+    for error_id in range(3):
+        aot_compile(K._anomaly_map_kernel, sig, dict(SMOOTH=smooth, ERROR=error_id, GW=K.GRADIENT_WEIGHT, PRECISION=K._PRECISION,
+                                                     **cfg), num_warps=nw)
 import torch
 from fae_fast._backend import BackendUnavailable
 try:  # compiled Triton on CPU tensors: a clear error, not Triton's "0 active drivers"
@@ -89,6 +90,10 @@ def test_gradient_error_is_the_sobel_of_the_residual():
     two = step.clone()
     two[:, 1:] = 0.0
     assert_close(reference.error_image(x, two, "gradient"), reference.error_image(x, step, "gradient") / 3)
+    # both: the squared error plus the weighted gradient one
+    both = reference.error_image(x, step, "squared+gradient")
+    assert_close(both, reference.error_image(x, step, "squared")
+                 + GRADIENT_WEIGHT * reference.error_image(x, step, "gradient"))
 
 
 def test_separable_operator_equals_n_passes():
@@ -146,8 +151,8 @@ def test_tile_shapes_agree():
     """A 16x16 tile with a 16-deep K loop and a 32x16 tile give the same map (tile seams are exact)."""
     x, r = _inputs((1, 3, 35, 19))
     lh, rw = K._box_operators(35, 19, 5, 3, x.device)
-    a, sa = K._launch(x, r, lh, rw, 3 * 2, True, dict(TH=16, TW=16, BK=16, num_warps=1))
-    b, sb = K._launch(x, r, lh, rw, 3 * 2, True, dict(TH=32, TW=16, BK=16, num_warps=1))
+    a, sa = K._launch(x, r, lh, rw, 3 * 2, 2, dict(TH=16, TW=16, BK=16, num_warps=1))
+    b, sb = K._launch(x, r, lh, rw, 3 * 2, 2, dict(TH=32, TW=16, BK=16, num_warps=1))
     assert_close(a, b, dtype=torch.float32, atol=1e-7)
     assert torch.equal(sa, a.amax(dim=(1, 2, 3))) and torch.equal(sb, b.amax(dim=(1, 2, 3)))
 
@@ -185,12 +190,12 @@ def test_custom_op_path_matches_eager_path():
     """torch.ops.fae_fast_triton.anomaly_map (what torch.compile calls) gives what the eager launcher gives."""
     x, r = _inputs((2, 3, 7, 13))
     lh, rw = K._box_operators(7, 13, 5, 2, x.device)
-    for gradient, error in ((False, "squared"), (True, "gradient")):
-        amap, score = torch.ops.fae_fast_triton.anomaly_map(x, r, lh, rw, 4, gradient)
+    for error_id, error in enumerate(reference.MAP_ERRORS):
+        amap, score = torch.ops.fae_fast_triton.anomaly_map(x, r, lh, rw, 4, error_id)
         ref_map, ref_score = reference.anomaly_map(x, r, n=2, k=5, error=error)
         assert_close(amap, ref_map, dtype=torch.float32)
         assert_close(score, ref_score, dtype=torch.float32)
-        raw, _ = torch.ops.fae_fast_triton.anomaly_map(x, r, None, None, 0, gradient)
+        raw, _ = torch.ops.fae_fast_triton.anomaly_map(x, r, None, None, 0, error_id)
         assert_close(raw, reference.anomaly_map(x, r, n=0, k=5, error=error)[0], dtype=torch.float32)
 
 
