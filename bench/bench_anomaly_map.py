@@ -3,7 +3,7 @@
 On CUDA: batch 1, 16, 64, 256 at 256^2 and 512^2, bf16 x and recon, n=4, k=7 (DESIGN.md target: batch 64 at
 256^2 <= 0.05 ms on an H200; eager 0.55 ms, compiled 0.52 ms, memory floor 0.03 ms). On CPU: one tiny case
 per provider (triton only through TRITON_INTERPRET=1, torch_compile skipped: its first compile costs ~25 s).
-Both error kinds: "squared" (DESIGN.md) and "gradient" (the default map: 8 shifted loads per channel in the kernel).
+Every error kind: "squared" (DESIGN.md), "gradient" and "squared+gradient" (8 and 9 shifted loads per channel).
 
 Run: ``python -m pytest bench/bench_anomaly_map.py -o python_files='bench_*.py' --benchmark-json=...``.
 """
@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from bench._common import COPY_BW, CUDA, OP_CASES, bandwidth_gbs, op_provider, sync
+from fae_fast.config import MAP_ERRORS
 
 N, K = 4, 7
 
 
+@pytest.mark.parametrize("error", MAP_ERRORS)  # outermost: ids read [batch-size-provider-error]
 @pytest.mark.parametrize("provider", ["torch", "torch_compile", "triton"])
 @pytest.mark.parametrize("batch,size", OP_CASES, ids=lambda v: str(v))
-@pytest.mark.parametrize("error", ["squared", "gradient"])
 def test_anomaly_map(benchmark, bench_info, device, provider, batch, size, error):
     fn = op_provider("anomaly_map", provider)
     dtype = torch.bfloat16 if CUDA else torch.float32
