@@ -96,8 +96,9 @@ class MapConfig:
     # (edges, glare, the frame border) stop outscoring real defects
     normalize: str = "zscore"
     # the per-pixel error before smoothing: "squared" (mean_c (recon - x)^2, DESIGN.md) | "gradient" (the squared
-    # Sobel gradient of the residual: local structure only, smooth brightness offsets of the reconstruction drop out)
-    error: str = "gradient"
+    # Sobel gradient of the residual: local structure only, smooth offsets of the reconstruction drop out) |
+    # "squared+gradient" (both: thin defects and pits gain, large low-contrast ones keep their inside)
+    error: str = "squared+gradient"
 
 
 @dataclass

@@ -135,7 +135,7 @@ def _rewrite(path, **changes):
 def test_a_model_file_from_before_a_changed_default_keeps_the_setting_it_was_made_with(tmp_path):
     p = _save(tmp_path / "m.pt")
     cfg = torch.load(p, weights_only=True)["config"]
-    assert ckpt.load_model_file(p).config.map.error == FAEConfig().map.error == "gradient"
+    assert ckpt.load_model_file(p).config.map.error == FAEConfig().map.error == "squared+gradient"
     del cfg["map"]["error"], cfg["map"]["normalize"]  # written before map.error and map.normalize existed
     _rewrite(p, config=cfg)
     mf = ckpt.load_model_file(p)

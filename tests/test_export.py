@@ -59,7 +59,7 @@ def test_onnx_matches_eager(tmp_path, model, input_dtype):
     proto = onnx.load(str(path))
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["image_size"]) == [H, W] and meta["n"] == str(N_SMOOTH)
-    assert meta["error"] == "gradient"  # the default map's error kind, recorded with the graph
+    assert meta["error"] == "squared+gradient"  # the default map's error kind, recorded with the graph
     assert json.loads(meta["image_threshold"]) == 0.1 and json.loads(meta["pixel_threshold"]) == 0.2
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert "AveragePool" in {n.op_type for n in proto.graph.node}
