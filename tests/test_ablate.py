@@ -106,6 +106,22 @@ def test_a_weight_average_run_also_scores_its_live_weights(tmp_path):
     assert set(res["scoring"]) == {f"fae|{setting}", f"fae|live weights,{setting}"}
 
 
+def test_map_error_exploration_rescores_saved_models(tmp_path):
+    from bench.explore_map_errors import main as explore
+    from fae_fast.api import Detector
+    from fae_fast.config import preset
+
+    data = make_dataset(tmp_path / "d", n_train=12, n_test_good=2, n_test_defect=1, size=(32, 32), seed=4)
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.steps, cfg.train.batch_size, cfg.train.holdout_fraction = (32, 32), 2, 4, 0.25
+    Detector(cfg, device="cpu").fit(data / "train" / "good", progress=False).save(tmp_path / "m.fae")
+    assert explore(["--data", str(data), "--models", str(tmp_path / "m.fae"), "--weights", "4",
+                    "--json", str(tmp_path / "x.json")]) == 0
+    res = json.loads((tmp_path / "x.json").read_text())
+    assert [r["kind"] for r in res["rows"]] == ["squared", "gradient", "squared+4xgradient"]
+    assert res["commit"] and all(0.0 <= r["pixel_auroc"] <= 1.0 and r["per_defect"] for r in res["rows"])
+
+
 def _part(variant, seeds, sweep_rows=()):
     runs = [{"variant": variant, "seed": s, **{m: 0.5 + 0.1 * s for m in
                                                ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap",
