@@ -69,7 +69,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int, error: str = "gradient",
+def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int, error: str | None = None,
                  batch_size: int = 32, device=None, amp: str = "auto", normalize: str = "none",
                  stats: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Anomaly maps and image scores of ``images``.
@@ -79,8 +79,8 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
             for the call and restored afterwards.
         images: uint8 (N, 3, H, W), on any device (batches are moved to ``device`` one at a time).
         n: box-filter passes; k: odd window (see :func:`fae_fast.config.smoothing_for_size`).
-        error: the error kind, "squared" | "gradient" (:func:`fae_fast.reference.error_image`; the default is
-            :class:`~fae_fast.config.MapConfig`'s).
+        error: the error kind (:func:`fae_fast.reference.error_image`); None: the default
+            :class:`~fae_fast.config.MapConfig`'s.
         batch_size: images per forward pass.
         device: where to run; None = the model's device. The model is not moved.
         amp: "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" | "fp32".
@@ -100,6 +100,10 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     dev = _model_device(model) if device is None else resolve_device(device)
     dtype = autocast_dtype(amp, dev)
+    if error is None:
+        from .config import MapConfig
+
+        error = MapConfig().error
     N, _, H, W = images.shape
     normalizer = MapNormalizer(normalize, stats, (H, W)).to(dev)
     maps = torch.empty((N, 1, H, W), dtype=torch.float32)

@@ -3,7 +3,7 @@ import json
 
 from fae_fast.ablate import VARIANTS, markdown_table, smoothing_grid, variant_config
 from fae_fast.cli import main
-from fae_fast.config import preset
+from fae_fast.config import MAP_ERRORS, preset
 from fae_fast.synthetic import make_dataset
 
 
@@ -84,8 +84,8 @@ def test_tiny_ablation_end_to_end(tmp_path, capsys):
     assert "commit" in res and res["machine"]["node"]
     # the scoring sweep: every smoothing setting with every error kind and normalisation (the holdout has 4 images)
     n_settings = len(smoothing_grid(*res["smoothing_default"]))
-    assert sum(k.startswith("fae|") for k in res["scoring"]) == 2 * 3 * n_settings
-    assert {k.split(",")[2] for k in res["scoring"]} == {"squared", "gradient"}
+    assert sum(k.startswith("fae|") for k in res["scoring"]) == len(MAP_ERRORS) * 3 * n_settings
+    assert {k.split(",")[2] for k in res["scoring"]} == set(MAP_ERRORS)
     assert sorted(p.name for p in models.iterdir()) == ["fae_seed0.fae", "plain_ae_seed0.fae", "same_noise_seed0.fae"]
     table = markdown_table(res)
     assert "| fae (n=1) |" in table and "Learning curves" in table and "zscore" in table

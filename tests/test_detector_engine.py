@@ -57,8 +57,8 @@ def detector(trained, normalize: str, backend: str) -> Detector:
 
 def eager(det: Detector, x: torch.Tensor, batch_size: int = 32):
     n, k = det.smoothing
-    return compute_maps(det.model, x, n=n, k=k, batch_size=batch_size, device="cpu", amp=det.config.train.amp,
-                        normalize=det.config.map.normalize, stats=det.map_stats)
+    return compute_maps(det.model, x, n=n, k=k, error=det.config.map.error, batch_size=batch_size, device="cpu",
+                        amp=det.config.train.amp, normalize=det.config.map.normalize, stats=det.map_stats)
 
 
 def nudge(model: torch.nn.Module, i: int) -> None:
