@@ -642,7 +642,8 @@ def cmd_export(args) -> int:
     from .serving.triton_repo import export_triton_repo
 
     folder = export_triton_repo(model, repo, name=args.name, max_batch=args.max_batch,
-                                max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size)
+                                max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
+                                tensorrt=args.tensorrt)
     print(f"Triton model repository written: {folder / 'config.pbtxt'} and {folder / '1' / 'model.onnx'}; serve it "
           f"with: tritonserver --model-repository {repo}")
     return 0
@@ -675,6 +676,8 @@ def _add_serving_parsers(sub, common, engine) -> None:
     ex.add_argument("--model", required=True)
     ex.add_argument("--triton-repo", required=True, metavar="DIR",
                     help="repository folder: writes DIR/<name>/config.pbtxt and DIR/<name>/1/model.onnx")
+    ex.add_argument("--tensorrt", action="store_true",
+                    help="GPU instances running the graph through TensorRT (ONNX Runtime's accelerator, FP16)")
     batching(ex)
 
 

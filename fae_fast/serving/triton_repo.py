@@ -11,8 +11,9 @@ The graph is :mod:`fae_fast.inference.export`'s: input ``images`` uint8 (B, C, H
 float32 (B, 1, H, W) and ``pred_score`` float32 (B,); thresholds are not in the graph (so that they change without
 a re-export): a client labels ``pred_score > image_threshold`` and masks ``anomaly_map > pixel_threshold`` (NaN
 counting as above), with the model file's thresholds found in the config's ``parameters``. The config's tensor
-names, types and dims are read from the ONNX graph itself, never typed twice. The same repository runs under
-Triton's TensorRT backend after a ``trtexec`` conversion (not done or measured here: no GPU in CI).
+names, types and dims are read from the ONNX graph itself, never typed twice. With ``tensorrt=True`` the config
+asks for GPU instances with ONNX Runtime's TensorRT accelerator (FP16 engines built by Triton on first load; not
+run or measured here: no GPU and no tritonserver in CI).
 
 Every file is written atomically (:mod:`fae_fast._atomic`): a failed export leaves the previous files intact.
 """
@@ -50,11 +51,12 @@ def _quote(s: str) -> str:
 
 
 def config_pbtxt(model, *, name: str, max_batch: int, max_queue_delay_us: int, max_queue_size: int,
-                 parameters: dict[str, str]) -> str:
+                 parameters: dict[str, str], tensorrt: bool = False) -> str:
     """The ``config.pbtxt`` of an ONNX model (an ``onnx.ModelProto``) with a dynamic batch dimension.
 
     Outputs with only the batch dimension (``pred_score`` (B,)) are declared ``dims: [ 1 ]`` with
-    ``reshape: { shape: [ ] }``, Triton's convention for a per-sample scalar.
+    ``reshape: { shape: [ ] }``, Triton's convention for a per-sample scalar. ``tensorrt``: GPU instances whose
+    ONNX Runtime runs the graph through TensorRT (FP16).
     """
     def tensors(values, kind):
         out = []
@@ -81,11 +83,21 @@ def config_pbtxt(model, *, name: str, max_batch: int, max_queue_delay_us: int, m
             f"output [\n{tensors(model.graph.output, 'output')}\n]\n"
             f"dynamic_batching {{\n  max_queue_delay_microseconds: {int(max_queue_delay_us)}\n"
             f"  default_queue_policy {{ max_queue_size: {int(max_queue_size)} }}\n}}\n"
-            f"{params}\n")
+            + (_TENSORRT if tensorrt else "")
+            + f"{params}\n")
+
+
+# ONNX Runtime's TensorRT execution provider inside Triton's onnxruntime backend, on the GPU
+_TENSORRT = ("instance_group [ { kind: KIND_GPU } ]\n"
+             "optimization { execution_accelerators { gpu_execution_accelerator: [ {\n"
+             "  name: \"tensorrt\"\n"
+             "  parameters { key: \"precision_mode\" value: \"FP16\" }\n"
+             "  parameters { key: \"max_workspace_size_bytes\" value: \"1073741824\" }\n"
+             "} ] } }\n")
 
 
 def export_triton_repo(model_file, repo, *, name: str = "fae", max_batch: int = 16, max_queue_delay_us: int = 500,
-                       max_queue_size: int = 64) -> Path:
+                       max_queue_size: int = 64, tensorrt: bool = False) -> Path:
     """Write a Triton model repository entry for a fae_fast model file.
 
     Args:
@@ -95,6 +107,7 @@ def export_triton_repo(model_file, repo, *, name: str = "fae", max_batch: int = 
         max_batch: ``max_batch_size``: the largest batch Triton's dynamic batcher forms.
         max_queue_delay_us: how long Triton may hold a request to batch it with later ones.
         max_queue_size: requests waiting beyond this are rejected ("Exceeds maximum queue size"); 0: unbounded.
+        tensorrt: GPU instances with ONNX Runtime's TensorRT accelerator (FP16) instead of the default instances.
 
     Returns:
         The model folder ``repo/<name>``.
@@ -135,5 +148,6 @@ def export_triton_repo(model_file, repo, *, name: str = "fae", max_batch: int = 
     write_bytes(folder / "1" / "model.onnx", m.SerializeToString())
     write_text(folder / "config.pbtxt", config_pbtxt(m, name=name, max_batch=max_batch,
                                                      max_queue_delay_us=max_queue_delay_us,
-                                                     max_queue_size=max_queue_size, parameters=meta))
+                                                     max_queue_size=max_queue_size, parameters=meta,
+                                                     tensorrt=bool(tensorrt)))
     return folder

@@ -123,6 +123,22 @@ def test_layout_and_config_match_the_onnx_graph(repo):
     assert params["input_scaling"].startswith("uint8 images / 255") and params["fae_fast_version"]
 
 
+def test_tensorrt_config_asks_for_gpu_instances_with_the_tensorrt_accelerator(model_file, tmp_path):
+    assert main(["export", "--model", str(model_file), "--triton-repo", str(tmp_path / "r"), "--tensorrt"]) == 0
+    text = (tmp_path / "r" / "fae" / "config.pbtxt").read_text()
+    cfg = parse_pbtxt(text)
+    assert cfg["instance_group"] == [[{"kind": ["KIND_GPU"]}]] and cfg["backend"] == ["onnxruntime"]
+    acc = cfg["optimization"][0]["execution_accelerators"][0]["gpu_execution_accelerator"][0][0]
+    assert acc["name"] == ["tensorrt"]
+    assert {p["key"][0]: p["value"][0] for p in acc["parameters"]}["precision_mode"] == "FP16"
+    if importlib.util.find_spec("tritonclient") is not None:  # Triton's own schema, in the serve environment
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+
+        parsed = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert parsed.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None, reason="tritonclient (Triton's schema) absent")
 def test_config_parses_with_tritons_own_schema(repo):
     from google.protobuf import text_format
