@@ -120,7 +120,8 @@ def targets(work: str) -> list[dict]:
         else:
             floor = tri.get("floor_ms")
             met = None if not floor or speedup is None else (ms <= 1.5 * floor and speedup >= 3)
-            add(f"{op} batch {case['batch']}, {case['size']}^2", "<= 1.5x memory floor, >= 3x compiled reference", ", ".join(parts),
+            add(f"{op} batch {case['batch']}, {case['size']}^2", "<= 1.5x memory floor, >= 3x compiled reference",
+                ", ".join(parts),
                 met, "ops.json, ops_compiled.json")
 
     cor = _load(work, "corruption.json")

@@ -528,8 +528,11 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
     n, k = smoothing_for_size(cfg.map, H, W)
     from .distributed import current, sharded_map
 
-    maps, scores = sharded_map(lambda imgs: compute_maps(model, imgs, n=n, k=k, error=cfg.map.error,
-                                                         batch_size=batch_size, device=dev, amp=cfg.train.amp), hold_images, current(), dev)
+    def maps_of(imgs):
+        return compute_maps(model, imgs, n=n, k=k, error=cfg.map.error, batch_size=batch_size, device=dev,
+                            amp=cfg.train.amp)
+
+    maps, scores = sharded_map(maps_of, hold_images, current(), dev)
     stats = None
     need = 3 if cfg.map.normalize == "zscore" else 2
     if cfg.map.normalize != "none" and maps.shape[0] < need:

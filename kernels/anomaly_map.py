@@ -181,7 +181,8 @@ def _launch(x, recon, lh, rw, halo, error_id, cfg=None):
     wrap_triton(_anomaly_map_kernel)[grid](
         x, recon, lh if smooth else amap, rw if smooth else amap, amap, score, C, H, W, halo,
         *x.stride(), *recon.stride(),
-        SMOOTH=smooth, ERROR=error_id, GW=GRADIENT_WEIGHT, TH=cfg["TH"], TW=cfg["TW"], BK=cfg["BK"], PRECISION=_PRECISION,
+        SMOOTH=smooth, ERROR=error_id, GW=GRADIENT_WEIGHT, TH=cfg["TH"], TW=cfg["TW"], BK=cfg["BK"],
+        PRECISION=_PRECISION,
         num_warps=cfg["num_warps"])
     return amap, score
 

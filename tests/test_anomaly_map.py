@@ -18,8 +18,8 @@ nw = cfg.pop("num_warps")
 for xs, rs, smooth in [("*bf16", "*bf16", True), ("*u8", "*fp32", False)]:
     sig = dict(x_ptr=xs, r_ptr=rs, lh_ptr="*fp32", rw_ptr="*fp32", map_ptr="*fp32", score_ptr="*fp32")
     for error_id in range(3):
-        aot_compile(K._anomaly_map_kernel, sig, dict(SMOOTH=smooth, ERROR=error_id, GW=K.GRADIENT_WEIGHT, PRECISION=K._PRECISION,
-                                                     **cfg), num_warps=nw)
+        consts = dict(SMOOTH=smooth, ERROR=error_id, GW=K.GRADIENT_WEIGHT, PRECISION=K._PRECISION, **cfg)
+        aot_compile(K._anomaly_map_kernel, sig, consts, num_warps=nw)
 import torch
 from fae_fast._backend import BackendUnavailable
 try:  # compiled Triton on CPU tensors: a clear error, not Triton's "0 active drivers"

@@ -228,8 +228,8 @@ class Engine:
         image_size: (H, W) of the frames (the size the model was trained at).
         n, k: box-filter passes and odd window of the anomaly map; None: ``smoothing_for_size`` of the default
             :class:`~fae_fast.config.MapConfig` at ``image_size``.
-        error: the map's error kind, "squared" | "gradient" (:func:`fae_fast.reference.error_image`); None: the
-            default :class:`~fae_fast.config.MapConfig`'s.
+        error: the map's error kind, "squared" | "gradient" | "squared+gradient"
+            (:func:`fae_fast.reference.error_image`); None: the default :class:`~fae_fast.config.MapConfig`'s.
         thresholds: ``{"image": float, "pixel": float}`` defaults for ``pred_label`` / ``pred_mask`` (either may
             be missing or None; overridable per call).
         dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp16", "fp32" or a torch dtype: the precision of the
@@ -262,7 +262,8 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, *, image_size, n: int | None = None, k: int | None = None,
-                 error: str | None = None, thresholds: dict | None = None, dtype="auto", device="auto", compile=None, cuda_graphs=None,
+                 error: str | None = None, thresholds: dict | None = None, dtype="auto", device="auto", compile=None,
+                 cuda_graphs=None,
                  batch_sizes: Sequence[int] = (1, 16, 64, 256), fold_bn: bool = True, map_backend: str = "auto",
                  in_channels: int = 3, cudnn_benchmark: bool = True, compile_dynamic: bool | None = None,
                  backend: str = "auto", threads: int | None = None, normalize: str = "none",
@@ -709,7 +710,8 @@ class Engine:
                          normalizer=self.normalizer, error=self.error).eval()
 
     def __repr__(self) -> str:
-        return (f"Engine(image_size={self.image_size}, n={self.n}, k={self.k}, error={self.error!r}, dtype={self.dtype}, "
+        return (f"Engine(image_size={self.image_size}, n={self.n}, k={self.k}, error={self.error!r}, "
+                f"dtype={self.dtype}, "
                 f"device={self.device}, backend={self.backend!r}, threads={self.threads}, "
                 f"compile={self.compile_mode}, cuda_graphs={self.cuda_graphs}, batch_sizes={self.batch_sizes}, "
                 f"map_backend={self.map_backend!r}, thresholds={self.thresholds})")

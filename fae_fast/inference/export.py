@@ -43,8 +43,8 @@ class ReferenceGraph(nn.Module):
     Args:
         model: the network ((B, C, H, W) float in [0, 1] -> reconstruction); an eval copy is kept.
         n, k: box-filter passes and odd window.
-        error: the map's error kind, "squared" | "gradient" (:func:`fae_fast.reference.error_image`); None: the
-            default MapConfig's.
+        error: the map's error kind, "squared" | "gradient" | "squared+gradient"
+            (:func:`fae_fast.reference.error_image`); None: the default MapConfig's.
         fold_bn: fold BatchNorm into the convolutions (exact to ~1e-5 in float32; smaller graph).
         normalizer: a :class:`fae_fast.scoring.MapNormalizer` applied to the map and score (None: raw maps).
 
@@ -129,7 +129,7 @@ def export_onnx(model: nn.Module, path, *, image_size, n: int | None = None, k: 
         path: destination ``.onnx`` file.
         image_size: (H, W) of the inputs (fixed in the graph; the batch is dynamic).
         n, k: smoothing (None: ``smoothing_for_size`` of the default MapConfig).
-        error: the map's error kind, "squared" | "gradient" (None: the default MapConfig's).
+        error: the map's error kind, "squared" | "gradient" | "squared+gradient" (None: the default MapConfig's).
         thresholds: default ``{"image", "pixel"}`` thresholds, stored as metadata only.
         input_dtype: "uint8" (normalisation inside the graph) or "float32" (input in [0, 1]).
         opset: ONNX opset, >= 17 (default 18: the native opset of the torch.export-based exporter; asking for

@@ -22,7 +22,7 @@ class AnomalyMapGenerator(nn.Module):
     Args:
         n: box-filter passes (0..8).
         k: odd window (1..31); :func:`fae_fast.config.smoothing_for_size` gives both for an image size.
-        error: "squared" | "gradient".
+        error: "squared" | "gradient" | "squared+gradient".
 
     Example:
         >>> gen = AnomalyMapGenerator(n=4, k=3)

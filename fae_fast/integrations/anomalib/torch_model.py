@@ -19,7 +19,7 @@ class FaeModel(nn.Module):
     Args:
         cfg: the network's :class:`fae_fast.config.ModelConfig`.
         n, k: the anomaly-map smoothing (passes, odd window) at the input size.
-        error: the anomaly map's error kind ("squared" | "gradient").
+        error: the anomaly map's error kind ("squared" | "gradient" | "squared+gradient").
 
     Call:
         ``model(images)`` with ``images`` (B, C, H, W) float in [0, 1] (no ImageNet normalisation). In training
