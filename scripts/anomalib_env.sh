@@ -14,18 +14,9 @@ VENV=${ANOMALIB_VENV:-.venv-anomalib}
 TORCH=(torch==2.14.1 torchvision==0.29.1)
 TEST_NEEDS=(pytest "onnxruntime>=1.18")
 
-fail() { echo "anomalib_env.sh: FAILED: $*" >&2; exit 1; }
-# this machine's pip configuration names index folders that do not all exist: one warning per package, dropped
-pipi() {
-    "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 \
-        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-}
-
-if ! "$VENV/bin/python" -c "" >/dev/null 2>&1; then
-    rm -rf "$VENV"
-    python3 -m venv "$VENV" || fail "python3 -m venv $VENV"
-fi
-pipi --upgrade pip "setuptools>=69" wheel || fail "pip/setuptools into $VENV"
+SCRIPT=anomalib_env.sh
+source scripts/_venv.sh
+make_venv
 # torch first, on its own: fae_fast's build (no isolation) and anomalib's requirements then see this torch
 pipi "${TORCH[@]}" || fail "${TORCH[*]} into $VENV: are these wheels in the local mirror (pip download ${TORCH[*]})?"
 FAE_FAST_NO_EXT=1 pipi --no-build-isolation -e ".[anomalib]" "${TORCH[@]}" "${TEST_NEEDS[@]}" \

@@ -17,18 +17,9 @@ TORCH=(torch==2.13.0)
 NUMPY=("numpy>=1.24,<2")
 TEST_NEEDS=(pytest "pytest-benchmark>=4")
 
-fail() { echo "serve_env.sh: FAILED: $*" >&2; exit 1; }
-# this machine's pip configuration names index folders that do not all exist: one warning per package, dropped
-pipi() {
-    "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 \
-        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-}
-
-if ! "$VENV/bin/python" -c "" >/dev/null 2>&1; then
-    rm -rf "$VENV"
-    python3 -m venv "$VENV" || fail "python3 -m venv $VENV"
-fi
-pipi --upgrade pip "setuptools>=69" wheel || fail "pip/setuptools into $VENV"
+SCRIPT=serve_env.sh
+source scripts/_venv.sh
+make_venv
 # torch first, on its own (the CPU wheel), then numpy<2: every later requirement is resolved against both
 pipi "${TORCH[@]}" "${NUMPY[@]}" || fail "${TORCH[*]} ${NUMPY[*]} into $VENV"
 FAE_FAST_NO_EXT=1 pipi --no-build-isolation -e ".[serve,cpu]" "${TORCH[@]}" "${NUMPY[@]}" "${TEST_NEEDS[@]}" \
