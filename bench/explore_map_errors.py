@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from fae_fast import reference
 from fae_fast.ablate import git_commit, machine_info
@@ -33,12 +32,6 @@ from fae_fast.train import split_holdout
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 
 
-def _smooth(e: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    for _ in range(n if k > 1 else 0):
-        e = F.avg_pool2d(e, k, stride=1, padding=k // 2, count_include_pad=False)
-    return e
-
-
 def error_maps(model, images: torch.Tensor, n: int, k: int, weights) -> dict[str, torch.Tensor]:
     """{kind: smoothed maps (N, 1, H, W)} of uint8 ``images`` for every kind explored."""
     out: dict[str, list] = {}
@@ -49,7 +42,7 @@ def error_maps(model, images: torch.Tensor, n: int, k: int, weights) -> dict[str
             sq, grad = reference.error_image(x, r, "squared"), reference.error_image(x, r, "gradient")
             kinds = {"squared": sq, "gradient": grad, **{f"squared+{w:g}xgradient": sq + w * grad for w in weights}}
             for name, e in kinds.items():
-                out.setdefault(name, []).append(_smooth(e, n, k))
+                out.setdefault(name, []).append(reference.box_filter(e, n=n, k=k))
     return {name: torch.cat(v) for name, v in out.items()}
 
 

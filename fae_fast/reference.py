@@ -37,6 +37,7 @@ __all__ = [
     "noisy_target_loss",
     "anomaly_map",
     "error_image",
+    "box_filter",
     "MAP_ERRORS",
     "elastic_field",
     "elastic_warp",
@@ -178,11 +179,16 @@ def anomaly_map(x, recon, *, n=4, k=7, error="squared"):
     Returns:
         (map (B, 1, H, W) float32, score (B,) float32).
     """
-    err = error_image(x, recon, error)
+    err = box_filter(error_image(x, recon, error), n=n, k=k)
+    return err, err.amax(dim=(1, 2, 3))
+
+
+def box_filter(err, *, n, k):
+    """``n`` passes of the valid-count ``k x k`` mean filter (module doc) over (B, 1, H, W) maps."""
     if k > 1:
         for _ in range(n):
             err = F.avg_pool2d(err, k, stride=1, padding=k // 2, count_include_pad=False)
-    return err, err.amax(dim=(1, 2, 3))
+    return err
 
 
 def _gaussian_kernels(smoothness: torch.Tensor, radius: int) -> torch.Tensor:
