@@ -47,6 +47,12 @@ class CorruptionConfig:
     w_texture_dir: float = 0.4          # used only when texture_dir is set
     w_other_image: float = 0.4
     w_procedural: float = 0.2
+    # the image itself, brightness and contrast changed: T = clip(g x + o), g ~ U(self_gain), |o| ~ U(self_offset)
+    # with a random sign. Real defects are mostly the part's own surface made darker or brighter (cracks, pits,
+    # stains, glare): a thin stroke of it is a crack, a faint Perlin blob of it a stain
+    w_self: float = 0.0
+    self_gain: tuple[float, float] = (0.5, 1.5)
+    self_offset: tuple[float, float] = (0.05, 0.4)
     color_jitter: float = 0.2           # brightness/contrast/saturation jitter of borrowed textures
     stroke_samples: int = 16            # points per Bezier stroke when rasterising
     capacity_sigmas: float | None = 4.0  # occlusion slots per batch: expected + this many std (None: all slots)
@@ -112,6 +118,11 @@ class TrainConfig:
     # exponential moving average of the weights (and BatchNorm statistics), used for the thresholds and saved
     # as the model; 0 = off. The decay ramps up as min(ema_decay, (1 + t) / (10 + t)) over the first steps.
     ema_decay: float = 0.0
+    # the training loss, one of MAP_ERRORS averaged over pixels: "squared" (the MSE of DESIGN.md, fused with the
+    # noise) | "squared+gradient" (plus GRADIENT_WEIGHT x the squared Sobel gradient of the residual: the map's own
+    # error, so fine structure is reconstructed as the map measures it) | "gradient". A gradient term compares with
+    # the clean image: only with noise.mode "none" or "input" (a noisy target is never stored)
+    loss: str = "squared"
     image_size: tuple[int, int] | str = (256, 256)  # (H, W), non-square allowed; or "auto" (below)
     auto_pixels: int = 256 * 256        # "auto" size: the data's aspect ratio at about this many pixels
     keep_aspect: bool = False           # resize keeping aspect ratio and pad, instead of stretching
@@ -219,15 +230,18 @@ class FAEConfig:
                              f"positive, got {c.perlin_coverage!r}, {c.elastic_smoothness!r}")
         if c.w_perlin + c.w_polygon + c.w_stroke <= 0:
             raise ValueError("config corruption.w_perlin + w_polygon + w_stroke must be > 0 (no occlusion shape left)")
-        if c.w_other_image + c.w_procedural + (c.w_texture_dir if c.texture_dir else 0.0) <= 0:
-            raise ValueError("config corruption.w_other_image + w_procedural (+ w_texture_dir with a texture_dir) "
-                             "must be > 0 (no texture source left)")
+        if c.w_other_image + c.w_procedural + c.w_self + (c.w_texture_dir if c.texture_dir else 0.0) <= 0:
+            raise ValueError("config corruption.w_other_image + w_procedural + w_self (+ w_texture_dir with a "
+                             "texture_dir) must be > 0 (no texture source left)")
         if c.texture_dir is not None and not os.path.isdir(c.texture_dir):
             raise ValueError(f"config corruption.texture_dir: no such folder {c.texture_dir!r}")
         for key, vals in (("model.widths", m.widths), ("model.dilations", m.dilations),
                           ("corruption.perlin_scales", c.perlin_scales)):
             if not vals or min(vals) < 1:
                 raise ValueError(f"config {key} must be a non-empty sequence of positive ints, got {vals!r}")
+        if t.loss != "squared" and self.noise.mode not in ("none", "input"):
+            raise ValueError(f"config train.loss {t.loss!r} needs noise.mode 'none' or 'input' (its gradient term "
+                             f"compares with the clean image), got noise.mode {self.noise.mode!r}")
         if self.map.k % 2 != 1:
             raise ValueError(f"config map.k must be odd (a centred box filter), got {self.map.k!r}")
         if t.crop_size is not None:
@@ -257,7 +271,7 @@ _RANGES = {
     "corruption.beta_min": "[0, 1]", "corruption.beta_max": "[0, 1]",
     "corruption.w_perlin": "[0, inf)", "corruption.w_polygon": "[0, inf)", "corruption.w_stroke": "[0, inf)",
     "corruption.soft_edge": "[0, 1]", "corruption.w_texture_dir": "[0, inf)",
-    "corruption.w_other_image": "[0, inf)", "corruption.w_procedural": "[0, inf)",
+    "corruption.w_other_image": "[0, inf)", "corruption.w_procedural": "[0, inf)", "corruption.w_self": "[0, inf)",
     "corruption.color_jitter": "[0, inf)", "corruption.stroke_samples": "[2, inf)",
     "corruption.capacity_sigmas": "[0, inf)", "corruption.perlin_base_max": "[1, inf)",
     "corruption.perlin_envelope": "[0, inf)",
@@ -284,6 +298,7 @@ _CHOICES = {
     "model.upsample": ("bilinear", "transpose"),
     "train.amp": ("auto", "bf16", "fp16", "fp32"),
     "train.streams": ("auto", "batch", "keyed"),
+    "train.loss": MAP_ERRORS,
 }
 
 

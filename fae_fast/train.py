@@ -38,9 +38,9 @@ from typing import Any
 
 import torch
 
-from . import ops
+from . import ops, reference
 from .checkpoint import load_train_state, save_train_state
-from .config import NOISE_MODES, FAEConfig, smoothing_for_size
+from .config import GRADIENT_WEIGHT, NOISE_MODES, FAEConfig, smoothing_for_size
 from .scoring import autocast_dtype, compute_maps, resolve_device, thresholds_from_holdout
 
 __all__ = ["NOISE_MODES", "TrainResult", "train", "batch_loss", "step_seed", "split_holdout", "lr_factor",
@@ -148,7 +148,8 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: int, seed: int, sigma_max: float,
                mode: str = "symmetric", noise_backend: str = "torch", pool: torch.Tensor | None = None,
-               channels_last: bool = False, autocast=None, keyed: tuple[int, int] | None = None) -> torch.Tensor:
+               channels_last: bool = False, autocast=None, keyed: tuple[int, int] | None = None,
+               loss: str = "squared") -> torch.Tensor:
     """The FAE loss of one batch of normal images, with gradients to ``fwd``'s parameters (no optimiser step).
 
     ``x~ = corruptor(x)``; sigma ~ U(0, sigma_max) per sample from ``gen``; ``input = x~ + eps``;
@@ -173,6 +174,10 @@ def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: i
             :func:`sample_stream_seed` of its global block index, and the noise is keyed per global sample
             (``sample_offset``), so the loss's terms do not depend on how a global batch is split. None: one
             stream for the batch (``gen``'s state).
+        loss: ``train.loss``: "squared" (the MSE above), "gradient" (the pixel mean of
+            ``reference.error_image(x, recon, "gradient")``, the map's gradient error) or "squared+gradient" (the MSE
+            plus :data:`~fae_fast.config.GRADIENT_WEIGHT` times it). A gradient term needs a clean target (modes
+            "none" and "input").
 
     Returns:
         0-dim float32 loss.
@@ -204,7 +209,15 @@ def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: i
         inp = inp.contiguous(memory_format=torch.channels_last)
     with autocast if autocast is not None else contextlib.nullcontext():
         recon = fwd(inp)
-    return ops.noisy_target_loss(recon, x, sigma_tgt, seed_tgt, sample_offset=offset, backend=noise_backend)
+    if loss == "squared":
+        return ops.noisy_target_loss(recon, x, sigma_tgt, seed_tgt, sample_offset=offset, backend=noise_backend)
+    if mode not in ("none", "input"):
+        raise ValueError(f"loss {loss!r} needs noise mode 'none' or 'input' (a clean target), got {mode!r}")
+    grad = reference.error_image(xf, recon, "gradient").mean()
+    if loss == "gradient":
+        return grad
+    mse = ops.noisy_target_loss(recon, x, sigma_tgt, seed_tgt, sample_offset=offset, backend=noise_backend)
+    return mse + GRADIENT_WEIGHT * grad
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):
@@ -423,7 +436,7 @@ class _Trainer:
         loss = batch_loss(self.fwd, xb, self.corruptor, self.key_gen or self.gen, step=step, seed=int(tc.seed),
                           sigma_max=self.sigma_max, mode=self.cfg.noise.mode, noise_backend=self.noise_backend,
                           pool=self.pool, channels_last=bool(tc.channels_last), autocast=self.autocast,
-                          keyed=keyed)
+                          keyed=keyed, loss=self.cfg.train.loss)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if tc.grad_clip and tc.grad_clip > 0:

@@ -247,6 +247,35 @@ def test_texture_source_procedural():
     assert float(t.std(dim=(2, 3)).max()) > 0.05
 
 
+def test_texture_source_self_is_the_image_brightness_and_contrast_changed():
+    """A "self" texture is clip(g x + o) of the slot's own image, g in self_gain, |o| in self_offset, both signs."""
+    x = torch.rand(64, 3, 24, 24, generator=_gen(3)) * 0.5 + 0.25
+    _, cor = _run(_cfg(p=1.0, k_min=1, k_max=1, w_other_image=0, w_procedural=0, w_self=1,
+                       self_gain=(0.6, 1.2), self_offset=(0.1, 0.2)), x)
+    d = cor.last_details
+    assert set(torch.unique(d["texture_source"][d["valid"]]).tolist()) == {3}
+    t = d["textures"][:, 0]                                          # (B, C, H, W), one slot per image
+    offsets = []
+    for i in range(len(x)):
+        keep = (t[i] > 0) & (t[i] < 1)                               # not clipped
+        xi, ti = x[i][keep].double(), t[i][keep].double()
+        A = torch.stack([xi, torch.ones_like(xi)], 1)
+        (gain, off), = torch.linalg.lstsq(A, ti[:, None]).solution.T
+        assert_close(A @ torch.stack([gain, off]), ti, atol=1e-5, rtol=0)   # an affine map of the image itself
+        assert 0.6 - 1e-6 <= float(gain) <= 1.2 + 1e-6 and 0.1 - 1e-6 <= abs(float(off)) <= 0.2 + 1e-6
+        offsets.append(float(off))
+    assert min(offsets) < 0 < max(offsets)                            # darker and brighter
+
+
+def test_texture_source_self_off_leaves_the_random_stream_alone():
+    x = torch.rand(8, 3, 16, 16, generator=_gen(1))
+    a, _ = _run(_cfg(p=1.0), x, seed=4)
+    b, _ = _run(_cfg(p=1.0, w_self=0.0, self_gain=(0.9, 1.0)), x, seed=4)
+    c, _ = _run(_cfg(p=1.0, w_self=0.5), x, seed=4)
+    assert torch.equal(a.texture, b.texture) and torch.equal(a.mask_beta, b.mask_beta)
+    assert not torch.equal(a.texture, c.texture)
+
+
 def test_texture_dir(tmp_path):
     cv2 = pytest.importorskip("cv2")
     red = np.zeros((40, 30, 3), np.uint8)

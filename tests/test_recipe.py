@@ -344,3 +344,68 @@ def test_calibrate_cli_writes_the_f1_thresholds(tmp_path, capsys):
     assert rc == 0 and "F1-optimal" in capsys.readouterr().out
     det = Detector.load(tmp_path / "m2.fae")
     assert det.thresholds == Detector.load(tmp_path / "m.fae").calibrate(data)["thresholds"]
+
+
+# ---------------------------------------------------------------------------------------------- training loss
+def _loss_and_recon(x, loss, mode="none"):
+    """(batch_loss with ``loss``, the network output) for a fixed corruption and a fixed non-identity network."""
+    from fae_fast.train import batch_loss
+
+    seen = []
+
+    def fwd(inp):
+        out = inp * 0.7 + 0.1 * torch.roll(inp, 1, dims=3)
+        seen.append(out.detach())
+        return out
+
+    cor = Corruptor(CorruptionConfig(), image_size=tuple(x.shape[2:]), device=x.device)
+    value = batch_loss(fwd, x, cor, torch.Generator().manual_seed(5), step=0, seed=3, sigma_max=0.05, mode=mode,
+                       noise_backend="torch", loss=loss)
+    return value, seen[0]
+
+
+@pytest.mark.parametrize("mode", ["none", "input"])
+def test_gradient_loss_adds_the_maps_gradient_error_to_the_mse(mode):
+    from fae_fast import reference
+    from fae_fast.config import GRADIENT_WEIGHT
+
+    x = torch.randint(0, 256, (3, 3, 24, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    sq, recon = _loss_and_recon(x, "squared", mode)
+    both, recon2 = _loss_and_recon(x, "squared+gradient", mode)
+    grad, _ = _loss_and_recon(x, "gradient", mode)
+    torch.testing.assert_close(recon, recon2)          # the same corruption and noise whatever the loss
+    clean = x.float() / 255
+    expected = reference.error_image(clean, recon, "gradient").mean()
+    torch.testing.assert_close(sq, (recon - clean).pow(2).mean())
+    torch.testing.assert_close(grad, expected)
+    torch.testing.assert_close(both, sq + GRADIENT_WEIGHT * expected)
+    assert grad > 1e-4
+
+
+def test_gradient_loss_refuses_a_noisy_target():
+    cfg = preset("tiny")
+    cfg.train.loss, cfg.noise.mode = "squared+gradient", "symmetric"
+    with pytest.raises(ValueError, match="train.loss 'squared\\+gradient' needs noise.mode"):
+        cfg.validate()
+    cfg.noise.mode = "input"
+    cfg.validate()
+    cfg.train.loss = "ssim"
+    with pytest.raises(ValueError, match="train.loss must be one of"):
+        cfg.validate()
+    x = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="needs noise mode"):
+        _loss_and_recon(x, "gradient", mode="independent")
+
+
+def test_training_optimises_the_configured_loss():
+    """The first step's logged loss (zero-initialised residual head: recon = input) carries the gradient term."""
+    from fae_fast.train import train
+
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    first = {}
+    for loss in ("squared", "squared+gradient"):
+        cfg = preset("tiny")
+        cfg.train.image_size, cfg.train.steps, cfg.train.batch_size, cfg.train.loss = (32, 32), 1, 4, loss
+        cfg.map.normalize = "none"
+        first[loss] = train(cfg, images, device="cpu", progress=False, log_every=1).history[0]["loss"]
+    assert first["squared+gradient"] > 1.5 * first["squared"] > 0
