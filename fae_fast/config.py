@@ -53,6 +53,9 @@ class CorruptionConfig:
     w_self: float = 0.0
     self_gain: tuple[float, float] = (0.5, 1.5)
     self_offset: tuple[float, float] = (0.05, 0.4)
+    # procedural and texture-folder textures in grey when the training images are grey (3 equal channels): a
+    # coloured occlusion on a grey part is found by its colour alone. "auto" (grey images -> grey) | "on" | "off"
+    grey_textures: str = "off"
     color_jitter: float = 0.2           # brightness/contrast/saturation jitter of borrowed textures
     stroke_samples: int = 16            # points per Bezier stroke when rasterising
     capacity_sigmas: float | None = 4.0  # occlusion slots per batch: expected + this many std (None: all slots)
@@ -288,6 +291,7 @@ _RANGES = {
 }
 _CHOICES = {
     "noise.mode": NOISE_MODES,
+    "corruption.grey_textures": ("auto", "on", "off"),
     "noise.sigma_reference": ("absolute", "image_noise"),
     "map.normalize": ("none", "mean", "zscore"),
     "map.error": MAP_ERRORS,

@@ -334,6 +334,8 @@ class Corruptor:
             config's ``capacity_sigmas``).
         backend: backend of the ops (``"auto" | "ext" | "torch"``).
         keep_details: keep the per-slot tensors of the last call in ``last_details`` (tests, visualisation).
+        grey: the images are grey (equal channels): procedural and texture-folder textures are made grey too
+            (``cfg.grey_textures`` "auto" follows this; "on" / "off" override it).
 
     Call:
         ``corruptor(x, generator, pool=None) -> Corruption``. ``x`` (B, C, H, W) float in [0, 1] (uint8 is
@@ -344,7 +346,8 @@ class Corruptor:
 
     def __init__(self, cfg: CorruptionConfig | None = None, image_size=(256, 256), device="cpu", *,
                  channels: int = 3, stroke_samples: int | None = None, polygon_vertices: int = 7,
-                 capacity_sigmas: float | None | str = "config", backend: str = "auto", keep_details: bool = False):
+                 capacity_sigmas: float | None | str = "config", backend: str = "auto", keep_details: bool = False,
+                 grey: bool = False):
         cfg = CorruptionConfig() if cfg is None else cfg
         if not isinstance(cfg, CorruptionConfig):
             raise TypeError(f"cfg must be a CorruptionConfig, got {type(cfg).__name__}")
@@ -365,6 +368,7 @@ class Corruptor:
         self.keep_details = keep_details
         self.last_details: dict | None = None
         self._validate(cfg)
+        self.grey = channels == 3 and (cfg.grey_textures == "on" or (cfg.grey_textures == "auto" and bool(grey)))
         self.shape_weights = (cfg.w_perlin, cfg.w_polygon, cfg.w_stroke)
         self.texture_bank = None
         if cfg.texture_dir is not None:
@@ -412,6 +416,8 @@ class Corruptor:
         rng("self_offset")
         if cfg.elastic_smoothness[0] <= 0:
             raise ValueError(f"CorruptionConfig.elastic_smoothness must be > 0, got {cfg.elastic_smoothness!r}")
+        if cfg.grey_textures not in ("auto", "on", "off"):
+            raise ValueError(f"CorruptionConfig.grey_textures must be 'auto', 'on' or 'off', got {cfg.grey_textures!r}")
 
     # ------------------------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, generator: torch.Generator, pool: torch.Tensor | None = None
@@ -753,16 +759,23 @@ class Corruptor:
             bank = self.texture_bank
             if bank.device != dev:
                 bank = self.texture_bank = bank.to(dev)
-            parts.append(self._borrowed(tcaps[0], bank, H, W, g))
+            parts.append(self._greyed(self._borrowed(tcaps[0], bank, H, W, g)))
         if tcaps[1]:
             parts.append(self._borrowed(tcaps[1], x if pool is None else pool, H, W, g))
         if tcaps[2]:
-            parts.append(self._procedural(tcaps[2], C, H, W, g, dev))
+            parts.append(self._greyed(self._procedural(tcaps[2], C, H, W, g, dev)))
         if tcaps[3]:  # placeholders: a slot of this source takes its own image, shifted, in the slot loop
             parts.append(torch.zeros(tcaps[3], C, H, W, device=dev))
         if not parts:
             return torch.zeros(0, C, H, W, device=dev)
         return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+
+    def _greyed(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (n, 3, H, W) as grey (luma, equal channels) when the corruptor is grey, else ``t``."""
+        if not self.grey:
+            return t
+        luma = torch.einsum("c,nchw->nhw", _const((0.299, 0.587, 0.114), t.device), t)
+        return luma[:, None].expand_as(t).contiguous()
 
     def _self_shift(self, n, g, dev) -> tuple[torch.Tensor, torch.Tensor]:
         """(gain (n,), offset (n,)) of the "self" textures ``clip(gain x + offset)``: gain ~ U(self_gain),

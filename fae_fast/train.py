@@ -146,6 +146,11 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 # pieces of the loop
 
 
+def _is_grey(images: torch.Tensor) -> bool:
+    """Whether (N, 3, H, W) images hold grey pictures (three equal channels); one host sync, at set-up."""
+    return images.shape[1] == 3 and bool((images[:, :1] == images[:, 1:]).all())
+
+
 def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: int, seed: int, sigma_max: float,
                mode: str = "symmetric", noise_backend: str = "torch", pool: torch.Tensor | None = None,
                channels_last: bool = False, autocast=None, keyed: tuple[int, int] | None = None,
@@ -409,7 +414,8 @@ class _Trainer:
         # keyed streams reseed their own generator per block (nothing of it to checkpoint); self.gen, the sampler's,
         # evolves alike on every process
         self.key_gen = torch.Generator(device=dev) if self.streams == "keyed" else None
-        self.corruptor = Corruptor(cfg.corruption, image_size=crop or (H, W), device=dev)
+        self.corruptor = Corruptor(cfg.corruption, image_size=crop or (H, W), device=dev,
+                                   grey=cfg.corruption.grey_textures == "auto" and _is_grey(train_images))
         # with crops, textures are borrowed from the batch's own crops (same scale); otherwise from every image
         self.pool = None if crop is not None else train_images
         self.fwd = torch.compile(model) if tc.compile else model

@@ -276,6 +276,26 @@ def test_texture_source_self_off_leaves_the_random_stream_alone():
     assert not torch.equal(a.texture, c.texture)
 
 
+@pytest.mark.parametrize("setting,grey_images,grey", [("auto", True, True), ("auto", False, False),
+                                                       ("on", False, True), ("off", True, False)])
+def test_grey_textures_on_grey_images(setting, grey_images, grey):
+    x = torch.rand(32, 1, 24, 24, generator=_gen(2)).expand(-1, 3, -1, -1)
+    _, cor = _run(_cfg(p=1.0, w_other_image=0, w_procedural=1, grey_textures=setting), x, grey=grey_images)
+    t = cor.last_details["textures"][cor.last_details["active"]]          # (n, 3, H, W)
+    spread = float((t.amax(1) - t.amin(1)).max())
+    assert (spread == 0.0) if grey else (spread > 0.1)
+
+
+def test_training_detects_grey_images():
+    from fae_fast.train import _is_grey
+
+    g = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    assert _is_grey(g.expand(-1, 3, -1, -1))
+    c = g.expand(-1, 3, -1, -1).clone()
+    c[2, 1, 3, 3] ^= 1
+    assert not _is_grey(c)
+
+
 def test_texture_dir(tmp_path):
     cv2 = pytest.importorskip("cv2")
     red = np.zeros((40, 30, 3), np.uint8)
