@@ -180,8 +180,8 @@ def edge_max_fraction(maps: torch.Tensor, band: float = 0.05) -> float:
 class _Scorer:
     """Scores a model on the test set (and its held-out normal images for the normalisation statistics)."""
 
-    def __init__(self, test, hold_images: torch.Tensor, device):
-        self.test, self.hold, self.device = test, hold_images, device
+    def __init__(self, test, hold_images: torch.Tensor, device, spread_window: int = 1):
+        self.test, self.hold, self.device, self.window = test, hold_images, device, int(spread_window)
         self.labels, self.masks = test.labels.numpy(), test.masks[:, 0].numpy()
 
     def __call__(self, model, settings, modes) -> dict:
@@ -195,7 +195,7 @@ class _Scorer:
         out = {}
         good = torch.from_numpy(self.labels == 0)
         for s in settings:
-            stats = map_statistics(hold[s][0]) if s in hold else None
+            stats = map_statistics(hold[s][0], self.window) if s in hold else None
             for mode in modes:
                 if mode != "none" and stats is None:
                     continue
@@ -279,7 +279,7 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
         for seed in seeds:
             cfg = variant_config(base, name, seed)
             _, hold_idx = split_holdout(len(train_images), float(cfg.train.holdout_fraction), int(seed))
-            scorer = _Scorer(test, train_images[hold_idx], device)
+            scorer = _Scorer(test, train_images[hold_idx], device, cfg.map.spread_window)
             curve: list[dict] = []
 
             def on_eval(step, model, scorer=scorer, curve=curve):

@@ -108,6 +108,9 @@ class MapConfig:
     # Sobel gradient of the residual: local structure only, smooth offsets of the reconstruction drop out) |
     # "squared+gradient" (both: thin defects and pits gain, large low-contrast ones keep their inside)
     error: str = "squared+gradient"
+    # odd; "zscore" divides by the per-pixel std max-filtered over this window: structures that move a few pixels
+    # between parts (edges, glare) keep their spread where the next part puts them. 1: each pixel's own std
+    spread_window: int = 1
 
 
 @dataclass
@@ -245,6 +248,8 @@ class FAEConfig:
         if t.loss != "squared" and self.noise.mode not in ("none", "input"):
             raise ValueError(f"config train.loss {t.loss!r} needs noise.mode 'none' or 'input' (its gradient term "
                              f"compares with the clean image), got noise.mode {self.noise.mode!r}")
+        if self.map.spread_window % 2 != 1:
+            raise ValueError(f"config map.spread_window must be odd, got {self.map.spread_window!r}")
         if self.map.k % 2 != 1:
             raise ValueError(f"config map.k must be odd (a centred box filter), got {self.map.k!r}")
         if t.crop_size is not None:
@@ -280,7 +285,7 @@ _RANGES = {
     "corruption.perlin_envelope": "[0, inf)",
     "noise.sigma_max": "[0, inf)",
     "model.in_channels": "[1, inf)",
-    "map.n": "[0, inf)", "map.k": "[1, inf)", "map.ref_size": "[1, inf)",
+    "map.n": "[0, inf)", "map.k": "[1, inf)", "map.ref_size": "[1, inf)", "map.spread_window": "[1, 63]",
     "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
     "train.weight_decay": "[0, inf)", "train.warmup_steps": "[0, inf)", "train.grad_clip": "[0, inf)",
     "train.ema_decay": "[0, 1)",

@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import ops
 
@@ -168,11 +169,14 @@ def thresholds_from_holdout(scores: torch.Tensor, maps: torch.Tensor, image_q: f
 NORMALIZE_MODES = ("none", "mean", "zscore")
 
 
-def map_statistics(maps: torch.Tensor) -> dict[str, torch.Tensor]:
+def map_statistics(maps: torch.Tensor, window: int = 1) -> dict[str, torch.Tensor]:
     """Per-pixel statistics of the anomaly maps of normal images, for :func:`normalize_maps`.
 
     Args:
         maps: (N, 1, H, W) float maps of held-out normal images (N >= 2).
+        window: odd; the per-pixel std is replaced by its maximum over a ``window x window`` neighbourhood
+            (``map.spread_window``): structures that move by a few pixels from part to part (edges, glare) keep
+            their spread where the next part puts them. 1: each pixel's own std.
 
     Returns:
         ``{"mean": (1, 1, H, W), "scale": (1, 1, H, W)}``: the per-pixel mean, and the per-pixel std plus the
@@ -185,9 +189,17 @@ def map_statistics(maps: torch.Tensor) -> dict[str, torch.Tensor]:
         raise ValueError(f"per-pixel statistics need at least 2 normal images, got {maps.shape[0]}")
     m = maps.double()
     mean = m.mean(0, keepdim=True)
-    std = m.std(0, keepdim=True, correction=1)
+    std = _spread(m.std(0, keepdim=True, correction=1), window)
     floor = std.flatten().median()
     return {"mean": mean.float(), "scale": (std + floor).clamp_min(1e-12).float()}
+
+
+def _spread(std: torch.Tensor, window: int) -> torch.Tensor:
+    """(N, 1, H, W) per-pixel stds, max-filtered over ``window x window`` (odd; borders see fewer pixels)."""
+    window = int(window)
+    if window < 1 or window % 2 != 1:
+        raise ValueError(f"spread window must be an odd int >= 1, got {window!r}")
+    return std if window == 1 else F.max_pool2d(std, window, stride=1, padding=window // 2)
 
 
 def check_map_statistics(stats, size: tuple[int, int], mode: str = "zscore", what: str = "map statistics") -> None:
@@ -219,10 +231,11 @@ def stored_map_statistics(model_file, path) -> dict[str, torch.Tensor] | None:
     return {k: v.float() for k, v in stats.items()}
 
 
-def leave_one_out_normalized(maps: torch.Tensor, mode: str) -> torch.Tensor:
-    """Each map normalised by the statistics of the *other* maps (N >= 3): the held-out normal images give both
-    the statistics and the thresholds, and normalising an image by statistics that include it would shrink its
-    own extremes and set the thresholds too low."""
+def leave_one_out_normalized(maps: torch.Tensor, mode: str, window: int = 1) -> torch.Tensor:
+    """Each map normalised by the statistics of the *other* maps (N >= 3; ``window`` as in
+    :func:`map_statistics`): the held-out normal images give both the statistics and the thresholds, and
+    normalising an image by statistics that include it would shrink its own extremes and set the thresholds too
+    low."""
     if mode == "none":
         return maps
     N = maps.shape[0]
@@ -235,7 +248,7 @@ def leave_one_out_normalized(maps: torch.Tensor, mode: str) -> torch.Tensor:
     out = m - mean
     if mode == "zscore":  # N >= 3: the other N - 1 >= 2 images have a std
         var = ((s2 - m * m) - (N - 1) * mean * mean) / (N - 2)
-        std = var.clamp_min(0.0).sqrt()
+        std = _spread(var.clamp_min(0.0).sqrt(), window)
         floor = std.flatten(1).median(dim=1).values.view(N, 1, 1, 1)
         out = out / (std + floor).clamp_min(1e-12)
     return out.float()

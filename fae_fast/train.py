@@ -562,8 +562,8 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
                       "images)", UserWarning, stacklevel=3)
         cfg.map.normalize = "none"
     if cfg.map.normalize != "none":
-        stats = map_statistics(maps)
-        maps = leave_one_out_normalized(maps, cfg.map.normalize)
+        stats = map_statistics(maps, cfg.map.spread_window)
+        maps = leave_one_out_normalized(maps, cfg.map.normalize, cfg.map.spread_window)
         scores = maps.amax(dim=(1, 2, 3))
     thresholds = thresholds_from_holdout(scores, maps, float(cfg.train.threshold_quantile),
                                          float(cfg.train.pixel_threshold_quantile))

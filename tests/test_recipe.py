@@ -221,12 +221,39 @@ def test_leave_one_out_normalisation_matches_statistics_without_the_image():
 
     g = torch.Generator().manual_seed(0)
     maps = torch.rand(6, 1, 5, 7, generator=g) ** 3
-    for mode in ("mean", "zscore"):
-        loo = leave_one_out_normalized(maps, mode)
+    for mode, window in (("mean", 1), ("zscore", 1), ("zscore", 3)):
+        loo = leave_one_out_normalized(maps, mode, window)
         for i in range(6):
             rest = torch.cat([maps[:i], maps[i + 1:]])
-            torch.testing.assert_close(loo[i:i + 1], normalize_maps(maps[i:i + 1], map_statistics(rest), mode),
+            torch.testing.assert_close(loo[i:i + 1],
+                                       normalize_maps(maps[i:i + 1], map_statistics(rest, window), mode),
                                        atol=1e-5, rtol=1e-4)
+
+
+def test_spread_window_covers_a_hot_spot_that_moves_between_parts():
+    """A bright spot that sits a few pixels elsewhere on every normal part: with the spread max-filtered over a
+    window wider than its jitter, the next part's spot at a new place is no longer an extreme z-score."""
+    from fae_fast.config import FAEConfig
+    from fae_fast.scoring import leave_one_out_normalized
+
+    g = torch.Generator().manual_seed(1)
+    maps = torch.rand(12, 1, 32, 32, generator=g) * 0.1
+    for i in range(12):
+        maps[i, 0, 14 + (i % 4), 10 + 2 * (i % 3)] += 5.0           # jitter of 3 rows and 4 columns
+    new = torch.rand(1, 1, 32, 32, generator=g) * 0.1
+    new[0, 0, 15, 13] += 5.0                                       # within the jitter, at a spot no part used
+    own, wide = map_statistics(maps), map_statistics(maps, 7)
+    assert normalize_maps(new, own, "zscore").max() > 10 * normalize_maps(new, wide, "zscore").max()
+    assert normalize_maps(new, wide, "zscore").max() < 5.0
+    assert torch.equal(map_statistics(maps, 1)["scale"], own["scale"])
+    with pytest.raises(ValueError, match="spread window must be an odd int"):
+        map_statistics(maps, 4)
+    with pytest.raises(ValueError, match="spread window"):
+        leave_one_out_normalized(maps, "zscore", 0)
+    cfg = FAEConfig()
+    cfg.map.spread_window = 6
+    with pytest.raises(ValueError, match="map.spread_window must be odd"):
+        cfg.validate()
 
 
 def test_detector_with_zscore_maps_keeps_its_statistics_through_save_and_load(tmp_path):
@@ -409,3 +436,19 @@ def test_training_optimises_the_configured_loss():
         cfg.map.normalize = "none"
         first[loss] = train(cfg, images, device="cpu", progress=False, log_every=1).history[0]["loss"]
     assert first["squared+gradient"] > 1.5 * first["squared"] > 0
+
+
+def test_training_passes_the_spread_window_to_the_statistics_and_thresholds(monkeypatch):
+    from fae_fast import scoring
+    from fae_fast.train import train
+
+    seen = []
+    real_stats, real_loo = scoring.map_statistics, scoring.leave_one_out_normalized
+    monkeypatch.setattr(scoring, "map_statistics", lambda m, w=1: seen.append(("stats", w)) or real_stats(m, w))
+    monkeypatch.setattr(scoring, "leave_one_out_normalized",
+                        lambda m, mode, w=1: seen.append(("loo", w)) or real_loo(m, mode, w))
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.steps, cfg.train.batch_size, cfg.map.spread_window = (32, 32), 1, 4, 5
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    res = train(cfg, images, holdout=images[:4], device="cpu", progress=False)
+    assert seen == [("stats", 5), ("loo", 5)] and res.map_stats is not None
