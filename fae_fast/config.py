@@ -126,8 +126,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     # the training loss, one of MAP_ERRORS averaged over pixels: "squared" (the MSE of DESIGN.md, fused with the
     # noise) | "squared+gradient" (plus GRADIENT_WEIGHT x the squared Sobel gradient of the residual: the map's own
-    # error, so fine structure is reconstructed as the map measures it) | "gradient". A gradient term compares with
-    # the clean image: only with noise.mode "none" or "input" (a noisy target is never stored)
+    # error, so fine structure is reconstructed as the map measures it; against the same target x + eps) | "gradient"
     loss: str = "squared"
     image_size: tuple[int, int] | str = (256, 256)  # (H, W), non-square allowed; or "auto" (below)
     auto_pixels: int = 256 * 256        # "auto" size: the data's aspect ratio at about this many pixels
@@ -245,9 +244,6 @@ class FAEConfig:
                           ("corruption.perlin_scales", c.perlin_scales)):
             if not vals or min(vals) < 1:
                 raise ValueError(f"config {key} must be a non-empty sequence of positive ints, got {vals!r}")
-        if t.loss != "squared" and self.noise.mode not in ("none", "input"):
-            raise ValueError(f"config train.loss {t.loss!r} needs noise.mode 'none' or 'input' (its gradient term "
-                             f"compares with the clean image), got noise.mode {self.noise.mode!r}")
         if self.map.spread_window % 2 != 1:
             raise ValueError(f"config map.spread_window must be odd, got {self.map.spread_window!r}")
         if self.map.k % 2 != 1:

@@ -180,9 +180,8 @@ def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: i
             (``sample_offset``), so the loss's terms do not depend on how a global batch is split. None: one
             stream for the batch (``gen``'s state).
         loss: ``train.loss``: "squared" (the MSE above), "gradient" (the pixel mean of
-            ``reference.error_image(x, recon, "gradient")``, the map's gradient error) or "squared+gradient" (the MSE
-            plus :data:`~fae_fast.config.GRADIENT_WEIGHT` times it). A gradient term needs a clean target (modes
-            "none" and "input").
+            ``reference.error_image(target, recon, "gradient")``, the map's gradient error against the same target
+            ``x + eps``) or "squared+gradient" (the MSE plus :data:`~fae_fast.config.GRADIENT_WEIGHT` times it).
 
     Returns:
         0-dim float32 loss.
@@ -216,9 +215,10 @@ def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: i
         recon = fwd(inp)
     if loss == "squared":
         return ops.noisy_target_loss(recon, x, sigma_tgt, seed_tgt, sample_offset=offset, backend=noise_backend)
-    if mode not in ("none", "input"):
-        raise ValueError(f"loss {loss!r} needs noise mode 'none' or 'input' (a clean target), got {mode!r}")
-    grad = reference.error_image(xf, recon, "gradient").mean()
+    # the gradient term needs the target itself: x + eps drawn by the same op and backend as the input's eps
+    target = xf if mode in ("none", "input") else ops.corrupt_and_noise(
+        x, x, torch.zeros_like(c.mask_beta), sigma_tgt, seed_tgt, sample_offset=offset, backend=noise_backend)
+    grad = reference.error_image(target, recon, "gradient").mean()
     if loss == "gradient":
         return grad
     mse = ops.noisy_target_loss(recon, x, sigma_tgt, seed_tgt, sample_offset=offset, backend=noise_backend)
