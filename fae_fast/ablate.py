@@ -117,7 +117,8 @@ def describe(cfg: FAEConfig) -> str:
     noise = "none" if nz.mode == "none" or nz.sigma_max == 0 else f"{nz.mode} sigma<={nz.sigma_max:g}{scale}"
     crop = "" if t.crop_size is None else f", crops {t.crop_size[0]}x{t.crop_size[1]}"
     return (f"widths {'-'.join(map(str, m.widths))}, skips {skips}, {'residual' if m.residual else 'plain'} head, "
-            f"noise {noise}, {t.loss} loss, corruption p={c.p:g}, {t.steps} steps x {t.batch_size}{crop}")
+            f"noise {noise}, {t.loss} loss, corruption p={c.p:g} (self textures {c.w_self:g}, grey {c.grey_textures}), "
+            f"{t.steps} steps x {t.batch_size}{crop}")
 
 
 def variant_config(base: FAEConfig, name: str, seed: int) -> FAEConfig:

@@ -60,7 +60,7 @@ def test_validate_names_the_key_and_the_value(key, value, exc, match):
 
 def test_at_least_one_occlusion_shape_and_texture_source():
     cfg = FAEConfig()
-    cfg.corruption.w_other_image = cfg.corruption.w_procedural = 0.0
+    cfg.corruption.w_other_image = cfg.corruption.w_procedural = cfg.corruption.w_self = 0.0
     with pytest.raises(ValueError, match="no texture source"):
         cfg.validate()
     cfg = FAEConfig()
