@@ -361,7 +361,7 @@ def load_model_file(path, map_location="cpu", *, max_parameters: int | None = No
     if missing:
         raise ValueError(f"{path} is a damaged fae_fast model file: missing {missing}")
     try:
-        config = FAEConfig.from_dict(_with_legacy_settings(obj["config"]))
+        config = FAEConfig.from_dict(with_legacy_settings(obj["config"]))
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path} holds an invalid config: {exc}") from exc
     if not isinstance(obj["state"], dict):
@@ -378,10 +378,12 @@ def load_model_file(path, map_location="cpu", *, max_parameters: int | None = No
 
 # settings whose default changed: a model file written before the setting existed lacks it and was trained,
 # thresholded and scored with this value, not with today's default
-_LEGACY_SETTINGS = {"map": {"error": "squared", "normalize": "none"}}
+_LEGACY_SETTINGS = {"map": {"error": "squared", "normalize": "none"},
+                    "corruption": {"w_self": 0.0, "grey_textures": "off"}}
 
 
-def _with_legacy_settings(config):
+def with_legacy_settings(config):
+    """A saved config dict with the settings it lacks filled in as they were before their default changed."""
     if not isinstance(config, dict):
         return config  # from_dict names the problem
     out = dict(config)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from . import ops, reference
-from .checkpoint import load_train_state, save_train_state
+from .checkpoint import load_train_state, save_train_state, with_legacy_settings
 from .config import GRADIENT_WEIGHT, NOISE_MODES, FAEConfig, smoothing_for_size
 from .scoring import autocast_dtype, compute_maps, resolve_device, thresholds_from_holdout
 
@@ -271,8 +271,9 @@ def effective_sigma_max(cfg: FAEConfig, images: torch.Tensor) -> float:
 
 
 def _check_resume_config(path, saved: dict, cfg: FAEConfig) -> None:
-    # a key the saved config lacks was written by a version without that setting: it ran with the default
-    a, b = {**_flat(FAEConfig().to_dict()), **_flat(saved)}, _flat(cfg.to_dict())
+    # a key the saved config lacks was written by a version without that setting: it ran with the default of
+    # then (today's, or the value before a changed default: checkpoint._LEGACY_SETTINGS)
+    a, b = {**_flat(FAEConfig().to_dict()), **_flat(with_legacy_settings(saved))}, _flat(cfg.to_dict())
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in _RESUMABLE_CHANGES)
     if diff:
         raise ValueError(f"cannot resume from {path}: its config differs from this one in "

@@ -137,9 +137,11 @@ def test_a_model_file_from_before_a_changed_default_keeps_the_setting_it_was_mad
     cfg = torch.load(p, weights_only=True)["config"]
     assert ckpt.load_model_file(p).config.map.error == FAEConfig().map.error == "squared+gradient"
     del cfg["map"]["error"], cfg["map"]["normalize"]  # written before map.error and map.normalize existed
+    del cfg["corruption"]["w_self"], cfg["corruption"]["grey_textures"]  # and before own-surface, grey textures
     _rewrite(p, config=cfg)
     mf = ckpt.load_model_file(p)
     assert (mf.config.map.error, mf.config.map.normalize) == ("squared", "none")
+    assert (mf.config.corruption.w_self, mf.config.corruption.grey_textures) == (0.0, "off")
 
 
 def test_other_format_version_names_both(tmp_path):

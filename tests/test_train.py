@@ -293,6 +293,23 @@ def test_resume_refuses_another_config(images, tmp_path):
         train(_cfg(steps=4), images, progress=False, resume=tmp_path)
 
 
+def test_resume_of_a_state_from_before_a_changed_default_refuses_todays_default(images, tmp_path):
+    """A state written before corruption.w_self existed trained without own-surface textures: resuming it with
+    today's default would mix two recipes in one run."""
+    p = tmp_path / "state.pt"
+    train(_cfg(steps=2), images, progress=False, checkpoint=p)
+    obj = torch.load(p, weights_only=True)
+    del obj["config"]["corruption"]["w_self"], obj["config"]["corruption"]["grey_textures"]
+    obj.pop("checksum", None)
+    torch.save(ckpt._with_checksum(obj), p)
+    with pytest.raises(ValueError, match=r"corruption\.w_self \(0\.0 -> 0\.4\)"):
+        train(_cfg(steps=4), images, progress=False, resume=p)
+    old = _cfg(steps=4)
+    old.corruption.w_self, old.corruption.grey_textures = 0.0, "off"
+    with pytest.warns(UserWarning, match="stretched"):
+        train(old, images, progress=False, resume=p)
+
+
 def test_explicit_holdout(images):
     res = train(_cfg(steps=1), images[:8], holdout=images[8:], progress=False)
     assert res.holdout_scores.shape == (4,) and res.holdout_indices is None
