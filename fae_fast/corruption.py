@@ -49,6 +49,8 @@ __all__ = ["Corruptor", "Corruption", "load_texture_dir", "perlin_noise", "activ
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _TWO_PI = 2.0 * math.pi
+#: luma weights of grey(t) (Rec. 601)
+_LUMA = (0.299, 0.587, 0.114)
 #: texture source categories: texture folder, other images, procedural, the image itself (shifted)
 _SELF = 3
 
@@ -774,7 +776,7 @@ class Corruptor:
         """``t`` (n, 3, H, W) as grey (luma, equal channels) when the corruptor is grey, else ``t``."""
         if not self.grey:
             return t
-        luma = torch.einsum("c,nchw->nhw", _const((0.299, 0.587, 0.114), t.device), t)
+        luma = torch.einsum("c,nchw->nhw", _const(_LUMA, t.device), t)
         return luma[:, None].expand_as(t).contiguous()
 
     def _self_shift(self, n, g, dev) -> tuple[torch.Tensor, torch.Tensor]:
@@ -827,7 +829,7 @@ class Corruptor:
         tf = t.reshape(n, C, H * W)
         if C == 3:
             s = 1.0 + r[:, 2] * j
-            grey = torch.matmul(_const((0.299, 0.587, 0.114), dev), tf)               # (n, H*W)
+            grey = torch.matmul(_const(_LUMA, dev), tf)               # (n, H*W)
             bias = torch.addcmul(off.view(n, 1), grey, (c * (1.0 - s)).view(n, 1))
             out = torch.addcmul(bias[:, None], tf, (c * s).view(n, 1, 1))
         else:

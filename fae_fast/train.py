@@ -416,7 +416,7 @@ class _Trainer:
         # evolves alike on every process
         self.key_gen = torch.Generator(device=dev) if self.streams == "keyed" else None
         self.corruptor = Corruptor(cfg.corruption, image_size=crop or (H, W), device=dev,
-                                   grey=cfg.corruption.grey_textures == "auto" and _is_grey(train_images))
+                                   grey=_is_grey(train_images))
         # with crops, textures are borrowed from the batch's own crops (same scale); otherwise from every image
         self.pool = None if crop is not None else train_images
         self.fwd = torch.compile(model) if tc.compile else model
