@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from . import ops
 from .config import CorruptionConfig
 
-__all__ = ["Corruptor", "Corruption", "load_texture_dir", "perlin_noise", "active_capacity", "group_sizes",
+__all__ = ["Corruptor", "Corruption", "ShapeSampler", "TextureSampler", "load_texture_dir", "perlin_noise", "active_capacity", "group_sizes",
            "assign_groups", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -314,6 +314,402 @@ def load_texture_dir(path: str, image_size: tuple[int, int], channels: int = 3, 
     return torch.from_numpy(np.stack(out)).to(device)
 
 
+def _validate(cfg: CorruptionConfig) -> None:
+    """``ValueError`` naming the field for every out-of-range value of ``cfg``."""
+    def rng(name, lo_ok=0.0, hi_ok=float("inf")):
+        v = getattr(cfg, name)
+        if len(v) != 2 or not (lo_ok <= v[0] <= v[1] <= hi_ok):
+            raise ValueError(f"CorruptionConfig.{name} must be (lo, hi) with {lo_ok} <= lo <= hi <= {hi_ok}, "
+                             f"got {v!r}")
+
+    if not 0.0 <= cfg.p <= 1.0:
+        raise ValueError(f"CorruptionConfig.p must be in [0, 1], got {cfg.p!r}")
+    if not (0 <= cfg.k_min <= cfg.k_max) or cfg.k_max < 1:
+        raise ValueError(f"CorruptionConfig needs 0 <= k_min <= k_max, k_max >= 1; got {cfg.k_min}, {cfg.k_max}")
+    if not 0.0 <= cfg.beta_min <= cfg.beta_max <= 1.0:
+        raise ValueError(f"CorruptionConfig needs 0 <= beta_min <= beta_max <= 1, got {cfg.beta_min}, "
+                         f"{cfg.beta_max}")
+    for name in ("w_perlin", "w_polygon", "w_stroke", "w_texture_dir", "w_other_image", "w_procedural",
+                 "w_self", "soft_edge", "color_jitter"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"CorruptionConfig.{name} must be >= 0, got {getattr(cfg, name)!r}")
+    if cfg.w_perlin + cfg.w_polygon + cfg.w_stroke <= 0:
+        raise ValueError("shape weights w_perlin, w_polygon, w_stroke are all zero")
+    if cfg.soft_edge > 1:
+        raise ValueError(f"CorruptionConfig.soft_edge is a probability, got {cfg.soft_edge!r}")
+    if int(cfg.perlin_base_max) < 1:
+        raise ValueError(f"CorruptionConfig.perlin_base_max must be >= 1, got {cfg.perlin_base_max!r}")
+    if not cfg.perlin_scales or any(int(s) < 1 for s in cfg.perlin_scales):
+        raise ValueError(f"CorruptionConfig.perlin_scales must be positive ints, got {cfg.perlin_scales!r}")
+    rng("perlin_coverage", 0.0, 1.0)
+    rng("polygon_size")
+    rng("stroke_width")
+    rng("stroke_length")
+    rng("elastic_alpha")
+    rng("elastic_smoothness")
+    rng("self_gain")
+    rng("self_offset")
+    if cfg.elastic_smoothness[0] <= 0:
+        raise ValueError(f"CorruptionConfig.elastic_smoothness must be > 0, got {cfg.elastic_smoothness!r}")
+    if cfg.grey_textures not in ("auto", "on", "off"):
+        raise ValueError(f"CorruptionConfig.grey_textures must be 'auto', 'on' or 'off', got {cfg.grey_textures!r}")
+
+# ----------------------------------------------------------------------------------------------------------
+# what the corruptor draws: shapes and textures
+# ----------------------------------------------------------------------------------------------------------
+
+class ShapeSampler:
+    """The occlusion shapes of a batch: thresholded Perlin blobs, ellipses and star-convex polygons, thin Bezier
+    strokes, each group in one batched call, then all elastically warped (:func:`fae_fast.ops.elastic_warp`).
+
+    Args:
+        cfg: the (validated) :class:`fae_fast.config.CorruptionConfig`.
+        polygon_vertices: vertices of the star-convex polygons (>= 3).
+        stroke_samples: points per Bezier curve for :func:`fae_fast.ops.rasterize_strokes`.
+        backend: backend of the ops (``"auto" | "ext" | "torch"``).
+    """
+
+    def __init__(self, cfg: CorruptionConfig, *, polygon_vertices: int, stroke_samples: int, backend: str):
+        self.cfg = cfg
+        self.polygon_vertices = int(polygon_vertices)
+        if self.polygon_vertices < 3:
+            raise ValueError(f"polygon_vertices must be >= 3, got {polygon_vertices!r}")
+        self.stroke_samples = int(stroke_samples)
+        self.backend = backend
+        self.weights = (cfg.w_perlin, cfg.w_polygon, cfg.w_stroke)
+
+
+    def __call__(self, caps, H, W, g, dev) -> torch.Tensor:
+        """All shapes of the batch: [perlin (caps[0]), polygons (caps[1]), strokes (caps[2])] as
+        (sum caps, 1, H, W) float32 in [0, 1], some with soft edges, all elastically warped.
+
+        Soft edges cost nothing for blobs and polygons (a wider ramp of their threshold / signed distance);
+        only strokes, which have no distance field here, are blurred."""
+        parts = []
+        if caps[0]:
+            parts.append(self.perlin(caps[0], H, W, g, dev))
+        if caps[1]:
+            parts.append(self.polygons(caps[1], H, W, g, dev))
+        if caps[2]:
+            parts.append(self._soft_edges(self.strokes(caps[2], H, W, g, dev), g))
+        if not parts:
+            return torch.zeros(0, 1, H, W, device=dev)
+        masks = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+        # bilinear resampling of values in [0, 1] can round to 1 + 1 ulp: keep masks a true blend weight
+        return self._elastic(masks, g).clamp_(0.0, 1.0)
+
+    def perlin(self, n, H, W, g, dev):
+        """Thresholded fractal Perlin blobs covering a fraction U(perlin_coverage) of the image each."""
+        cfg = self.cfg
+        # at most one cell per 2 pixels: finer grids put pixel centres on grid corners, where Perlin noise is 0
+        scales = tuple(min(int(s), max(1, min(H, W) // 2)) for s in cfg.perlin_scales)
+        no = len(scales)
+        # amplitudes: a random base octave o0 per mask and persistence-weighted finer octaves on top, so the
+        # batch mixes large smooth blobs with finer speckled ones
+        rank = sorted(range(no), key=lambda o: scales[o])  # octave o is the rank[o]-th coarsest
+        order = _const(tuple(float(rank.index(o)) for o in range(no)), dev)
+        # the base octave is one of the coarse ones (scale <= perlin_base_max, at least the coarsest): coherent
+        # blobs with finer detail on their edges, not confetti
+        n_base = max(1, sum(1 for sc in scales if sc <= int(cfg.perlin_base_max)))
+        o0 = torch.randint(0, n_base, (n, 1), generator=g, device=dev).float()
+        pers = torch.rand((n, 1), generator=g, device=dev) * 0.35 + 0.3
+        rel = order[None, :] - o0
+        amps = torch.where(rel >= 0, pers.pow(rel.clamp_min(0)), torch.zeros_like(rel))
+        noise = perlin_noise(n, H, W, scales, amps, g, dev)  # (n, H, W)
+        cov = torch.rand(n, generator=g, device=dev) * (cfg.perlin_coverage[1] - cfg.perlin_coverage[0]) \
+            + cfg.perlin_coverage[0]
+        if cfg.perlin_envelope > 0:
+            # one blob with fractal edges, not the top peaks of a field spread over the whole frame (those are
+            # confetti: a median of ~25 pieces at 112x280): a Gaussian envelope of the blob's area at a random
+            # centre, plus the noise weighted by perlin_envelope (larger = more ragged)
+            cx = torch.rand(n, generator=g, device=dev) * W
+            cy = torch.rand(n, generator=g, device=dev) * H
+            r2 = (cov * (H * W) / math.pi).clamp_min(1.0).view(n, 1, 1)
+            ys = torch.arange(H, device=dev, dtype=torch.float32).view(1, H, 1)
+            xs = torch.arange(W, device=dev, dtype=torch.float32).view(1, 1, W)
+            d2 = (xs - cx.view(n, 1, 1)) ** 2 + (ys - cy.view(n, 1, 1)) ** 2
+            noise = torch.exp(d2 / (-2.0 * r2)) + float(cfg.perlin_envelope) * noise
+        # per-mask threshold = the (1 - coverage) quantile, estimated on <= 4096 quasi-random pixels with one
+        # batched topk instead of torch.quantile (a regular stride would alias with the Perlin grid, whose
+        # corners are all exactly 0)
+        sub = noise.reshape(n, H * W)[:, _r2_sample(H, W, 4096, dev)]
+        L = sub.shape[1]
+        # the (cov * L)-th largest sample; topk of the at most cov_max * L largest is cheaper than a full sort
+        k_top = min(L, int(math.ceil(cfg.perlin_coverage[1] * L)) + 1)
+        top = sub.topk(k_top, dim=1, sorted=True).values          # descending
+        q = (cov * L).floor().clamp_(0, k_top - 1).long()
+        thr = top.gather(1, q[:, None])  # (n, 1)
+        # hard masks: a step at thr; soft ones: a linear ramp of width delta (in noise units, relative to the
+        # mask's own noise spread) centred on thr, so "mask > 0.5" keeps the drawn coverage either way
+        soft = torch.rand(n, generator=g, device=dev) < cfg.soft_edge
+        spread = sub.std(dim=1, correction=0).clamp_min(1e-6)
+        delta = torch.where(soft, spread * (torch.rand(n, generator=g, device=dev) * 0.2 + 0.05),
+                            torch.full_like(spread, 1e-12))
+        val = ((noise - thr[:, :, None]) / delta[:, None, None] + 0.5).clamp_(0.0, 1.0)
+        # a coverage of exactly 0 must give an empty mask even though the max sample is above nothing
+        val = val * (cov > 0).float()[:, None, None]
+        return val[:, None]
+
+    def polygons(self, n, H, W, g, dev):
+        """Ellipses (half) and star-convex polygons (half), evaluated analytically from a signed distance to
+        the boundary: a one-pixel ramp (anti-aliased) or, for soft edges, a wider one."""
+        cfg = self.cfg
+        V = self.polygon_vertices
+        mhw = float(min(H, W))
+        R = (torch.rand(n, generator=g, device=dev) * (cfg.polygon_size[1] - cfg.polygon_size[0])
+             + cfg.polygon_size[0]) * mhw
+        R = R.clamp_min(0.5)
+        cx = torch.rand(n, generator=g, device=dev) * W - 0.5
+        cy = torch.rand(n, generator=g, device=dev) * H - 0.5
+        rot = torch.rand(n, generator=g, device=dev) * _TWO_PI
+        is_ellipse = torch.rand(n, generator=g, device=dev) < 0.5
+        aspect = torch.rand(n, generator=g, device=dev) * 0.7 + 0.3
+        gaps = torch.rand((n, V), generator=g, device=dev) + 0.25  # no vanishing sectors
+        cs = torch.cumsum(gaps, 1)
+        ang = (cs - gaps[:, :1]) / cs[:, -1:] * _TWO_PI           # sorted, ang[:, 0] = 0, < 2 pi
+        rad = R[:, None] * (torch.rand((n, V), generator=g, device=dev) * 0.6 + 0.4)
+        ys = torch.arange(H, device=dev, dtype=torch.float32).view(1, H, 1)
+        xs = torch.arange(W, device=dev, dtype=torch.float32).view(1, 1, W)
+        dx = xs - cx.view(n, 1, 1)
+        dy = ys - cy.view(n, 1, 1)
+        # rotate into the shape's frame once; both shapes are then axis-aligned / start at angle 0
+        cr, sr = torch.cos(rot).view(n, 1, 1), torch.sin(rot).view(n, 1, 1)
+        u = dx * cr + dy * sr
+        v = dy * cr - dx * sr
+        # polygon: signed distance to the edge whose sector contains the pixel's angle
+        theta = torch.atan2(v, u).remainder_(_TWO_PI).reshape(n, H * W)
+        j = (torch.searchsorted(ang.contiguous(), theta.contiguous(), right=True) - 1).clamp_(0, V - 1)
+        px, py = rad * torch.cos(ang), rad * torch.sin(ang)                 # vertices (n, V)
+        ex, ey = px.roll(-1, 1) - px, py.roll(-1, 1) - py                    # edge j: vertex j -> j + 1
+        el = (ex * ex + ey * ey).sqrt().clamp_min(1e-6)
+        c_edge = (px * ey - py * ex) / el                                    # distance of edge line to centre
+        exn, eyn = ex / el, ey / el
+        ce, exj, eyj = c_edge.gather(1, j), exn.gather(1, j), eyn.gather(1, j)
+        uu, vv = u.reshape(n, H * W), v.reshape(n, H * W)
+        d_poly = ce - (uu * eyj - vv * exj)                                  # > 0 inside
+        # ellipse: radial distance to the boundary, r (1/q - 1) with q the normalised radius
+        a_ax, b_ax = R.view(n, 1), (R * aspect).view(n, 1)
+        q = ((uu / a_ax) ** 2 + (vv / b_ax) ** 2).sqrt()
+        r = (uu * uu + vv * vv).sqrt()
+        d_ell = (1.0 - q) * r / q.clamp_min(1e-6)
+        d_ell = torch.where(q < 1e-6, b_ax.expand_as(d_ell), d_ell)
+        d = torch.where(is_ellipse[:, None], d_ell, d_poly)
+        # edge ramp: 1 px (anti-aliasing) for hard masks, U(2, 4) px (scaled with the image) for soft ones
+        s = max(1.0, min(H, W) / 256.0)
+        soft = torch.rand(n, generator=g, device=dev) < cfg.soft_edge
+        ramp = torch.where(soft, (torch.rand(n, generator=g, device=dev) * 2.0 + 2.0) * s,
+                           torch.ones(n, device=dev))
+        return (d / ramp[:, None] + 0.5).clamp_(0.0, 1.0).view(n, 1, H, W)
+
+    def strokes(self, n, H, W, g, dev):
+        """Thin cubic Bezier strokes (scratches, cracks) through :func:`fae_fast.ops.rasterize_strokes`."""
+        cfg = self.cfg
+        p0 = torch.rand((n, 2), generator=g, device=dev) * _const((float(W), float(H)), dev)
+        L = (torch.rand(n, generator=g, device=dev) * (cfg.stroke_length[1] - cfg.stroke_length[0])
+             + cfg.stroke_length[0]) * max(H, W)
+        alpha = torch.rand(n, generator=g, device=dev) * _TWO_PI
+        d = torch.stack((torch.cos(alpha), torch.sin(alpha)), 1)
+        perp = torch.stack((-d[:, 1], d[:, 0]), 1)
+        bend = (torch.rand((n, 2), generator=g, device=dev) - 0.5) * 0.8 * L[:, None]  # curvature
+        p3 = p0 + d * L[:, None]
+        p1 = p0 + d * (L[:, None] / 3) + perp * bend[:, :1]
+        p2 = p0 + d * (2 * L[:, None] / 3) + perp * bend[:, 1:]
+        ctrl = torch.stack((p0, p1, p2, p3), 1).view(n, 1, 4, 2)
+        width = torch.rand((n, 1), generator=g, device=dev) * (cfg.stroke_width[1] - cfg.stroke_width[0]) \
+            + cfg.stroke_width[0]
+        return ops.rasterize_strokes(ctrl, width, H, W, samples=self.stroke_samples, backend=self.backend)
+
+    def _elastic(self, masks, g):
+        """Warp every mask by its own smooth random field through :func:`fae_fast.ops.elastic_warp`.
+
+        The field is built here, on the device and from ``g``, and passed as ``field=``: the op's own field
+        generator takes a host int seed (drawing one from a device generator would sync) and sizes its blur
+        from ``smoothness.max()`` (another sync). White noise is blurred on a grid coarser by
+        ``smoothness_min / 2`` (the field has no detail below that), bilinearly upsampled, then scaled to an RMS
+        of alpha.
+        """
+        cfg = self.cfg
+        n, _, H, W = masks.shape
+        dev = masks.device
+        mhw = float(min(H, W))
+        if cfg.elastic_alpha[1] <= 0.0:
+            return masks
+        alpha = (torch.rand(n, generator=g, device=dev) * (cfg.elastic_alpha[1] - cfg.elastic_alpha[0])
+                 + cfg.elastic_alpha[0]) * mhw
+        smooth = (torch.rand(n, generator=g, device=dev)
+                  * (cfg.elastic_smoothness[1] - cfg.elastic_smoothness[0]) + cfg.elastic_smoothness[0]) * mhw
+        # the field has no detail below its correlation length: build it on a grid of half the smallest one
+        # (every blur then spans at least two cells, so the bilinear upsampling shows no facets)
+        f = max(1, int(cfg.elastic_smoothness[0] * mhw / 2))
+        h, w = -(-H // f), -(-W // f)
+        z = torch.randn((n, 2, h, w), generator=g, device=dev)
+        # per-sample Gaussian blur as two batched matmuls with (n, h, h) and (n, w, w) kernel matrices (rows
+        # renormalised at the border): one bmm instead of a slow grouped convolution, any per-sample width
+        z = _gauss_matrix(smooth / f, h)[:, None] @ z @ _gauss_matrix(smooth / f, w)[:, None].transpose(-1, -2)
+        if (h, w) != (H, W):
+            z = F.interpolate(z, size=(H, W), mode="bilinear", align_corners=False)
+        # unit RMS on the full-resolution field (interpolation lowers it): alpha is the RMS displacement
+        rms = z.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
+        z = z / rms * alpha.view(n, 1, 1, 1)
+        return ops.elastic_warp(masks, alpha, smooth, 0, field=z, backend=self.backend)
+
+    def _soft_edges(self, masks, g):
+        """With probability ``soft_edge`` a stroke mask is blurred by a Gaussian of std U(0.5, 1.5) px (scaled
+        with the image), selected by a 0/1 factor rather than by indexing."""
+        cfg = self.cfg
+        if cfg.soft_edge <= 0.0:
+            return masks
+        n, _, H, W = masks.shape
+        dev = masks.device
+        s = max(1.0, min(H, W) / 256.0)
+        sigma = (torch.rand(n, generator=g, device=dev) + 0.5) * s
+        soft = (torch.rand(n, generator=g, device=dev) < cfg.soft_edge).float().view(n, 1, 1, 1)
+        blurred = _gaussian_blur_per_sample(masks, sigma, int(math.ceil(3 * 1.5 * s)), "constant")
+        # drop the Gaussian's far tails (< 1e-4, invisible in a blend): they would make the texture's
+        # normalisation num / m divide by denormal-sized mask values
+        blurred = blurred * (blurred >= 1e-4)
+        return torch.lerp(masks, blurred, soft)
+
+
+class TextureSampler:
+    """What an occlusion is filled with: images of a texture folder, patches of other images (rotated, zoomed,
+    shifted, colour-jittered), procedural fields (Perlin colour, stripes, checker, uniform) and the image's own
+    surface with its brightness and contrast changed (its gain and offset from :meth:`self_shift`; the blend
+    happens per slot in :class:`Corruptor`).
+
+    Args:
+        cfg: the (validated) :class:`fae_fast.config.CorruptionConfig`.
+        image_size: (H, W) the texture folder is resized to.
+        channels: C of the images (3 or 1).
+        grey: procedural and texture-folder textures are made grey (``cfg.grey_textures`` already applied).
+        device: device of the texture bank.
+    """
+
+    def __init__(self, cfg: CorruptionConfig, *, image_size, channels: int, grey: bool, device):
+        self.cfg = cfg
+        self.channels = channels
+        self.grey = grey
+        self.bank = None if cfg.texture_dir is None else load_texture_dir(cfg.texture_dir, image_size, channels,
+                                                                          device)
+        self.weights = (cfg.w_texture_dir if self.bank is not None else 0.0, cfg.w_other_image, cfg.w_procedural,
+                        cfg.w_self)
+        if sum(self.weights) <= 0:
+            raise ValueError("texture weights are all zero: set w_other_image, w_procedural, w_self or "
+                             "(with texture_dir) w_texture_dir > 0")
+
+    def __call__(self, tcaps, x, pool, g) -> torch.Tensor:
+        """[texture folder (tcaps[0]), other images (tcaps[1]), procedural (tcaps[2]), self (tcaps[3], zero
+        placeholders)]: (sum, C, H, W) float32."""
+        B, C, H, W = x.shape
+        dev = x.device
+        parts = []
+        if tcaps[0]:
+            bank = self.bank
+            if bank.device != dev:
+                bank = self.bank = bank.to(dev)
+            parts.append(self._greyed(self._borrowed(tcaps[0], bank, H, W, g)))
+        if tcaps[1]:
+            parts.append(self._borrowed(tcaps[1], x if pool is None else pool, H, W, g))
+        if tcaps[2]:
+            parts.append(self._greyed(self._procedural(tcaps[2], C, H, W, g, dev)))
+        if tcaps[3]:  # placeholders: a slot of this source takes its own image, shifted, in the slot loop
+            parts.append(torch.zeros(tcaps[3], C, H, W, device=dev))
+        if not parts:
+            return torch.zeros(0, C, H, W, device=dev)
+        return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+
+    def _greyed(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (n, 3, H, W) as grey (luma, equal channels) when the corruptor is grey, else ``t``."""
+        if not self.grey:
+            return t
+        luma = torch.einsum("c,nchw->nhw", _const(_LUMA, t.device), t)
+        return luma[:, None].expand_as(t).contiguous()
+
+    def self_shift(self, n, g, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gain (n,), offset (n,)) of the "self" textures ``clip(gain x + offset)``: gain ~ U(self_gain),
+        |offset| ~ U(self_offset) with a random sign."""
+        (g0, g1), (o0, o1) = self.cfg.self_gain, self.cfg.self_offset
+        r = torch.rand((3, n), generator=g, device=dev)
+        sign = torch.where(r[2] < 0.5, -1.0, 1.0)
+        return g0 + (g1 - g0) * r[0], sign * (o0 + (o1 - o0) * r[1])
+
+    def _borrowed(self, n, src, H, W, g):
+        """Patches of other images: random image of ``src``, rotated by a multiple of 90 degrees plus a small
+        angle, zoomed, shifted (reflect at the border), colour-jittered. One ``grid_sample`` for all."""
+        dev = src.device
+        P = src.shape[0]
+        idx = torch.randint(0, P, (n,), generator=g, device=dev)
+        imgs = src.index_select(0, idx)
+        imgs = imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()
+        if imgs.shape[1] != self.channels:
+            imgs = imgs.expand(-1, self.channels, -1, -1)
+        k90 = torch.randint(0, 4, (n,), generator=g, device=dev).float()
+        ang = k90 * (math.pi / 2) + (torch.rand(n, generator=g, device=dev) - 0.5) * (math.pi / 6)
+        zoom = torch.rand(n, generator=g, device=dev) * 0.5 + 0.75
+        shift = (torch.rand((n, 2), generator=g, device=dev) * 2.0 - 1.0)
+        # rotation in pixel units (so 90 degrees stays 90 degrees on non-square images): normalised output
+        # coords -> pixels (W/2, H/2) -> rotate / zoom -> normalised input coords of a source stretched to H x W
+        c, s = torch.cos(ang) / zoom, torch.sin(ang) / zoom
+        theta = torch.stack((torch.stack((c, -s * (H / W), shift[:, 0]), 1),
+                             torch.stack((s * (W / H), c, shift[:, 1]), 1)), 1)  # (n, 2, 3)
+        grid = F.affine_grid(theta, (n, self.channels, H, W), align_corners=False)
+        out = F.grid_sample(imgs, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return self.jitter(out, g)
+
+    def jitter(self, t, g):
+        """Brightness (additive), contrast (around the patch mean) and saturation (towards grey) jitter.
+
+        All three are per-texture affine colour maps, so they fold into one: with contrast c, brightness b,
+        saturation s, luma weights w (sum 1) and grey(t) = w . t,
+        ``t' = s (c t + o) + (1 - s) grey(c t + o) = c s t + c (1 - s) grey(t) + o``, ``o = (1 - c) mean + b``:
+        one channel reduction and one ``addcmul`` pass instead of a chain of full-size ops.
+        """
+        j = float(self.cfg.color_jitter)
+        if j <= 0:
+            return t
+        n, C, H, W = t.shape
+        dev = t.device
+        r = torch.rand((n, 3), generator=g, device=dev) * 2.0 - 1.0  # always drawn: fixed random stream
+        b, c = r[:, 0] * j, 1.0 + r[:, 1] * j
+        off = (1.0 - c) * t.mean(dim=(1, 2, 3)) + b
+        tf = t.reshape(n, C, H * W)
+        if C == 3:
+            s = 1.0 + r[:, 2] * j
+            grey = torch.matmul(_const(_LUMA, dev), tf)               # (n, H*W)
+            bias = torch.addcmul(off.view(n, 1), grey, (c * (1.0 - s)).view(n, 1))
+            out = torch.addcmul(bias[:, None], tf, (c * s).view(n, 1, 1))
+        else:
+            out = torch.addcmul(off.view(n, 1, 1), tf, c.view(n, 1, 1))
+        return out.clamp_(0.0, 1.0).view(n, C, H, W)
+
+    def _procedural(self, n, C, H, W, g, dev):
+        """Procedural fields ``c1 + (c2 - c1) * pattern``: per-channel Perlin colour fields, stripes, checker,
+        uniform colour (one kind per texture, chosen by a one-hot weight; all kinds are cheap)."""
+        kind = torch.randint(0, 4, (n,), generator=g, device=dev)
+        c1 = torch.rand((n, C, 1, 1), generator=g, device=dev)
+        c2 = torch.rand((n, C, 1, 1), generator=g, device=dev)
+        # Perlin colour field: two coarse octaves per channel
+        amps = torch.rand((n * C, 2), generator=g, device=dev) * _const((1.0, 0.5), dev)
+        per = perlin_noise(n * C, H, W, (2, 6), amps, g, dev).view(n, C, H, W)
+        per = (per * 0.7 + 0.5).clamp(0.0, 1.0)
+        # stripes and checker along a random direction with a random period
+        phi = torch.rand(n, generator=g, device=dev) * math.pi
+        period = torch.rand(n, generator=g, device=dev) * (0.25 * min(H, W) - 3.0) + 3.0
+        phase = torch.rand(n, generator=g, device=dev) * _TWO_PI
+        ys = torch.arange(H, device=dev, dtype=torch.float32).view(1, H, 1)
+        xs = torch.arange(W, device=dev, dtype=torch.float32).view(1, 1, W)
+        cp, sp = torch.cos(phi).view(n, 1, 1), torch.sin(phi).view(n, 1, 1)
+        k = (_TWO_PI / period).view(n, 1, 1)
+        su = torch.sin((xs * cp + ys * sp) * k + phase.view(n, 1, 1))
+        sv = torch.sin((ys * cp - xs * sp) * k)
+        stripes = (0.5 + 0.5 * su)[:, None]
+        checker = ((su * sv) > 0).float()[:, None]
+        # comparison instead of F.one_hot, whose index checks may read the tensor on the host
+        onehot = (kind[:, None] == torch.arange(4, device=dev)).float().view(n, 4, 1, 1, 1)
+        pattern = onehot[:, 0] * per + onehot[:, 1] * stripes + onehot[:, 2] * checker  # kind 3: uniform c1
+        return c1 + (c2 - c1) * pattern
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the corruptor
 # ----------------------------------------------------------------------------------------------------------
@@ -360,66 +756,15 @@ class Corruptor:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
         self.channels = channels
+        _validate(cfg)
         # keyword arguments override the config (tests and benchmarks vary them)
-        self.stroke_samples = int(cfg.stroke_samples if stroke_samples is None else stroke_samples)
-        self.polygon_vertices = int(polygon_vertices)
-        if self.polygon_vertices < 3:
-            raise ValueError(f"polygon_vertices must be >= 3, got {polygon_vertices!r}")
         self.capacity_sigmas = cfg.capacity_sigmas if capacity_sigmas == "config" else capacity_sigmas
-        self.backend = backend
         self.keep_details = keep_details
         self.last_details: dict | None = None
-        self._validate(cfg)
-        self.grey = channels == 3 and (cfg.grey_textures == "on" or (cfg.grey_textures == "auto" and bool(grey)))
-        self.shape_weights = (cfg.w_perlin, cfg.w_polygon, cfg.w_stroke)
-        self.texture_bank = None
-        if cfg.texture_dir is not None:
-            self.texture_bank = load_texture_dir(cfg.texture_dir, self.image_size, channels, device)
-        self.source_weights = (cfg.w_texture_dir if self.texture_bank is not None else 0.0,
-                               cfg.w_other_image, cfg.w_procedural, cfg.w_self)
-        if sum(self.source_weights) <= 0:
-            raise ValueError("texture weights are all zero: set w_other_image, w_procedural, w_self or "
-                             "(with texture_dir) w_texture_dir > 0")
-
-    @staticmethod
-    def _validate(cfg: CorruptionConfig) -> None:
-        def rng(name, lo_ok=0.0, hi_ok=float("inf")):
-            v = getattr(cfg, name)
-            if len(v) != 2 or not (lo_ok <= v[0] <= v[1] <= hi_ok):
-                raise ValueError(f"CorruptionConfig.{name} must be (lo, hi) with {lo_ok} <= lo <= hi <= {hi_ok}, "
-                                 f"got {v!r}")
-
-        if not 0.0 <= cfg.p <= 1.0:
-            raise ValueError(f"CorruptionConfig.p must be in [0, 1], got {cfg.p!r}")
-        if not (0 <= cfg.k_min <= cfg.k_max) or cfg.k_max < 1:
-            raise ValueError(f"CorruptionConfig needs 0 <= k_min <= k_max, k_max >= 1; got {cfg.k_min}, {cfg.k_max}")
-        if not 0.0 <= cfg.beta_min <= cfg.beta_max <= 1.0:
-            raise ValueError(f"CorruptionConfig needs 0 <= beta_min <= beta_max <= 1, got {cfg.beta_min}, "
-                             f"{cfg.beta_max}")
-        for name in ("w_perlin", "w_polygon", "w_stroke", "w_texture_dir", "w_other_image", "w_procedural",
-                     "w_self", "soft_edge", "color_jitter"):
-            if getattr(cfg, name) < 0:
-                raise ValueError(f"CorruptionConfig.{name} must be >= 0, got {getattr(cfg, name)!r}")
-        if cfg.w_perlin + cfg.w_polygon + cfg.w_stroke <= 0:
-            raise ValueError("shape weights w_perlin, w_polygon, w_stroke are all zero")
-        if cfg.soft_edge > 1:
-            raise ValueError(f"CorruptionConfig.soft_edge is a probability, got {cfg.soft_edge!r}")
-        if int(cfg.perlin_base_max) < 1:
-            raise ValueError(f"CorruptionConfig.perlin_base_max must be >= 1, got {cfg.perlin_base_max!r}")
-        if not cfg.perlin_scales or any(int(s) < 1 for s in cfg.perlin_scales):
-            raise ValueError(f"CorruptionConfig.perlin_scales must be positive ints, got {cfg.perlin_scales!r}")
-        rng("perlin_coverage", 0.0, 1.0)
-        rng("polygon_size")
-        rng("stroke_width")
-        rng("stroke_length")
-        rng("elastic_alpha")
-        rng("elastic_smoothness")
-        rng("self_gain")
-        rng("self_offset")
-        if cfg.elastic_smoothness[0] <= 0:
-            raise ValueError(f"CorruptionConfig.elastic_smoothness must be > 0, got {cfg.elastic_smoothness!r}")
-        if cfg.grey_textures not in ("auto", "on", "off"):
-            raise ValueError(f"CorruptionConfig.grey_textures must be 'auto', 'on' or 'off', got {cfg.grey_textures!r}")
+        self.shapes = ShapeSampler(cfg, polygon_vertices=polygon_vertices, backend=backend,
+                                   stroke_samples=cfg.stroke_samples if stroke_samples is None else stroke_samples)
+        grey = channels == 3 and (cfg.grey_textures == "on" or (cfg.grey_textures == "auto" and bool(grey)))
+        self.textures = TextureSampler(cfg, image_size=self.image_size, channels=channels, grey=grey, device=device)
 
     # ------------------------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, generator: torch.Generator, pool: torch.Tensor | None = None
@@ -445,15 +790,15 @@ class Corruptor:
         # --- fixed-size groups: `cap` occlusions are generated, split by type (and by texture source) in
         # host-known sizes; each active slot takes its own random row of each table ----------------------
         cap = active_capacity(B, cfg.k_min, cfg.k_max, cfg.p, self.capacity_sigmas)
-        caps = group_sizes(cap, self.shape_weights)
-        tcaps = group_sizes(cap, self.source_weights)
+        caps = group_sizes(cap, self.shapes.weights)
+        tcaps = group_sizes(cap, self.textures.weights)
         sidx, valid, shape_cat = assign_groups(active, cap, caps, g)
         tidx, _, tex_cat = assign_groups(active, cap, tcaps, g)
         beta = U(N, lo=cfg.beta_min, hi=cfg.beta_max)
 
-        masks = self._shapes(caps, H, W, g, dev)          # (sum caps, 1, H, W)
-        textures = self._textures(tcaps, x, pool, g)      # (sum tcaps, C, H, W)
-        gain_off = self._self_shift(N, g, dev) if tcaps[3] else None  # only drawn when used: streams unchanged
+        masks = self.shapes(caps, H, W, g, dev)           # (sum caps, 1, H, W)
+        textures = self.textures(tcaps, x, pool, g)       # (sum tcaps, C, H, W)
+        gain_off = self.textures.self_shift(N, g, dev) if tcaps[3] else None  # only drawn when used: streams unchanged
 
         # --- combine the K_max slots of each image in closed form ---------------------------------------
         sidx, tidx = sidx.view(B, K), tidx.view(B, K)
@@ -557,308 +902,3 @@ class Corruptor:
         if pool.dtype != torch.uint8 and not pool.dtype.is_floating_point:
             raise TypeError(f"pool must be uint8 or float, got {pool.dtype}")
         return pool
-
-    # ------------------------------------------------------------------------------------------------------
-    def _shapes(self, caps, H, W, g, dev) -> torch.Tensor:
-        """All shapes of the batch: [perlin (caps[0]), polygons (caps[1]), strokes (caps[2])] as
-        (sum caps, 1, H, W) float32 in [0, 1], some with soft edges, all elastically warped.
-
-        Soft edges cost nothing for blobs and polygons (a wider ramp of their threshold / signed distance);
-        only strokes, which have no distance field here, are blurred."""
-        parts = []
-        if caps[0]:
-            parts.append(self._perlin_masks(caps[0], H, W, g, dev))
-        if caps[1]:
-            parts.append(self._polygon_masks(caps[1], H, W, g, dev))
-        if caps[2]:
-            parts.append(self._soft_edges(self._stroke_masks(caps[2], H, W, g, dev), g))
-        if not parts:
-            return torch.zeros(0, 1, H, W, device=dev)
-        masks = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
-        # bilinear resampling of values in [0, 1] can round to 1 + 1 ulp: keep masks a true blend weight
-        return self._elastic(masks, g).clamp_(0.0, 1.0)
-
-    def _perlin_masks(self, n, H, W, g, dev):
-        """Thresholded fractal Perlin blobs covering a fraction U(perlin_coverage) of the image each."""
-        cfg = self.cfg
-        # at most one cell per 2 pixels: finer grids put pixel centres on grid corners, where Perlin noise is 0
-        scales = tuple(min(int(s), max(1, min(H, W) // 2)) for s in cfg.perlin_scales)
-        no = len(scales)
-        # amplitudes: a random base octave o0 per mask and persistence-weighted finer octaves on top, so the
-        # batch mixes large smooth blobs with finer speckled ones
-        rank = sorted(range(no), key=lambda o: scales[o])  # octave o is the rank[o]-th coarsest
-        order = _const(tuple(float(rank.index(o)) for o in range(no)), dev)
-        # the base octave is one of the coarse ones (scale <= perlin_base_max, at least the coarsest): coherent
-        # blobs with finer detail on their edges, not confetti
-        n_base = max(1, sum(1 for sc in scales if sc <= int(cfg.perlin_base_max)))
-        o0 = torch.randint(0, n_base, (n, 1), generator=g, device=dev).float()
-        pers = torch.rand((n, 1), generator=g, device=dev) * 0.35 + 0.3
-        rel = order[None, :] - o0
-        amps = torch.where(rel >= 0, pers.pow(rel.clamp_min(0)), torch.zeros_like(rel))
-        noise = perlin_noise(n, H, W, scales, amps, g, dev)  # (n, H, W)
-        cov = torch.rand(n, generator=g, device=dev) * (cfg.perlin_coverage[1] - cfg.perlin_coverage[0]) \
-            + cfg.perlin_coverage[0]
-        if cfg.perlin_envelope > 0:
-            # one blob with fractal edges, not the top peaks of a field spread over the whole frame (those are
-            # confetti: a median of ~25 pieces at 112x280): a Gaussian envelope of the blob's area at a random
-            # centre, plus the noise weighted by perlin_envelope (larger = more ragged)
-            cx = torch.rand(n, generator=g, device=dev) * W
-            cy = torch.rand(n, generator=g, device=dev) * H
-            r2 = (cov * (H * W) / math.pi).clamp_min(1.0).view(n, 1, 1)
-            ys = torch.arange(H, device=dev, dtype=torch.float32).view(1, H, 1)
-            xs = torch.arange(W, device=dev, dtype=torch.float32).view(1, 1, W)
-            d2 = (xs - cx.view(n, 1, 1)) ** 2 + (ys - cy.view(n, 1, 1)) ** 2
-            noise = torch.exp(d2 / (-2.0 * r2)) + float(cfg.perlin_envelope) * noise
-        # per-mask threshold = the (1 - coverage) quantile, estimated on <= 4096 quasi-random pixels with one
-        # batched topk instead of torch.quantile (a regular stride would alias with the Perlin grid, whose
-        # corners are all exactly 0)
-        sub = noise.reshape(n, H * W)[:, _r2_sample(H, W, 4096, dev)]
-        L = sub.shape[1]
-        # the (cov * L)-th largest sample; topk of the at most cov_max * L largest is cheaper than a full sort
-        k_top = min(L, int(math.ceil(cfg.perlin_coverage[1] * L)) + 1)
-        top = sub.topk(k_top, dim=1, sorted=True).values          # descending
-        q = (cov * L).floor().clamp_(0, k_top - 1).long()
-        thr = top.gather(1, q[:, None])  # (n, 1)
-        # hard masks: a step at thr; soft ones: a linear ramp of width delta (in noise units, relative to the
-        # mask's own noise spread) centred on thr, so "mask > 0.5" keeps the drawn coverage either way
-        soft = torch.rand(n, generator=g, device=dev) < cfg.soft_edge
-        spread = sub.std(dim=1, correction=0).clamp_min(1e-6)
-        delta = torch.where(soft, spread * (torch.rand(n, generator=g, device=dev) * 0.2 + 0.05),
-                            torch.full_like(spread, 1e-12))
-        val = ((noise - thr[:, :, None]) / delta[:, None, None] + 0.5).clamp_(0.0, 1.0)
-        # a coverage of exactly 0 must give an empty mask even though the max sample is above nothing
-        val = val * (cov > 0).float()[:, None, None]
-        return val[:, None]
-
-    def _polygon_masks(self, n, H, W, g, dev):
-        """Ellipses (half) and star-convex polygons (half), evaluated analytically from a signed distance to
-        the boundary: a one-pixel ramp (anti-aliased) or, for soft edges, a wider one."""
-        cfg = self.cfg
-        V = self.polygon_vertices
-        mhw = float(min(H, W))
-        R = (torch.rand(n, generator=g, device=dev) * (cfg.polygon_size[1] - cfg.polygon_size[0])
-             + cfg.polygon_size[0]) * mhw
-        R = R.clamp_min(0.5)
-        cx = torch.rand(n, generator=g, device=dev) * W - 0.5
-        cy = torch.rand(n, generator=g, device=dev) * H - 0.5
-        rot = torch.rand(n, generator=g, device=dev) * _TWO_PI
-        is_ellipse = torch.rand(n, generator=g, device=dev) < 0.5
-        aspect = torch.rand(n, generator=g, device=dev) * 0.7 + 0.3
-        gaps = torch.rand((n, V), generator=g, device=dev) + 0.25  # no vanishing sectors
-        cs = torch.cumsum(gaps, 1)
-        ang = (cs - gaps[:, :1]) / cs[:, -1:] * _TWO_PI           # sorted, ang[:, 0] = 0, < 2 pi
-        rad = R[:, None] * (torch.rand((n, V), generator=g, device=dev) * 0.6 + 0.4)
-        ys = torch.arange(H, device=dev, dtype=torch.float32).view(1, H, 1)
-        xs = torch.arange(W, device=dev, dtype=torch.float32).view(1, 1, W)
-        dx = xs - cx.view(n, 1, 1)
-        dy = ys - cy.view(n, 1, 1)
-        # rotate into the shape's frame once; both shapes are then axis-aligned / start at angle 0
-        cr, sr = torch.cos(rot).view(n, 1, 1), torch.sin(rot).view(n, 1, 1)
-        u = dx * cr + dy * sr
-        v = dy * cr - dx * sr
-        # polygon: signed distance to the edge whose sector contains the pixel's angle
-        theta = torch.atan2(v, u).remainder_(_TWO_PI).reshape(n, H * W)
-        j = (torch.searchsorted(ang.contiguous(), theta.contiguous(), right=True) - 1).clamp_(0, V - 1)
-        px, py = rad * torch.cos(ang), rad * torch.sin(ang)                 # vertices (n, V)
-        ex, ey = px.roll(-1, 1) - px, py.roll(-1, 1) - py                    # edge j: vertex j -> j + 1
-        el = (ex * ex + ey * ey).sqrt().clamp_min(1e-6)
-        c_edge = (px * ey - py * ex) / el                                    # distance of edge line to centre
-        exn, eyn = ex / el, ey / el
-        ce, exj, eyj = c_edge.gather(1, j), exn.gather(1, j), eyn.gather(1, j)
-        uu, vv = u.reshape(n, H * W), v.reshape(n, H * W)
-        d_poly = ce - (uu * eyj - vv * exj)                                  # > 0 inside
-        # ellipse: radial distance to the boundary, r (1/q - 1) with q the normalised radius
-        a_ax, b_ax = R.view(n, 1), (R * aspect).view(n, 1)
-        q = ((uu / a_ax) ** 2 + (vv / b_ax) ** 2).sqrt()
-        r = (uu * uu + vv * vv).sqrt()
-        d_ell = (1.0 - q) * r / q.clamp_min(1e-6)
-        d_ell = torch.where(q < 1e-6, b_ax.expand_as(d_ell), d_ell)
-        d = torch.where(is_ellipse[:, None], d_ell, d_poly)
-        # edge ramp: 1 px (anti-aliasing) for hard masks, U(2, 4) px (scaled with the image) for soft ones
-        s = max(1.0, min(H, W) / 256.0)
-        soft = torch.rand(n, generator=g, device=dev) < cfg.soft_edge
-        ramp = torch.where(soft, (torch.rand(n, generator=g, device=dev) * 2.0 + 2.0) * s,
-                           torch.ones(n, device=dev))
-        return (d / ramp[:, None] + 0.5).clamp_(0.0, 1.0).view(n, 1, H, W)
-
-    def _stroke_masks(self, n, H, W, g, dev):
-        """Thin cubic Bezier strokes (scratches, cracks) through :func:`fae_fast.ops.rasterize_strokes`."""
-        cfg = self.cfg
-        p0 = torch.rand((n, 2), generator=g, device=dev) * _const((float(W), float(H)), dev)
-        L = (torch.rand(n, generator=g, device=dev) * (cfg.stroke_length[1] - cfg.stroke_length[0])
-             + cfg.stroke_length[0]) * max(H, W)
-        alpha = torch.rand(n, generator=g, device=dev) * _TWO_PI
-        d = torch.stack((torch.cos(alpha), torch.sin(alpha)), 1)
-        perp = torch.stack((-d[:, 1], d[:, 0]), 1)
-        bend = (torch.rand((n, 2), generator=g, device=dev) - 0.5) * 0.8 * L[:, None]  # curvature
-        p3 = p0 + d * L[:, None]
-        p1 = p0 + d * (L[:, None] / 3) + perp * bend[:, :1]
-        p2 = p0 + d * (2 * L[:, None] / 3) + perp * bend[:, 1:]
-        ctrl = torch.stack((p0, p1, p2, p3), 1).view(n, 1, 4, 2)
-        width = torch.rand((n, 1), generator=g, device=dev) * (cfg.stroke_width[1] - cfg.stroke_width[0]) \
-            + cfg.stroke_width[0]
-        return ops.rasterize_strokes(ctrl, width, H, W, samples=self.stroke_samples, backend=self.backend)
-
-    def _elastic(self, masks, g):
-        """Warp every mask by its own smooth random field through :func:`fae_fast.ops.elastic_warp`.
-
-        The field is built here, on the device and from ``g``, and passed as ``field=``: the op's own field
-        generator takes a host int seed (drawing one from a device generator would sync) and sizes its blur
-        from ``smoothness.max()`` (another sync). White noise is blurred on a grid coarser by
-        ``smoothness_min / 2`` (the field has no detail below that), bilinearly upsampled, then scaled to an RMS
-        of alpha.
-        """
-        cfg = self.cfg
-        n, _, H, W = masks.shape
-        dev = masks.device
-        mhw = float(min(H, W))
-        if cfg.elastic_alpha[1] <= 0.0:
-            return masks
-        alpha = (torch.rand(n, generator=g, device=dev) * (cfg.elastic_alpha[1] - cfg.elastic_alpha[0])
-                 + cfg.elastic_alpha[0]) * mhw
-        smooth = (torch.rand(n, generator=g, device=dev)
-                  * (cfg.elastic_smoothness[1] - cfg.elastic_smoothness[0]) + cfg.elastic_smoothness[0]) * mhw
-        # the field has no detail below its correlation length: build it on a grid of half the smallest one
-        # (every blur then spans at least two cells, so the bilinear upsampling shows no facets)
-        f = max(1, int(cfg.elastic_smoothness[0] * mhw / 2))
-        h, w = -(-H // f), -(-W // f)
-        z = torch.randn((n, 2, h, w), generator=g, device=dev)
-        # per-sample Gaussian blur as two batched matmuls with (n, h, h) and (n, w, w) kernel matrices (rows
-        # renormalised at the border): one bmm instead of a slow grouped convolution, any per-sample width
-        z = _gauss_matrix(smooth / f, h)[:, None] @ z @ _gauss_matrix(smooth / f, w)[:, None].transpose(-1, -2)
-        if (h, w) != (H, W):
-            z = F.interpolate(z, size=(H, W), mode="bilinear", align_corners=False)
-        # unit RMS on the full-resolution field (interpolation lowers it): alpha is the RMS displacement
-        rms = z.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
-        z = z / rms * alpha.view(n, 1, 1, 1)
-        return ops.elastic_warp(masks, alpha, smooth, 0, field=z, backend=self.backend)
-
-    def _soft_edges(self, masks, g):
-        """With probability ``soft_edge`` a stroke mask is blurred by a Gaussian of std U(0.5, 1.5) px (scaled
-        with the image), selected by a 0/1 factor rather than by indexing."""
-        cfg = self.cfg
-        if cfg.soft_edge <= 0.0:
-            return masks
-        n, _, H, W = masks.shape
-        dev = masks.device
-        s = max(1.0, min(H, W) / 256.0)
-        sigma = (torch.rand(n, generator=g, device=dev) + 0.5) * s
-        soft = (torch.rand(n, generator=g, device=dev) < cfg.soft_edge).float().view(n, 1, 1, 1)
-        blurred = _gaussian_blur_per_sample(masks, sigma, int(math.ceil(3 * 1.5 * s)), "constant")
-        # drop the Gaussian's far tails (< 1e-4, invisible in a blend): they would make the texture's
-        # normalisation num / m divide by denormal-sized mask values
-        blurred = blurred * (blurred >= 1e-4)
-        return torch.lerp(masks, blurred, soft)
-
-    # ------------------------------------------------------------------------------------------------------
-    def _textures(self, tcaps, x, pool, g) -> torch.Tensor:
-        """[texture folder (tcaps[0]), other images (tcaps[1]), procedural (tcaps[2]), self (tcaps[3], zero
-        placeholders)]: (sum, C, H, W) float32."""
-        B, C, H, W = x.shape
-        dev = x.device
-        parts = []
-        if tcaps[0]:
-            bank = self.texture_bank
-            if bank.device != dev:
-                bank = self.texture_bank = bank.to(dev)
-            parts.append(self._greyed(self._borrowed(tcaps[0], bank, H, W, g)))
-        if tcaps[1]:
-            parts.append(self._borrowed(tcaps[1], x if pool is None else pool, H, W, g))
-        if tcaps[2]:
-            parts.append(self._greyed(self._procedural(tcaps[2], C, H, W, g, dev)))
-        if tcaps[3]:  # placeholders: a slot of this source takes its own image, shifted, in the slot loop
-            parts.append(torch.zeros(tcaps[3], C, H, W, device=dev))
-        if not parts:
-            return torch.zeros(0, C, H, W, device=dev)
-        return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
-
-    def _greyed(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (n, 3, H, W) as grey (luma, equal channels) when the corruptor is grey, else ``t``."""
-        if not self.grey:
-            return t
-        luma = torch.einsum("c,nchw->nhw", _const(_LUMA, t.device), t)
-        return luma[:, None].expand_as(t).contiguous()
-
-    def _self_shift(self, n, g, dev) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gain (n,), offset (n,)) of the "self" textures ``clip(gain x + offset)``: gain ~ U(self_gain),
-        |offset| ~ U(self_offset) with a random sign."""
-        (g0, g1), (o0, o1) = self.cfg.self_gain, self.cfg.self_offset
-        r = torch.rand((3, n), generator=g, device=dev)
-        sign = torch.where(r[2] < 0.5, -1.0, 1.0)
-        return g0 + (g1 - g0) * r[0], sign * (o0 + (o1 - o0) * r[1])
-
-    def _borrowed(self, n, src, H, W, g):
-        """Patches of other images: random image of ``src``, rotated by a multiple of 90 degrees plus a small
-        angle, zoomed, shifted (reflect at the border), colour-jittered. One ``grid_sample`` for all."""
-        dev = src.device
-        P = src.shape[0]
-        idx = torch.randint(0, P, (n,), generator=g, device=dev)
-        imgs = src.index_select(0, idx)
-        imgs = imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()
-        if imgs.shape[1] != self.channels:
-            imgs = imgs.expand(-1, self.channels, -1, -1)
-        k90 = torch.randint(0, 4, (n,), generator=g, device=dev).float()
-        ang = k90 * (math.pi / 2) + (torch.rand(n, generator=g, device=dev) - 0.5) * (math.pi / 6)
-        zoom = torch.rand(n, generator=g, device=dev) * 0.5 + 0.75
-        shift = (torch.rand((n, 2), generator=g, device=dev) * 2.0 - 1.0)
-        # rotation in pixel units (so 90 degrees stays 90 degrees on non-square images): normalised output
-        # coords -> pixels (W/2, H/2) -> rotate / zoom -> normalised input coords of a source stretched to H x W
-        c, s = torch.cos(ang) / zoom, torch.sin(ang) / zoom
-        theta = torch.stack((torch.stack((c, -s * (H / W), shift[:, 0]), 1),
-                             torch.stack((s * (W / H), c, shift[:, 1]), 1)), 1)  # (n, 2, 3)
-        grid = F.affine_grid(theta, (n, self.channels, H, W), align_corners=False)
-        out = F.grid_sample(imgs, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        return self._jitter(out, g)
-
-    def _jitter(self, t, g):
-        """Brightness (additive), contrast (around the patch mean) and saturation (towards grey) jitter.
-
-        All three are per-texture affine colour maps, so they fold into one: with contrast c, brightness b,
-        saturation s, luma weights w (sum 1) and grey(t) = w . t,
-        ``t' = s (c t + o) + (1 - s) grey(c t + o) = c s t + c (1 - s) grey(t) + o``, ``o = (1 - c) mean + b``:
-        one channel reduction and one ``addcmul`` pass instead of a chain of full-size ops.
-        """
-        j = float(self.cfg.color_jitter)
-        if j <= 0:
-            return t
-        n, C, H, W = t.shape
-        dev = t.device
-        r = torch.rand((n, 3), generator=g, device=dev) * 2.0 - 1.0  # always drawn: fixed random stream
-        b, c = r[:, 0] * j, 1.0 + r[:, 1] * j
-        off = (1.0 - c) * t.mean(dim=(1, 2, 3)) + b
-        tf = t.reshape(n, C, H * W)
-        if C == 3:
-            s = 1.0 + r[:, 2] * j
-            grey = torch.matmul(_const(_LUMA, dev), tf)               # (n, H*W)
-            bias = torch.addcmul(off.view(n, 1), grey, (c * (1.0 - s)).view(n, 1))
-            out = torch.addcmul(bias[:, None], tf, (c * s).view(n, 1, 1))
-        else:
-            out = torch.addcmul(off.view(n, 1, 1), tf, c.view(n, 1, 1))
-        return out.clamp_(0.0, 1.0).view(n, C, H, W)
-
-    def _procedural(self, n, C, H, W, g, dev):
-        """Procedural fields ``c1 + (c2 - c1) * pattern``: per-channel Perlin colour fields, stripes, checker,
-        uniform colour (one kind per texture, chosen by a one-hot weight; all kinds are cheap)."""
-        kind = torch.randint(0, 4, (n,), generator=g, device=dev)
-        c1 = torch.rand((n, C, 1, 1), generator=g, device=dev)
-        c2 = torch.rand((n, C, 1, 1), generator=g, device=dev)
-        # Perlin colour field: two coarse octaves per channel
-        amps = torch.rand((n * C, 2), generator=g, device=dev) * _const((1.0, 0.5), dev)
-        per = perlin_noise(n * C, H, W, (2, 6), amps, g, dev).view(n, C, H, W)
-        per = (per * 0.7 + 0.5).clamp(0.0, 1.0)
-        # stripes and checker along a random direction with a random period
-        phi = torch.rand(n, generator=g, device=dev) * math.pi
-        period = torch.rand(n, generator=g, device=dev) * (0.25 * min(H, W) - 3.0) + 3.0
-        phase = torch.rand(n, generator=g, device=dev) * _TWO_PI
-        ys = torch.arange(H, device=dev, dtype=torch.float32).view(1, H, 1)
-        xs = torch.arange(W, device=dev, dtype=torch.float32).view(1, 1, W)
-        cp, sp = torch.cos(phi).view(n, 1, 1), torch.sin(phi).view(n, 1, 1)
-        k = (_TWO_PI / period).view(n, 1, 1)
-        su = torch.sin((xs * cp + ys * sp) * k + phase.view(n, 1, 1))
-        sv = torch.sin((ys * cp - xs * sp) * k)
-        stripes = (0.5 + 0.5 * su)[:, None]
-        checker = ((su * sv) > 0).float()[:, None]
-        # comparison instead of F.one_hot, whose index checks may read the tensor on the host
-        onehot = (kind[:, None] == torch.arange(4, device=dev)).float().view(n, 4, 1, 1, 1)
-        pattern = onehot[:, 0] * per + onehot[:, 1] * stripes + onehot[:, 2] * checker  # kind 3: uniform c1
-        return c1 + (c2 - c1) * pattern

@@ -309,7 +309,7 @@ def test_texture_dir(tmp_path):
     cfg = _cfg(p=1.0, texture_dir=str(tmp_path), w_texture_dir=1, w_other_image=0, w_procedural=0,
                color_jitter=0.0)
     c, cor = _run(cfg, x)
-    assert cor.texture_bank.shape == (3, 3, 24, 28) and cor.texture_bank.dtype == torch.uint8
+    assert cor.textures.bank.shape == (3, 3, 24, 28) and cor.textures.bank.dtype == torch.uint8
     vals = c.texture.permute(1, 0, 2, 3)[:, (c.mask_beta[:, 0] > 0)]
     assert vals.shape[1] > 0
     assert_close(vals, torch.tensor([1.0, 0.0, 0.0]).view(3, 1).expand_as(vals), atol=1e-5, rtol=0)
@@ -444,7 +444,7 @@ def test_color_jitter_is_the_composed_affine_map():
     j = 0.3
     cor = Corruptor(_cfg(color_jitter=j))
     t = torch.rand(5, 3, 9, 11)
-    out = cor._jitter(t, _gen(0))
+    out = cor.textures.jitter(t, _gen(0))
     r = torch.rand((5, 3), generator=_gen(0)) * 2 - 1
     b, c, s = ((r[:, i] * j).view(5, 1, 1, 1) for i in range(3))
     mean = t.mean((1, 2, 3), keepdim=True)

@@ -61,7 +61,7 @@ def test_perlin_blobs_are_coherent(base_max, envelope, coherent):
     cfg = CorruptionConfig(perlin_base_max=base_max, perlin_envelope=envelope, elastic_alpha=(0.0, 0.0),
                            soft_edge=0.0)
     cor = Corruptor(cfg, image_size=(112, 280))
-    masks = cor._perlin_masks(48, 112, 280, torch.Generator().manual_seed(0), "cpu")[:, 0].numpy()
+    masks = cor.shapes.perlin(48, 112, 280, torch.Generator().manual_seed(0), "cpu")[:, 0].numpy()
     pieces = np.median([_components(m) for m in masks])
     coverage = np.mean([(m > 0.5).mean() for m in masks])
     assert abs(coverage - np.mean(cfg.perlin_coverage)) < 0.02  # the drawn coverage is kept either way
