@@ -575,6 +575,74 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
 # the loop
 
 
+def _split_images(images: torch.Tensor, holdout: torch.Tensor | None, tc):
+    """(holdout indices or None, training images, held-out images): ``holdout`` as given, or a seeded random
+    ``tc.holdout_fraction`` of ``images``."""
+    if holdout is None:
+        train_idx, hold_idx = split_holdout(images.shape[0], float(tc.holdout_fraction), int(tc.seed))
+        hold_images = images[hold_idx.to(images.device)]
+        train_images = images[train_idx.to(images.device)]
+    else:
+        hold_idx, train_images, hold_images = None, images, holdout
+    if train_images.shape[0] == 0:
+        raise ValueError("no training images left after the holdout split")
+    return hold_idx, train_images, hold_images
+
+
+def _call_back(trainer, callback, done: int) -> None:
+    """``callback(done, model)`` with the model in eval mode, back in train mode afterwards."""
+    trainer.model.eval()
+    try:
+        callback(done, trainer.eval_model())
+    finally:
+        trainer.model.train()
+
+
+def _loop(trainer, start: int, end: int, history: list, *, dist, checkpoint, progress: bool, log_every: int,
+          callback, callback_every: int) -> None:
+    """Steps ``start`` .. ``end`` of :func:`train`: history entries every ``log_every`` steps (appended to
+    ``history``), the training state every ``checkpoint_every`` steps and at the end, the callback."""
+    from . import distributed
+
+    tc = trainer.cfg.train
+    B = int(tc.batch_size)
+    fault = distributed.fault_hook(dist)
+    bar = _Progress(end, start, progress)
+    loss_sum, n_logged = torch.zeros((), device=trainer.dev), 0
+    t_log = time.perf_counter()
+    try:
+        for step in range(start, end):
+            lr_used = trainer.opt.param_groups[0]["lr"]  # a Python float: no sync
+            loss_sum += trainer.step(step)
+            n_logged += 1
+            done, rec = step + 1, None
+            if fault is not None:
+                fault(done)
+            if done % int(log_every) == 0 or done == end:
+                mean_loss = float(distributed.mean_across(loss_sum, dist)) / n_logged  # one sync per log interval
+                now = time.perf_counter()
+                rec = {"step": done, "loss": mean_loss, "lr": float(lr_used),
+                       "img_per_s": n_logged * B / max(now - t_log, 1e-9)}
+                history.append(rec)
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"training diverged at step {done}: loss {mean_loss}")
+                loss_sum.zero_()
+                n_logged, t_log = 0, time.perf_counter()
+            bar.update(done, rec if rec is not None else (history[-1] if history else None))
+            if checkpoint is not None and tc.checkpoint_every and done % int(tc.checkpoint_every) == 0 \
+                    and done != end:
+                save_train_state(checkpoint, trainer.state_dict(done, history))
+            if callback is not None and callback_every and done % int(callback_every) == 0 and done != end:
+                _call_back(trainer, callback, done)
+    finally:
+        bar.close()
+    distributed.finish_models(trainer, dist)  # rank 0's BatchNorm statistics everywhere, BatchNorm2d layers again
+    if checkpoint is not None:
+        save_train_state(checkpoint, trainer.state_dict(end, history))
+    if callback is not None:
+        _call_back(trainer, callback, end)
+
+
 def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None = None,
           checkpoint: str | Path | None = None, resume: str | Path | None = None, device=None,
           progress: bool = True, log_every: int = 10, stop_at: int | None = None,
@@ -613,15 +681,7 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
     if dist.active and dist.is_main and progress:
         print(f"fae_fast train: {distributed.describe(dist, dev, cfg.model.norm)}", file=sys.stderr, flush=True)
 
-    # ---- data split
-    if holdout is None:
-        train_idx, hold_idx = split_holdout(images.shape[0], float(tc.holdout_fraction), int(tc.seed))
-        hold_images = images[hold_idx.to(images.device)]
-        train_images = images[train_idx.to(images.device)]
-    else:
-        hold_idx, train_images, hold_images = None, images, holdout
-    if train_images.shape[0] == 0:
-        raise ValueError("no training images left after the holdout split")
+    hold_idx, train_images, hold_images = _split_images(images, holdout, tc)
     trainer = _Trainer(cfg, train_images.to(dev).contiguous(), dev, dist)
     if not dist.is_main:
         checkpoint = None  # rank 0 writes the (rank-independent) training state
@@ -629,50 +689,8 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
     if start > end:
         raise ValueError(f"{resume} is at step {start}, past the requested end {end}")
 
-    def run_callback(done: int) -> None:
-        trainer.model.eval()
-        try:
-            callback(done, trainer.eval_model())
-        finally:
-            trainer.model.train()
-
-    # ---- the loop
-    B = int(tc.batch_size)
-    fault = distributed.fault_hook(dist)
-    bar = _Progress(end, start, progress)
-    loss_sum, n_logged = torch.zeros((), device=dev), 0
-    t_log = time.perf_counter()
-    try:
-        for step in range(start, end):
-            lr_used = trainer.opt.param_groups[0]["lr"]  # a Python float: no sync
-            loss_sum += trainer.step(step)
-            n_logged += 1
-            done, rec = step + 1, None
-            if fault is not None:
-                fault(done)
-            if done % int(log_every) == 0 or done == end:
-                mean_loss = float(distributed.mean_across(loss_sum, dist)) / n_logged  # one sync per log interval
-                now = time.perf_counter()
-                rec = {"step": done, "loss": mean_loss, "lr": float(lr_used),
-                       "img_per_s": n_logged * B / max(now - t_log, 1e-9)}
-                history.append(rec)
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"training diverged at step {done}: loss {mean_loss}")
-                loss_sum.zero_()
-                n_logged, t_log = 0, time.perf_counter()
-            bar.update(done, rec if rec is not None else (history[-1] if history else None))
-            if checkpoint is not None and tc.checkpoint_every and done % int(tc.checkpoint_every) == 0 \
-                    and done != end:
-                save_train_state(checkpoint, trainer.state_dict(done, history))
-            if callback is not None and callback_every and done % int(callback_every) == 0 and done != end:
-                run_callback(done)
-    finally:
-        bar.close()
-    distributed.finish_models(trainer, dist)  # rank 0's BatchNorm statistics everywhere, BatchNorm2d layers again
-    if checkpoint is not None:
-        save_train_state(checkpoint, trainer.state_dict(end, history))
-    if callback is not None:
-        run_callback(end)
+    _loop(trainer, start, end, history, dist=dist, checkpoint=checkpoint, progress=progress, log_every=log_every,
+          callback=callback, callback_every=callback_every)
 
     # ---- thresholds from held-out normal images
     trainer.model.eval()
@@ -681,7 +699,8 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
         warnings.warn("no held-out normal images (holdout_fraction is 0 and no holdout given): thresholds are "
                       "computed on the training images and will be optimistic", UserWarning, stacklevel=2)
         hold_images = trainer.train_images
-    thresholds, scores, stats = holdout_thresholds(model, cfg, hold_images, dev, batch_size=max(1, min(64, 2 * B)))
+    thresholds, scores, stats = holdout_thresholds(model, cfg, hold_images, dev,
+                                                   batch_size=max(1, min(64, 2 * int(tc.batch_size))))
     return TrainResult(model=model, thresholds=thresholds, history=history, holdout_scores=scores, step=end,
                        config=cfg, holdout_indices=hold_idx, map_stats=stats,
                        live_model=None if trainer.ema is None else trainer.model)
