@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from . import ops
 from .config import CorruptionConfig
 
-__all__ = ["Corruptor", "Corruption", "ShapeSampler", "TextureSampler", "load_texture_dir", "perlin_noise", "active_capacity", "group_sizes",
-           "assign_groups", "IMAGE_EXTENSIONS"]
+__all__ = ["Corruptor", "Corruption", "ShapeSampler", "TextureSampler", "load_texture_dir", "perlin_noise",
+           "active_capacity", "group_sizes", "assign_groups", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _TWO_PI = 2.0 * math.pi
