@@ -259,22 +259,12 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
         (variant -> metric -> mean/std/n), ``scoring`` ("variant|n=..,k=..,error,mode" -> metric -> mean/std/n),
         the commit and the machine.
     """
-    from .data import load_images, load_test_set, normal_image_paths
     from .train import split_holdout, train
 
     base = copy.deepcopy(base) if base is not None else FAEConfig()
-    size = tuple(base.train.image_size)
-    keep = base.train.keep_aspect
     t0 = time.perf_counter()
-    train_images = load_images(normal_image_paths(Path(data)), size, keep_aspect=keep)
-    test = load_test_set(Path(data), size, keep_aspect=keep)
-    log(f"[ablate] {len(train_images)} train / {len(test)} test images at {size[0]}x{size[1]} "
-        f"({time.perf_counter() - t0:.1f} s); commit {git_commit()}")
-    n, k = smoothing_for_size(base.map, *size)
-    default_mode, error = base.map.normalize, base.map.error
-    main_key = (n, k, error, default_mode)
-    grid = [(a, b, e) for a, b in smoothing_grid(n, k) for e in MAP_ERRORS] if sweep else [(n, k, error)]
-    modes = NORMALIZE if sweep else (default_mode,)
+    size, train_images, test = _load(data, base, log)
+    main_key, grid, modes = _settings(base, size, sweep)
     runs, scoring_runs = [], {}
     for name in variants:
         for seed in seeds:
@@ -284,7 +274,7 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
             curve: list[dict] = []
 
             def on_eval(step, model, scorer=scorer, curve=curve):
-                res = scorer(model, [(n, k, error)], (default_mode,))[main_key]
+                res = scorer(model, [main_key[:3]], (main_key[3],))[main_key]
                 curve.append({"step": int(step), **_row(res)})
                 log(f"[ablate]   {name} seed {seed} step {step}: "
                     + ", ".join(f"{m} {curve[-1][m]:.4f}" for m in METRICS[:3]))
@@ -301,26 +291,94 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
                 det.map_stats = res.map_stats
                 det.save(Path(save_models) / f"{name}_seed{seed}.fae")
             scored = scorer(res.model, grid, modes)
-            main = _row(scored[main_key])
-            runs.append({"variant": name, "seed": int(seed), "label": describe(cfg), "config": cfg.to_dict(),
-                         "train_seconds": round(train_s, 2),
-                         "final_loss": float(res.history[-1]["loss"]) if res.history else None,
-                         "curve": curve, **main})
             if res.live_model is not None:  # the same run without the weight average: a paired comparison
-                scored[("live", *main_key)] = scorer(res.live_model, [(n, k, error)], (default_mode,))[main_key]
-            for key, r in scored.items():
-                a, b, e, mode = key[-4:]
-                live = "live weights," if key[0] == "live" else ""
-                scoring_runs.setdefault(f"{name}|{live}n={a},k={b},{e},{mode}", []).append(_row(r))
-            log(f"[ablate] {name:18s} seed {seed}: " + ", ".join(f"{m} {main[m]:.4f}" for m in METRICS)
-                + f" ({train_s:.0f} s)")
+                scored[("live", *main_key)] = scorer(res.live_model, [main_key[:3]], (main_key[3],))[main_key]
+            _record(runs, scoring_runs, name, cfg, scored, main_key, log, train_seconds=round(train_s, 2),
+                    final_loss=float(res.history[-1]["loss"]) if res.history else None, curve=curve)
             del res, scored
+    return _result(data, size, base, seeds, main_key, runs, scoring_runs, t0, device)
+
+
+def score_models(data: str | Path, models, *, device="auto", sweep: bool = True, log=print) -> dict:
+    """Score saved models (``--save-models`` files ``<variant>_seed<seed>.fae``) on ``data``'s test split as
+    :func:`run_ablation` scores the models it trains: the same statistics from each run's held-out normal
+    images, the same sweep and the same JSON (each run's config from its file; no training time, no curve).
+
+    For re-scoring a finished ablation without retraining, or recovering one whose process was stopped after
+    it saved its models. Every model must share the image size; the first one's config stands for the base.
+    """
+    from .api import Detector
+    from .train import split_holdout
+
+    dets = [(Path(m), Detector.load(m, device=device)) for m in models]
+    if not dets:
+        raise ValueError("no models to score")
+    base = dets[0][1].config
+    for path, det in dets[1:]:
+        if tuple(det.config.train.image_size) != tuple(base.train.image_size):
+            raise ValueError(f"{path}: image size {tuple(det.config.train.image_size)} differs from "
+                             f"{dets[0][0]}'s {tuple(base.train.image_size)}")
+    t0 = time.perf_counter()
+    size, train_images, test = _load(data, base, log)
+    main_key, grid, modes = _settings(base, size, sweep)
+    runs, scoring_runs = [], {}
+    for path, det in dets:
+        cfg, seed = det.config, int(det.config.train.seed)
+        name = path.stem.rsplit("_seed", 1)[0] if "_seed" in path.stem else path.stem
+        _, hold_idx = split_holdout(len(train_images), float(cfg.train.holdout_fraction), seed)
+        scored = _Scorer(test, train_images[hold_idx], device, cfg.map.spread_window)(det.model, grid, modes)
+        _record(runs, scoring_runs, name, cfg, scored, main_key, log, train_seconds=None, final_loss=None,
+                curve=[], model=str(path))
+    return _result(data, size, base, sorted({r["seed"] for r in runs}), main_key, runs, scoring_runs, t0,
+                   device)
+
+
+def _load(data, base: FAEConfig, log):
+    """(size, training images, test set) of ``data`` at ``base``'s image size."""
+    from .data import load_images, load_test_set, normal_image_paths
+
+    size = tuple(base.train.image_size)
+    keep = base.train.keep_aspect
+    t0 = time.perf_counter()
+    train_images = load_images(normal_image_paths(Path(data)), size, keep_aspect=keep)
+    test = load_test_set(Path(data), size, keep_aspect=keep)
+    log(f"[ablate] {len(train_images)} train / {len(test)} test images at {size[0]}x{size[1]} "
+        f"({time.perf_counter() - t0:.1f} s); commit {git_commit()}")
+    return size, train_images, test
+
+
+def _settings(base: FAEConfig, size, sweep: bool):
+    """(the config's (n, k, error, mode), the (n, k, error) grid scored, the normalisations scored)."""
+    n, k = smoothing_for_size(base.map, *size)
+    main_key = (n, k, base.map.error, base.map.normalize)
+    grid = [(a, b, e) for a, b in smoothing_grid(n, k) for e in MAP_ERRORS] if sweep else [main_key[:3]]
+    modes = NORMALIZE if sweep else (main_key[3],)
+    return main_key, grid, modes
+
+
+def _record(runs: list, scoring_runs: dict, name: str, cfg: FAEConfig, scored: dict, main_key, log, **extra):
+    """One run's row (``extra``: training time, loss, curve, ...) and its sweep rows, logged."""
+    main = _row(scored[main_key])
+    runs.append({"variant": name, "seed": int(cfg.train.seed), "label": describe(cfg), "config": cfg.to_dict(),
+                 **extra, **main})
+    for key, r in scored.items():
+        a, b, e, mode = key[-4:]
+        live = "live weights," if key[0] == "live" else ""
+        scoring_runs.setdefault(f"{name}|{live}n={a},k={b},{e},{mode}", []).append(_row(r))
+    seconds = extra.get("train_seconds")
+    log(f"[ablate] {name:18s} seed {cfg.train.seed}: " + ", ".join(f"{m} {main[m]:.4f}" for m in METRICS)
+        + ("" if seconds is None else f" ({seconds:.0f} s)"))
+
+
+def _result(data, size, base: FAEConfig, seeds, main_key, runs: list, scoring_runs: dict, t0: float,
+            device) -> dict:
+    """The JSON-ready result of :func:`run_ablation` and :func:`score_models`, summarised."""
     result = {
         "dataset": str(Path(data).resolve()),
         "image_size": list(size),
-        "smoothing_default": [n, k],
-        "normalize_default": default_mode,
-        "error_default": error,
+        "smoothing_default": list(main_key[:2]),
+        "normalize_default": main_key[3],
+        "error_default": main_key[2],
         "steps": base.train.steps,
         "seeds": list(seeds),
         "commit": git_commit(),
@@ -437,6 +495,8 @@ def main(argv=None) -> int:
                    help="learning curves: test metrics every N steps (0: only at the end)")
     p.add_argument("--no-sweep", action="store_true", help="score with the config's smoothing only")
     p.add_argument("--save-models", metavar="DIR", help="save each run's model as DIR/<variant>_seed<seed>.fae")
+    p.add_argument("--score-models", nargs="+", metavar="FAE",
+                   help="score these saved models (<variant>_seed<seed>.fae) on --data instead of training")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 per process when running several)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the result JSON here (e.g. bench/results/ablation_<data>_<machine>.json)")
@@ -448,16 +508,23 @@ def main(argv=None) -> int:
         return _emit(result, args)
     if not args.data:
         p.error("--data is required (or --merge)")
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        print(f"fae-fast ablate: error: unknown variants {unknown}; choose from {sorted(VARIANTS)}", file=sys.stderr)
-        return 2
     if args.threads is not None:
         if args.threads < 1:
             print(f"fae-fast ablate: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
+    if args.score_models:
+        try:
+            result = score_models(args.data, args.score_models, device=args.device, sweep=not args.no_sweep)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            print(f"fae-fast ablate: error: {exc}", file=sys.stderr)
+            return 2
+        return _emit(result, args)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"fae-fast ablate: error: unknown variants {unknown}; choose from {sorted(VARIANTS)}", file=sys.stderr)
+        return 2
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
         base = preset(args.preset)

@@ -1,7 +1,9 @@
 """A tiny ablation end to end (two variants, few steps, synthetic data): the command runs and its table is sane."""
 import json
 
-from fae_fast.ablate import VARIANTS, markdown_table, smoothing_grid, variant_config
+import pytest
+
+from fae_fast.ablate import METRICS, VARIANTS, markdown_table, smoothing_grid, variant_config
 from fae_fast.cli import main
 from fae_fast.config import MAP_ERRORS, preset
 from fae_fast.synthetic import make_dataset
@@ -92,6 +94,21 @@ def test_tiny_ablation_end_to_end(tmp_path, capsys):
     assert "plain_ae" in capsys.readouterr().out
     svg = (tmp_path / "curves.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<polyline") == 3 * 3  # 3 variants x 3 metrics
+    # the saved models, scored again without training, give the same rows and the same sweep
+    again = tmp_path / "again.json"
+    assert main(["ablate", "--data", str(data), "--device", "cpu", "--json", str(again),
+                 "--score-models", *sorted(str(p) for p in models.iterdir())]) == 0
+    res2 = json.loads(again.read_text())
+    by2 = {r["variant"]: r for r in res2["runs"]}
+    assert set(by2) == set(by) and by2["same_noise"]["config"] == by["same_noise"]["config"]
+    same = pytest.approx  # the trained and the reloaded network differ in memory layout: float rounding only
+    for v in by:
+        assert {m: by2[v][m] for m in METRICS} == same({m: by[v][m] for m in METRICS}, abs=1e-4), v
+        assert by2[v]["train_seconds"] is None and by2[v]["curve"] == []
+    assert set(res2["scoring_runs"]) == set(res["scoring_runs"]) and res2["image_size"] == res["image_size"]
+    for key, rows in res["scoring_runs"].items():
+        assert [r["pixel_aupro"] for r in res2["scoring_runs"][key]] == same([r["pixel_aupro"] for r in rows],
+                                                                            abs=1e-4), key
 
 
 def test_a_weight_average_run_also_scores_its_live_weights(tmp_path):
