@@ -20,9 +20,9 @@ variant                what changes
 Each run is also scored with a sweep of the smoothing (n passes x k window) and of the map normalisation by
 per-pixel statistics of held-out normal images (``none``, ``mean``, ``zscore``), without retraining. With
 ``--eval-every N`` every run records a learning curve: the test metrics every N steps, so that "not enough
-steps" and "a wrong recipe" can be told apart. The output, as JSON and Markdown: mean +- std over seeds of
-I-AUROC, P-AUROC, AU-PRO, P-AP and I-F1max, overall and per defect type, each run's full config, the commit and
-the machine.
+steps" and "a wrong recipe" can be told apart; ``--score-models`` scores saved models (``--save-models``)
+again without training. The output, as JSON and Markdown: mean +- std over seeds of I-AUROC, P-AUROC, AU-PRO,
+P-AP and I-F1max, overall and per defect type, each run's full config, the commit and the machine.
 
 Everything not named above is the same for every variant (data, size, steps, seeds), so the rows compare.
 """
@@ -305,7 +305,9 @@ def score_models(data: str | Path, models, *, device="auto", sweep: bool = True,
     images, the same sweep and the same JSON (each run's config from its file; no training time, no curve).
 
     For re-scoring a finished ablation without retraining, or recovering one whose process was stopped after
-    it saved its models. Every model must share the image size; the first one's config stands for the base.
+    it saved its models. The models must have been trained on ``data``'s training images (each run's holdout is
+    drawn again from its seed) and share the image size and the map settings; the first one's config stands for
+    the base.
     """
     from .api import Detector
     from .train import split_holdout
@@ -318,6 +320,8 @@ def score_models(data: str | Path, models, *, device="auto", sweep: bool = True,
         if tuple(det.config.train.image_size) != tuple(base.train.image_size):
             raise ValueError(f"{path}: image size {tuple(det.config.train.image_size)} differs from "
                              f"{dets[0][0]}'s {tuple(base.train.image_size)}")
+        if det.config.map != base.map:
+            raise ValueError(f"{path}: map settings {det.config.map} differ from {dets[0][0]}'s {base.map}")
     t0 = time.perf_counter()
     size, train_images, test = _load(data, base, log)
     main_key, grid, modes = _settings(base, size, sweep)

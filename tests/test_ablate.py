@@ -173,3 +173,18 @@ def test_merge_recomputes_mean_and_std_over_all_parts():
     e["commit"] = "def"
     with pytest.raises(ValueError, match="different commit"):  # comparisons run on one commit
         merge_results([a, e])
+
+
+def test_score_models_refuses_models_scored_differently(tmp_path, capsys):
+    from fae_fast.api import Detector
+
+    data = make_dataset(tmp_path / "d", n_train=8, n_test_good=2, n_test_defect=1, size=(32, 32), seed=5)
+    paths = []
+    for k in (3, 5):
+        cfg = preset("tiny")
+        cfg.train.image_size, cfg.train.steps, cfg.train.batch_size, cfg.train.holdout_fraction = (32, 32), 1, 4, 0.25
+        cfg.map.k = k
+        paths.append(tmp_path / f"fae_k{k}_seed0.fae")
+        Detector(cfg, device="cpu").fit(data / "train" / "good", progress=False).save(paths[-1])
+    assert main(["ablate", "--data", str(data), "--device", "cpu", "--score-models", *map(str, paths)]) == 2
+    assert f"{paths[1]}: map settings" in capsys.readouterr().err
