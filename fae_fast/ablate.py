@@ -259,7 +259,7 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
         (variant -> metric -> mean/std/n), ``scoring`` ("variant|n=..,k=..,error,mode" -> metric -> mean/std/n),
         the commit and the machine.
     """
-    from .train import split_holdout, train
+    from .train import train
 
     base = copy.deepcopy(base) if base is not None else FAEConfig()
     t0 = time.perf_counter()
@@ -269,8 +269,7 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
     for name in variants:
         for seed in seeds:
             cfg = variant_config(base, name, seed)
-            _, hold_idx = split_holdout(len(train_images), float(cfg.train.holdout_fraction), int(seed))
-            scorer = _Scorer(test, train_images[hold_idx], device, cfg.map.spread_window)
+            scorer = _run_scorer(cfg, train_images, test, device)
             curve: list[dict] = []
 
             def on_eval(step, model, scorer=scorer, curve=curve):
@@ -310,7 +309,6 @@ def score_models(data: str | Path, models, *, device="auto", sweep: bool = True,
     the base.
     """
     from .api import Detector
-    from .train import split_holdout
 
     dets = [(Path(m), Detector.load(m, device=device)) for m in models]
     if not dets:
@@ -327,14 +325,22 @@ def score_models(data: str | Path, models, *, device="auto", sweep: bool = True,
     main_key, grid, modes = _settings(base, size, sweep)
     runs, scoring_runs = [], {}
     for path, det in dets:
-        cfg, seed = det.config, int(det.config.train.seed)
+        cfg = det.config
         name = path.stem.rsplit("_seed", 1)[0] if "_seed" in path.stem else path.stem
-        _, hold_idx = split_holdout(len(train_images), float(cfg.train.holdout_fraction), seed)
-        scored = _Scorer(test, train_images[hold_idx], device, cfg.map.spread_window)(det.model, grid, modes)
+        scored = _run_scorer(cfg, train_images, test, device)(det.model, grid, modes)
         _record(runs, scoring_runs, name, cfg, scored, main_key, log, train_seconds=None, final_loss=None,
                 curve=[], model=str(path))
     return _result(data, size, base, sorted({r["seed"] for r in runs}), main_key, runs, scoring_runs, t0,
                    device)
+
+
+def _run_scorer(cfg: FAEConfig, train_images: torch.Tensor, test, device) -> _Scorer:
+    """The scorer of one run: statistics from the normal images its training held out (its seed's split, drawn
+    as :func:`fae_fast.train.train` draws it)."""
+    from .train import split_holdout
+
+    _, hold_idx = split_holdout(len(train_images), float(cfg.train.holdout_fraction), int(cfg.train.seed))
+    return _Scorer(test, train_images[hold_idx], device, cfg.map.spread_window)
 
 
 def _load(data, base: FAEConfig, log):
