@@ -129,6 +129,10 @@ class TrainConfig:
     # noise) | "squared+gradient" (plus GRADIENT_WEIGHT x the squared Sobel gradient of the residual: the map's own
     # error, so fine structure is reconstructed as the map measures it; against the same target x + eps) | "gradient"
     loss: str = "squared"
+    # the loss's weight on occluded pixels (mask_beta > 0) is 1 + this, elsewhere 1 (normalised by all pixels, as
+    # the inpainting losses that weight hole pixels above valid ones): a 1-pixel stroke of a crack is a tiny share
+    # of the plain MSE, which is almost all about copying the grain. 0 = the MSE of DESIGN.md
+    occlusion_weight: float = 0.0
     image_size: tuple[int, int] | str = (256, 256)  # (H, W), non-square allowed; or "auto" (below)
     auto_pixels: int = 256 * 256        # "auto" size: the data's aspect ratio at about this many pixels
     keep_aspect: bool = False           # resize keeping aspect ratio and pad, instead of stretching
@@ -285,7 +289,7 @@ _RANGES = {
     "map.n": "[0, inf)", "map.k": "[1, inf)", "map.ref_size": "[1, inf)", "map.spread_window": "[1, 63]",
     "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
     "train.weight_decay": "[0, inf)", "train.warmup_steps": "[0, inf)", "train.grad_clip": "[0, inf)",
-    "train.ema_decay": "[0, 1)",
+    "train.ema_decay": "[0, 1)", "train.occlusion_weight": "[0, inf)",
     "train.auto_pixels": f"[{MIN_SIDE * MIN_SIDE}, {MAX_SIDE * MAX_SIDE}]",
     "train.holdout_fraction": "[0, 1)", "train.threshold_quantile": "[0, 1]",
     "train.pixel_threshold_quantile": "[0, 1]", "train.checkpoint_every": "[0, inf)",

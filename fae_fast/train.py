@@ -154,7 +154,7 @@ def _is_grey(images: torch.Tensor) -> bool:
 def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: int, seed: int, sigma_max: float,
                mode: str = "symmetric", noise_backend: str = "torch", pool: torch.Tensor | None = None,
                channels_last: bool = False, autocast=None, keyed: tuple[int, int] | None = None,
-               loss: str = "squared") -> torch.Tensor:
+               loss: str = "squared", occlusion_weight: float = 0.0) -> torch.Tensor:
     """The FAE loss of one batch of normal images, with gradients to ``fwd``'s parameters (no optimiser step).
 
     ``x~ = corruptor(x)``; sigma ~ U(0, sigma_max) per sample from ``gen``; ``input = x~ + eps``;
@@ -182,6 +182,8 @@ def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: i
         loss: ``train.loss``: "squared" (the MSE above), "gradient" (the pixel mean of
             ``reference.error_image(target, recon, "gradient")``, the map's gradient error against the same target
             ``x + eps``) or "squared+gradient" (the MSE plus :data:`~fae_fast.config.GRADIENT_WEIGHT` times it).
+        occlusion_weight: ``train.occlusion_weight`` w: the per-pixel loss (:func:`fae_fast.reference.error_image`
+            of ``loss``) counts ``1 + w`` times on occluded pixels (``mask_beta > 0``), averaged over all pixels.
 
     Returns:
         0-dim float32 loss.
@@ -213,11 +215,15 @@ def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: i
         inp = inp.contiguous(memory_format=torch.channels_last)
     with autocast if autocast is not None else contextlib.nullcontext():
         recon = fwd(inp)
-    if loss == "squared":
+    weight = float(occlusion_weight)
+    if loss == "squared" and weight == 0:
         return ops.noisy_target_loss(recon, x, sigma_tgt, seed_tgt, sample_offset=offset, backend=noise_backend)
-    # the gradient term needs the target itself: x + eps drawn by the same op and backend as the input's eps
+    # the other losses need the target itself: x + eps drawn by the same op and backend as the input's eps
     target = xf if mode in ("none", "input") else ops.corrupt_and_noise(
         x, x, torch.zeros_like(c.mask_beta), sigma_tgt, seed_tgt, sample_offset=offset, backend=noise_backend)
+    if weight:
+        err = reference.error_image(target, recon, loss)
+        return (err * (1.0 + weight * (c.mask_beta > 0).float())).mean()
     grad = reference.error_image(target, recon, "gradient").mean()
     if loss == "gradient":
         return grad
@@ -443,7 +449,7 @@ class _Trainer:
         loss = batch_loss(self.fwd, xb, self.corruptor, self.key_gen or self.gen, step=step, seed=int(tc.seed),
                           sigma_max=self.sigma_max, mode=self.cfg.noise.mode, noise_backend=self.noise_backend,
                           pool=self.pool, channels_last=bool(tc.channels_last), autocast=self.autocast,
-                          keyed=keyed, loss=self.cfg.train.loss)
+                          keyed=keyed, loss=tc.loss, occlusion_weight=tc.occlusion_weight)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if tc.grad_clip and tc.grad_clip > 0:

@@ -409,6 +409,33 @@ def test_gradient_loss_adds_the_maps_gradient_error_to_the_mse(mode):
     assert grad > 1e-4
 
 
+@pytest.mark.parametrize("loss", ["squared", "squared+gradient"])
+def test_occlusion_weight_counts_occluded_pixels_more(loss):
+    """``train.occlusion_weight`` w: the per-pixel loss weighs 1 + w on the pixels the corruption touched, 1
+    elsewhere; w = 0 is the plain loss; the corruption and the network's input do not depend on w."""
+    from fae_fast import reference
+    from fae_fast.train import batch_loss
+
+    x = torch.randint(0, 256, (4, 3, 24, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    cor = Corruptor(CorruptionConfig(p=1.0), image_size=(24, 40))
+    mask = cor(x.float() / 255, torch.Generator().manual_seed(5)).mask_beta > 0
+    assert 0 < mask.float().mean() < 0.9
+    out, seen = {}, []
+    for w in (0.0, 5.0):
+        out[w] = batch_loss(lambda inp: seen.append(inp * 0.7 + 0.1) or seen[-1], x, cor,
+                            torch.Generator().manual_seed(5), step=0, seed=3, sigma_max=0.0, mode="none",
+                            noise_backend="torch", loss=loss, occlusion_weight=w)
+    torch.testing.assert_close(seen[0], seen[1])
+    err = reference.error_image(x.float() / 255, seen[0], loss)
+    torch.testing.assert_close(out[0.0], err.mean())
+    torch.testing.assert_close(out[5.0], (err * (1 + 5 * mask.float())).mean())
+    assert out[5.0] > 1.5 * out[0.0]
+    cfg = preset("tiny")
+    cfg.train.occlusion_weight = -1.0
+    with pytest.raises(ValueError, match="train.occlusion_weight"):
+        cfg.validate()
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_gradient_loss_compares_with_the_same_noisy_target(backend):
     """No occlusion and a network that returns its input (x + eps): same-eps noise leaves nothing to learn in either
