@@ -21,13 +21,11 @@ from pathlib import Path
 import torch
 
 from fae_fast import reference
-from fae_fast.ablate import git_commit, machine_info
+from fae_fast.ablate import git_commit, holdout_images, load_data, machine_info
 from fae_fast.api import Detector
 from fae_fast.config import smoothing_for_size
-from fae_fast.data import load_images, load_test_set, normal_image_paths
 from fae_fast.evaluate import evaluate
 from fae_fast.scoring import map_statistics, normalize_maps
-from fae_fast.train import split_holdout
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 
@@ -49,14 +47,11 @@ def error_maps(model, images: torch.Tensor, n: int, k: int, weights) -> dict[str
 def score_model(path: Path, data: Path, weights) -> list[dict]:
     det = Detector.load(path, device="cpu")
     cfg = det.config
-    H, W = det.image_size
-    n, k = smoothing_for_size(cfg.map, H, W)
-    train = load_images(normal_image_paths(data), (H, W))
-    _, hold_idx = split_holdout(len(train), float(cfg.train.holdout_fraction), int(cfg.train.seed))
-    test = load_test_set(data, (H, W))
+    size, train, test = load_data(data, cfg)
+    n, k = smoothing_for_size(cfg.map, *size)
     model = det.model.eval()
-    test_maps, hold_maps = error_maps(model, test.images, n, k, weights), error_maps(model, train[hold_idx], n, k,
-                                                                                       weights)
+    test_maps = error_maps(model, test.images, n, k, weights)
+    hold_maps = error_maps(model, holdout_images(cfg, train), n, k, weights)
     labels, masks = test.labels.numpy(), test.masks[:, 0].numpy()
     rows = []
     for kind, maps in test_maps.items():

@@ -264,7 +264,7 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
 
     base = copy.deepcopy(base) if base is not None else FAEConfig()
     t0 = time.perf_counter()
-    size, train_images, test = _load(data, base, log)
+    size, train_images, test = load_data(data, base, log)
     main_key, grid, modes = _settings(base, size, sweep)
     runs, scoring_runs = [], {}
     for name in variants:
@@ -322,7 +322,7 @@ def score_models(data: str | Path, models, *, device="auto", sweep: bool = True,
         if det.config.map != base.map:
             raise ValueError(f"{path}: map settings {det.config.map} differ from {dets[0][0]}'s {base.map}")
     t0 = time.perf_counter()
-    size, train_images, test = _load(data, base, log)
+    size, train_images, test = load_data(data, base, log)
     main_key, grid, modes = _settings(base, size, sweep)
     runs, scoring_runs = [], {}
     for path, det in dets:
@@ -335,17 +335,22 @@ def score_models(data: str | Path, models, *, device="auto", sweep: bool = True,
                    device)
 
 
-def _run_scorer(cfg: FAEConfig, train_images: torch.Tensor, test, device) -> _Scorer:
-    """The scorer of one run: statistics from the normal images its training held out (its seed's split, drawn
-    as :func:`fae_fast.train.train` draws it)."""
+def holdout_images(cfg: FAEConfig, train_images: torch.Tensor) -> torch.Tensor:
+    """The normal images a run held out of its training: its seed's split, drawn as :func:`fae_fast.train.train`
+    draws it (the statistics and thresholds come from them)."""
     from .train import split_holdout
 
     _, hold_idx = split_holdout(len(train_images), float(cfg.train.holdout_fraction), int(cfg.train.seed))
-    return _Scorer(test, train_images[hold_idx], device, cfg.map.spread_window)
+    return train_images[hold_idx]
 
 
-def _load(data, base: FAEConfig, log):
-    """(size, training images, test set) of ``data`` at ``base``'s image size."""
+def _run_scorer(cfg: FAEConfig, train_images: torch.Tensor, test, device) -> _Scorer:
+    """The scorer of one run: statistics from the normal images its training held out."""
+    return _Scorer(test, holdout_images(cfg, train_images), device, cfg.map.spread_window)
+
+
+def load_data(data, base: FAEConfig, log=print):
+    """(size, training images, test set) of ``data`` at ``base``'s image size (and its ``keep_aspect``)."""
     from .data import load_images, load_test_set, normal_image_paths
 
     size = tuple(base.train.image_size)

@@ -137,6 +137,13 @@ def test_map_error_exploration_rescores_saved_models(tmp_path):
     res = json.loads((tmp_path / "x.json").read_text())
     assert [r["kind"] for r in res["rows"]] == ["squared", "gradient", "squared+4xgradient"]
     assert res["commit"] and all(0.0 <= r["pixel_auroc"] <= 1.0 and r["per_defect"] for r in res["rows"])
+    # the product's kind (squared+gradient, z-scored) scores as `ablate --score-models` scores the model: the same
+    # data, the same held-out statistics
+    assert main(["ablate", "--data", str(data), "--score-models", str(tmp_path / "m.fae"), "--no-sweep",
+                 "--device", "cpu", "--json", str(tmp_path / "a.json")]) == 0
+    run = json.loads((tmp_path / "a.json").read_text())["runs"][0]
+    for m in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+        assert res["rows"][2][m] == pytest.approx(run[m], abs=1e-4), m
 
 
 def _part(variant, seeds, sweep_rows=()):
