@@ -118,8 +118,8 @@ def describe(cfg: FAEConfig) -> str:
     crop = "" if t.crop_size is None else f", crops {t.crop_size[0]}x{t.crop_size[1]}"
     occ = f" (occluded pixels x{1 + t.occlusion_weight:g})" if t.occlusion_weight else ""
     return (f"widths {'-'.join(map(str, m.widths))}, skips {skips}, {'residual' if m.residual else 'plain'} head, "
-            f"noise {noise}, {t.loss} loss{occ}, corruption p={c.p:g} (self textures {c.w_self:g}, grey {c.grey_textures}), "
-            f"{t.steps} steps x {t.batch_size}{crop}")
+            f"noise {noise}, {t.loss} loss{occ}, corruption p={c.p:g} (self textures {c.w_self:g}, "
+            f"grey {c.grey_textures}), {t.steps} steps x {t.batch_size}{crop}")
 
 
 def variant_config(base: FAEConfig, name: str, seed: int) -> FAEConfig:
