@@ -91,6 +91,9 @@ class ModelConfig:
     downsample: str = "maxpool"         # "maxpool" | "conv" (stride-2 conv-norm-act)
     upsample: str = "bilinear"          # "bilinear" (+1x1 conv) | "transpose"
     residual: bool = True               # output x + head(features), head zero-initialised: starts as identity
+    # > 0: at inference each pixel is reconstructed from one of four passes in which its hide_cell x hide_cell cell
+    # was hidden under the image mean (models.UNet): defects are inpainted, not copied. 0: one plain pass
+    hide_cell: int = 0
 
 
 @dataclass
@@ -133,6 +136,10 @@ class TrainConfig:
     # the inpainting losses that weight hole pixels above valid ones): a 1-pixel stroke of a crack is a tiny share
     # of the plain MSE, which is almost all about copying the grain. 0 = the MSE of DESIGN.md
     occlusion_weight: float = 0.0
+    # with model.hide_cell > 0: each training input also has one of the four hidden-cell patterns of inference
+    # (a random one per image, its cells filled with the corrupted image's mean), so the network learns the
+    # inpainting that it does at test time. False: trained on plain corrupted images only
+    hide_cells: bool = False
     image_size: tuple[int, int] | str = (256, 256)  # (H, W), non-square allowed; or "auto" (below)
     auto_pixels: int = 256 * 256        # "auto" size: the data's aspect ratio at about this many pixels
     keep_aspect: bool = False           # resize keeping aspect ratio and pad, instead of stretching
@@ -249,6 +256,8 @@ class FAEConfig:
                           ("corruption.perlin_scales", c.perlin_scales)):
             if not vals or min(vals) < 1:
                 raise ValueError(f"config {key} must be a non-empty sequence of positive ints, got {vals!r}")
+        if t.hide_cells and not m.hide_cell:
+            raise ValueError("config train.hide_cells needs model.hide_cell > 0 (the cell size it hides)")
         if self.map.spread_window % 2 != 1:
             raise ValueError(f"config map.spread_window must be odd, got {self.map.spread_window!r}")
         if self.map.k % 2 != 1:
@@ -285,7 +294,7 @@ _RANGES = {
     "corruption.capacity_sigmas": "[0, inf)", "corruption.perlin_base_max": "[1, inf)",
     "corruption.perlin_envelope": "[0, inf)",
     "noise.sigma_max": "[0, inf)",
-    "model.in_channels": "[1, inf)",
+    "model.in_channels": "[1, inf)", "model.hide_cell": "[0, inf)",
     "map.n": "[0, inf)", "map.k": "[1, inf)", "map.ref_size": "[1, inf)", "map.spread_window": "[1, 63]",
     "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
     "train.weight_decay": "[0, inf)", "train.warmup_steps": "[0, inf)", "train.grad_clip": "[0, inf)",

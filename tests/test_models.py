@@ -138,6 +138,31 @@ def test_fold_batchnorm_sequential_and_type_error():
         fold_batchnorm("not a model")
 
 
+def test_hide_cell_inpaints_what_it_hides():
+    """In eval mode, a pixel's output does not depend on its own cell (the pass that hid it sees the image mean
+    there); the plain pass does. Training mode is the plain pass."""
+    net = _randomise(UNet(**TINY, hide_cell=4)).eval()
+    plain = _randomise(UNet(**TINY)).eval()
+    plain.load_state_dict(net.state_dict())
+    x = torch.rand(2, 3, 23, 30)
+    y = x.clone()
+    y[:, :, 9, 5] += 0.3      # a change inside the cell rows 8-11, columns 4-7 that keeps the image mean
+    y[:, :, 10, 6] -= 0.3
+    cell = (slice(None), slice(None), slice(8, 12), slice(4, 8))
+    with torch.no_grad():
+        assert torch.equal(net(x)[cell], net(y)[cell])
+        assert not torch.allclose(plain(x)[cell], plain(y)[cell], atol=1e-3)
+        # each pixel comes from its own pass: the cells that pass 0 hides, reconstructed by hand
+        hide = net.hidden_cells(23, 30)[0]
+        assert hide.sum() > 0 and torch.equal(net.hidden_cells(23, 30).sum(0), torch.ones(1, 23, 30))
+        by_hand = plain(torch.lerp(x, x.mean(dim=(2, 3), keepdim=True), hide))
+        assert_close(net(x) * hide, by_hand * hide, atol=1e-5, rtol=1e-5)
+        assert_close(net.train()(x), plain.train()(x), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="hide_cell"):
+        UNet(**TINY, hide_cell=-1)
+    assert build_model(ModelConfig(**TINY, hide_cell=8)).hide_cell == 8
+
+
 def test_default_param_count():
     n = count_parameters(build_model(ModelConfig()))
     # widths 64-128-256-512, dilated bottleneck 1-2-4-8, gated skips: about 16.0 M parameters

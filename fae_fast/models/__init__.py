@@ -12,9 +12,9 @@ import torch  # noqa: F401  (used by the doctest)
 import torch.nn as nn
 
 from ..config import ModelConfig
-from .unet import ACTS, NORMS, ConvNormAct, UNet, count_parameters, fold_batchnorm
+from .unet import ACTS, NORMS, ConvNormAct, UNet, count_parameters, fold_batchnorm, hidden_cells
 
-__all__ = ["UNet", "ConvNormAct", "build_model", "fold_batchnorm", "count_parameters", "NORMS", "ACTS"]
+__all__ = ["UNet", "ConvNormAct", "build_model", "fold_batchnorm", "hidden_cells", "count_parameters", "NORMS", "ACTS"]
 
 
 
@@ -34,4 +34,4 @@ def build_model(cfg: ModelConfig | None = None) -> nn.Module:
         raise TypeError(f"build_model expects a ModelConfig, got {type(cfg).__name__}")
     return UNet(cfg.in_channels, tuple(cfg.widths), tuple(cfg.dilations), norm=cfg.norm, act=cfg.act,
                 gated_skips=cfg.gated_skips, skip_mode=cfg.skip_mode, downsample=cfg.downsample,
-                upsample=cfg.upsample, residual=cfg.residual)
+                upsample=cfg.upsample, residual=cfg.residual, hide_cell=cfg.hide_cell)

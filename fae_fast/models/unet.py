@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["UNet", "ConvNormAct", "fold_batchnorm", "count_parameters", "NORMS", "ACTS"]
+__all__ = ["UNet", "ConvNormAct", "fold_batchnorm", "hidden_cells", "count_parameters", "NORMS", "ACTS"]
 
 NORMS = ("batch", "group", "instance", "none")
 ACTS = ("relu", "silu", "gelu", "leaky_relu")
@@ -160,6 +160,12 @@ class UNet(nn.Module):
         upsample: "bilinear" (+1x1 conv) | "transpose" (2x2 stride-2 transposed conv).
         residual: output ``x + head(features)`` (identity-anchored; the head starts at zero so the untrained
             model is the identity) instead of ``head(features)``.
+        hide_cell: in eval mode, reconstruct each pixel from a pass in which its cell was hidden (0: one plain
+            pass, also in training mode). The image is cut into ``hide_cell`` x ``hide_cell`` cells in a 2 x 2
+            pattern; each of four passes (one batched forward) fills one quarter of the cells with the image's
+            per-channel mean, and each pixel's output comes from the pass that hid it: the network cannot copy a
+            defect it does not see, it has to inpaint the cell from its surroundings (inpainting at test time as
+            in RIAD, Zavrtanik et al., Pattern Recognition 2021). Four times the compute.
 
     Example:
         >>> net = UNet(widths=(8, 16), dilations=(1, 2))
@@ -169,7 +175,8 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, widths=(64, 128, 256, 512), dilations=(1, 2, 4, 8), *,
                  norm: str = "batch", act: str = "relu", gated_skips: bool = True, skip_mode: str = "concat",
-                 downsample: str = "maxpool", upsample: str = "bilinear", residual: bool = True):
+                 downsample: str = "maxpool", upsample: str = "bilinear", residual: bool = True,
+                 hide_cell: int = 0):
         super().__init__()
         widths = tuple(int(w) for w in widths)
         if len(widths) < 1 or any(w < 1 for w in widths):
@@ -186,7 +193,10 @@ class UNet(nn.Module):
             raise ValueError(f"downsample must be one of {DOWNSAMPLES}, got {downsample!r}")
         if not gated_skips and skip_mode not in ("concat", "add", "none"):
             raise ValueError(f"skip_mode must be 'concat', 'add' or 'none', got {skip_mode!r}")
+        if isinstance(hide_cell, bool) or not isinstance(hide_cell, int) or hide_cell < 0:
+            raise ValueError(f"hide_cell must be an int >= 0 (0: off), got {hide_cell!r}")
         self.in_channels = int(in_channels)
+        self.hide_cell = hide_cell
         self.widths = widths
         self.residual = bool(residual)
         self.factor = 2 ** (len(widths) - 1)
@@ -220,6 +230,24 @@ class UNet(nn.Module):
         """(B, C, H, W) float -> (B, C, H, W) reconstruction (no sigmoid)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet expects (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if self.hide_cell and not self.training:
+            return self._inpaint_cells(x)
+        return self._reconstruct(x)
+
+    def hidden_cells(self, H: int, W: int, device=None) -> torch.Tensor:
+        """(4, 1, H, W) 0/1: the cells each of the four passes hides (:func:`hidden_cells`)."""
+        return hidden_cells(H, W, self.hide_cell, device)
+
+    def _inpaint_cells(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        hide = self.hidden_cells(H, W, x.device).to(x.dtype)                  # (4, 1, H, W)
+        fill = x.mean(dim=(2, 3), keepdim=True)
+        # the four passes of every image in one batch: (4, B, C, H, W) -> (4B, C, H, W)
+        passes = torch.lerp(x.unsqueeze(0), fill.unsqueeze(0), hide.unsqueeze(1))
+        out = self._reconstruct(passes.reshape(4 * B, C, H, W)).reshape(4, B, C, H, W)
+        return (out * hide.unsqueeze(1)).sum(0)
+
+    def _reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
         ph, pw = (-H) % self.factor, (-W) % self.factor
         # replicate padding at the bottom/right: no artificial edges for the first convs to react to
@@ -236,6 +264,15 @@ class UNet(nn.Module):
         if ph or pw:
             h = h[:, :, :H, :W]
         return x + h if self.residual else h
+
+
+def hidden_cells(H: int, W: int, cell: int, device=None) -> torch.Tensor:
+    """(4, 1, H, W) float 0/1: ``cell`` x ``cell`` cells in a 2 x 2 pattern; pass p hides the cells whose (row,
+    column) cell index parities are (p // 2, p % 2), so that every pixel is hidden in exactly one pass."""
+    ys = (torch.arange(H, device=device) // cell) % 2
+    xs = (torch.arange(W, device=device) // cell) % 2
+    code = (2 * ys[:, None] + xs[None, :])[None, None]
+    return (code == torch.arange(4, device=device)[:, None, None, None]).float()
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
