@@ -123,6 +123,20 @@ def test_fingerprint_sees_weights_and_attributes():
     assert ort.model_fingerprint(a) != ort.model_fingerprint(c)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_inpainted_cells_reach_the_engine(backend):
+    """A model with ``hide_cell`` scores its four hidden-cell passes on either backend, as eager does."""
+    plain = tiny_model(seed=2).eval()
+    model = copy.deepcopy(plain)
+    model.hide_cell = 4
+    x = frames(2, seed=5)
+    ref_map, ref_score = eager_reference(model, x)
+    assert not torch.allclose(ref_map, eager_reference(plain, x)[0], atol=1e-4)
+    got = Engine(model, image_size=(H, W), n=N_SMOOTH, k=K_SMOOTH, device="cpu", backend=backend, threads=1).predict(x)
+    assert_close(got.anomaly_map, ref_map, **TOL, msg="map vs eager")
+    assert_close(got.pred_score, ref_score, **TOL, msg="score vs eager")
+
+
 def test_threads_reach_the_session(ort_engine):
     assert ort_engine.threads == 1
     assert ort_engine._ort.session("uint8").get_session_options().intra_op_num_threads == 1

@@ -334,8 +334,10 @@ class Engine:
         # resolve the map backend once, outside any compiled region: the dispatcher's bookkeeping (env lookup,
         # lazy import, last-backend dict) is Python that torch.compile need not trace
         self.map_backend, map_fn = _backend.resolve("anomaly_map", map_backend, self.device)
-        # a residual network (fae_fast's UNet: recon = x + h) adds x in float32 in the pipeline instead
-        residual = isinstance(getattr(net, "residual", None), bool) and net.residual
+        # a residual network (fae_fast's UNet: recon = x + h) adds x in float32 in the pipeline instead; not one that
+        # inpaints hidden cells (its passes add h to the filled input, not to x)
+        residual = isinstance(getattr(net, "residual", None), bool) and net.residual \
+            and not getattr(net, "hide_cell", 0)
         if residual:
             net.residual = False
         self.normalizer = MapNormalizer(normalize, map_stats, self.image_size).to(self.device)
