@@ -302,7 +302,11 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
     return _result(data, size, base, seeds, main_key, runs, scoring_runs, t0, device)
 
 
-def score_models(data: str | Path, models, *, device="auto", sweep: bool = True, log=print) -> dict:
+#: what ``--score-models`` may change with ``--set``: how a trained network is scored, not how it was trained
+SCORING_KEYS = ("map.", "model.hide_cell")
+
+
+def score_models(data: str | Path, models, *, device="auto", sweep: bool = True, overrides=(), log=print) -> dict:
     """Score saved models (``--save-models`` files ``<variant>_seed<seed>.fae``) on ``data``'s test split as
     :func:`run_ablation` scores the models it trains: the same statistics from each run's held-out normal
     images, the same sweep and the same JSON (each run's config from its file; no training time, no curve).
@@ -310,13 +314,21 @@ def score_models(data: str | Path, models, *, device="auto", sweep: bool = True,
     For re-scoring a finished ablation without retraining, or recovering one whose process was stopped after
     it saved its models. The models must have been trained on ``data``'s training images (each run's holdout is
     drawn again from its seed) and share the image size and the map settings; the first one's config stands for
-    the base.
+    the base. ``overrides`` (``section.key=value``, only keys of :data:`SCORING_KEYS`) change how every model is
+    scored, e.g. ``model.hide_cell=8`` to inpaint a network trained on plain passes.
     """
     from .api import Detector
 
+    bad = [o for o in overrides if not str(o).strip().startswith(SCORING_KEYS)]
+    if bad:
+        raise ValueError(f"--set with --score-models changes only the scoring ({', '.join(SCORING_KEYS)}...), "
+                         f"got {bad}")
     dets = [(Path(m), Detector.load(m, device=device)) for m in models]
     if not dets:
         raise ValueError("no models to score")
+    for _, det in dets:
+        det.config = apply_overrides(det.config, overrides).validate()
+        det.model.hide_cell = det.config.model.hide_cell
     base = dets[0][1].config
     for path, det in dets[1:]:
         if tuple(det.config.train.image_size) != tuple(base.train.image_size):
@@ -534,7 +546,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.score_models:
         try:
-            result = score_models(args.data, args.score_models, device=args.device, sweep=not args.no_sweep)
+            result = score_models(args.data, args.score_models, device=args.device, sweep=not args.no_sweep,
+                                  overrides=args.overrides)
         except (ValueError, TypeError, FileNotFoundError) as exc:
             print(f"fae-fast ablate: error: {exc}", file=sys.stderr)
             return 2

@@ -195,3 +195,26 @@ def test_score_models_refuses_models_scored_differently(tmp_path, capsys):
         Detector(cfg, device="cpu").fit(data / "train" / "good", progress=False).save(paths[-1])
     assert main(["ablate", "--data", str(data), "--device", "cpu", "--score-models", *map(str, paths)]) == 2
     assert f"{paths[1]}: map settings" in capsys.readouterr().err
+
+
+def test_score_models_with_scoring_overrides(tmp_path, capsys):
+    """``--set`` with ``--score-models`` changes how saved models are scored (here: inpainting hidden cells) and
+    is recorded in each run's config; training keys are refused."""
+    from fae_fast.api import Detector
+
+    data = make_dataset(tmp_path / "d", n_train=8, n_test_good=2, n_test_defect=2, size=(32, 32), seed=5)
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.steps, cfg.train.batch_size, cfg.train.holdout_fraction = (32, 32), 2, 4, 0.4
+    path = tmp_path / "fae_seed0.fae"
+    Detector(cfg, device="cpu").fit(data / "train" / "good", progress=False).save(path)
+    res = {}
+    for name, sets in (("plain", []), ("cells", ["--set", "model.hide_cell=4"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["ablate", "--data", str(data), "--device", "cpu", "--no-sweep", "--json", str(out), *sets,
+                     "--score-models", str(path)]) == 0
+        res[name] = json.loads(out.read_text())["runs"][0]
+    assert res["plain"]["config"]["model"]["hide_cell"] == 0 and res["cells"]["config"]["model"]["hide_cell"] == 4
+    assert res["plain"]["pixel_auroc"] != res["cells"]["pixel_auroc"]
+    assert main(["ablate", "--data", str(data), "--device", "cpu", "--set", "train.steps=5",
+                 "--score-models", str(path)]) == 2
+    assert "changes only the scoring" in capsys.readouterr().err
