@@ -119,7 +119,7 @@ def describe(cfg: FAEConfig) -> str:
     occ = f" (occluded pixels x{1 + t.occlusion_weight:g})" if t.occlusion_weight else ""
     head = f"{'residual' if m.residual else 'plain'} head"
     if m.hide_cell:
-        head += f", {m.hide_cell} px cells inpainted{' (trained so)' if t.hide_cells else ''}"
+        head += f", {m.hide_cell} px cells inpainted"
     return (f"widths {'-'.join(map(str, m.widths))}, skips {skips}, {head}, "
             f"noise {noise}, {t.loss} loss{occ}, corruption p={c.p:g} (self textures {c.w_self:g}, "
             f"grey {c.grey_textures}), {t.steps} steps x {t.batch_size}{crop}")

@@ -136,10 +136,6 @@ class TrainConfig:
     # the inpainting losses that weight hole pixels above valid ones): a 1-pixel stroke of a crack is a tiny share
     # of the plain MSE, which is almost all about copying the grain. 0 = the MSE of DESIGN.md
     occlusion_weight: float = 0.0
-    # with model.hide_cell > 0: each training input also has one of the four hidden-cell patterns of inference
-    # (a random one per image, its cells filled with the corrupted image's mean), so the network learns the
-    # inpainting that it does at test time. False: trained on plain corrupted images only
-    hide_cells: bool = False
     image_size: tuple[int, int] | str = (256, 256)  # (H, W), non-square allowed; or "auto" (below)
     auto_pixels: int = 256 * 256        # "auto" size: the data's aspect ratio at about this many pixels
     keep_aspect: bool = False           # resize keeping aspect ratio and pad, instead of stretching
@@ -256,8 +252,6 @@ class FAEConfig:
                           ("corruption.perlin_scales", c.perlin_scales)):
             if not vals or min(vals) < 1:
                 raise ValueError(f"config {key} must be a non-empty sequence of positive ints, got {vals!r}")
-        if t.hide_cells and not m.hide_cell:
-            raise ValueError("config train.hide_cells needs model.hide_cell > 0 (the cell size it hides)")
         if self.map.spread_window % 2 != 1:
             raise ValueError(f"config map.spread_window must be odd, got {self.map.spread_window!r}")
         if self.map.k % 2 != 1:

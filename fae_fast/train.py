@@ -41,7 +41,6 @@ import torch
 from . import ops, reference
 from .checkpoint import load_train_state, save_train_state, with_legacy_settings
 from .config import GRADIENT_WEIGHT, NOISE_MODES, FAEConfig, smoothing_for_size
-from .models import hidden_cells
 from .scoring import autocast_dtype, compute_maps, resolve_device, thresholds_from_holdout
 
 __all__ = ["NOISE_MODES", "TrainResult", "train", "batch_loss", "step_seed", "split_holdout", "lr_factor",
@@ -155,7 +154,7 @@ def _is_grey(images: torch.Tensor) -> bool:
 def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: int, seed: int, sigma_max: float,
                mode: str = "symmetric", noise_backend: str = "torch", pool: torch.Tensor | None = None,
                channels_last: bool = False, autocast=None, keyed: tuple[int, int] | None = None,
-               loss: str = "squared", occlusion_weight: float = 0.0, hide_cell: int = 0) -> torch.Tensor:
+               loss: str = "squared", occlusion_weight: float = 0.0) -> torch.Tensor:
     """The FAE loss of one batch of normal images, with gradients to ``fwd``'s parameters (no optimiser step).
 
     ``x~ = corruptor(x)``; sigma ~ U(0, sigma_max) per sample from ``gen``; ``input = x~ + eps``;
@@ -185,9 +184,6 @@ def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: i
             ``x + eps``) or "squared+gradient" (the MSE plus :data:`~fae_fast.config.GRADIENT_WEIGHT` times it).
         occlusion_weight: ``train.occlusion_weight`` w: the per-pixel loss (:func:`fae_fast.reference.error_image`
             of ``loss``) counts ``1 + w`` times on occluded pixels (``mask_beta > 0``), averaged over all pixels.
-        hide_cell: > 0 (``train.hide_cells``): each input also gets one of the four hidden-cell patterns of
-            :func:`fae_fast.models.hidden_cells` (drawn from ``gen`` after everything else), its cells filled with
-            the input's per-channel mean, as :class:`fae_fast.models.UNet` hides them at inference.
 
     Returns:
         0-dim float32 loss.
@@ -215,10 +211,6 @@ def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: i
     # the ops read a uint8 batch directly: a quarter of the bytes of a float copy
     inp = ops.corrupt_and_noise(x, c.texture, c.mask_beta, sigma_in, noise_seed, sample_offset=offset,
                                 backend=noise_backend)
-    if hide_cell:
-        pattern = torch.randint(4, (B,), generator=gen, device=x.device)
-        hide = hidden_cells(inp.shape[-2], inp.shape[-1], hide_cell, x.device)[pattern].to(inp.dtype)
-        inp = torch.lerp(inp, inp.mean(dim=(2, 3), keepdim=True), hide)
     if channels_last:
         inp = inp.contiguous(memory_format=torch.channels_last)
     with autocast if autocast is not None else contextlib.nullcontext():
@@ -457,8 +449,7 @@ class _Trainer:
         loss = batch_loss(self.fwd, xb, self.corruptor, self.key_gen or self.gen, step=step, seed=int(tc.seed),
                           sigma_max=self.sigma_max, mode=self.cfg.noise.mode, noise_backend=self.noise_backend,
                           pool=self.pool, channels_last=bool(tc.channels_last), autocast=self.autocast,
-                          keyed=keyed, loss=tc.loss, occlusion_weight=tc.occlusion_weight,
-                          hide_cell=self.cfg.model.hide_cell if tc.hide_cells else 0)
+                          keyed=keyed, loss=tc.loss, occlusion_weight=tc.occlusion_weight)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if tc.grad_clip and tc.grad_clip > 0:

@@ -436,39 +436,6 @@ def test_occlusion_weight_counts_occluded_pixels_more(loss):
         cfg.validate()
 
 
-def test_hide_cells_trains_on_the_inference_passes():
-    """``train.hide_cells``: each input is its corrupted image with one of the four hidden-cell patterns of
-    inference filled with its mean (a quarter of the pixels, whole cells); the patterns vary over the batch; the
-    target stays the clean image; off (cell 0), the input is the corrupted image itself."""
-    from fae_fast.models import hidden_cells
-    from fae_fast.train import batch_loss
-
-    x = torch.randint(0, 256, (8, 3, 24, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    cor = Corruptor(CorruptionConfig(p=1.0), image_size=(24, 40))
-    seen, out = {}, {}
-    for cell in (0, 4):
-        out[cell] = batch_loss(lambda inp, c=cell: seen.setdefault(c, inp), x, cor, torch.Generator().manual_seed(5),
-                               step=0, seed=3, sigma_max=0.0, mode="none", noise_backend="torch", hide_cell=cell)
-    plain, hidden = seen[0], seen[4]
-    torch.testing.assert_close(out[4], ((hidden - x.float() / 255) ** 2).mean())
-    patterns = hidden_cells(24, 40, 4)
-    used = []
-    for i in range(len(x)):
-        changed = (hidden[i] != plain[i]).any(0, keepdim=True).float()
-        p = int((patterns * changed).sum(dim=(1, 2, 3)).argmax())        # the pattern this image got
-        used.append(p)
-        fill = plain[i].mean(dim=(1, 2), keepdim=True)
-        torch.testing.assert_close(hidden[i], torch.lerp(plain[i], fill, patterns[p]))
-        assert changed.sum() <= patterns[p].sum()                      # nothing outside its cells changed
-    assert len(set(used)) > 1
-    cfg = preset("tiny")
-    cfg.train.hide_cells = True
-    with pytest.raises(ValueError, match="model.hide_cell"):
-        cfg.validate()
-    cfg.model.hide_cell = 8
-    cfg.validate()
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_gradient_loss_compares_with_the_same_noisy_target(backend):
     """No occlusion and a network that returns its input (x + eps): same-eps noise leaves nothing to learn in either
