@@ -12,9 +12,9 @@ import torch  # noqa: F401  (used by the doctest)
 import torch.nn as nn
 
 from ..config import ModelConfig
-from .unet import ACTS, NORMS, ConvNormAct, UNet, count_parameters, fold_batchnorm, hidden_cells
+from .unet import ACTS, NORMS, ConvNormAct, UNet, count_parameters, fold_batchnorm
 
-__all__ = ["UNet", "ConvNormAct", "build_model", "fold_batchnorm", "hidden_cells", "count_parameters", "NORMS", "ACTS"]
+__all__ = ["UNet", "ConvNormAct", "build_model", "fold_batchnorm", "count_parameters", "NORMS", "ACTS"]
 
 
 

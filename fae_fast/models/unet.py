@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["UNet", "ConvNormAct", "fold_batchnorm", "hidden_cells", "count_parameters", "NORMS", "ACTS"]
+__all__ = ["UNet", "ConvNormAct", "fold_batchnorm", "count_parameters", "NORMS", "ACTS"]
 
 NORMS = ("batch", "group", "instance", "none")
 ACTS = ("relu", "silu", "gelu", "leaky_relu")
@@ -235,8 +235,13 @@ class UNet(nn.Module):
         return self._reconstruct(x)
 
     def hidden_cells(self, H: int, W: int, device=None) -> torch.Tensor:
-        """(4, 1, H, W) 0/1: the cells each of the four passes hides (:func:`hidden_cells`)."""
-        return hidden_cells(H, W, self.hide_cell, device)
+        """(4, 1, H, W) float 0/1: ``hide_cell`` x ``hide_cell`` cells in a 2 x 2 pattern; pass p hides the cells
+        whose (row, column) cell index parities are (p // 2, p % 2), so that every pixel is hidden in exactly one
+        pass."""
+        ys = (torch.arange(H, device=device) // self.hide_cell) % 2
+        xs = (torch.arange(W, device=device) // self.hide_cell) % 2
+        code = (2 * ys[:, None] + xs[None, :])[None, None]
+        return (code == torch.arange(4, device=device)[:, None, None, None]).float()
 
     def _inpaint_cells(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -264,15 +269,6 @@ class UNet(nn.Module):
         if ph or pw:
             h = h[:, :, :H, :W]
         return x + h if self.residual else h
-
-
-def hidden_cells(H: int, W: int, cell: int, device=None) -> torch.Tensor:
-    """(4, 1, H, W) float 0/1: ``cell`` x ``cell`` cells in a 2 x 2 pattern; pass p hides the cells whose (row,
-    column) cell index parities are (p // 2, p % 2), so that every pixel is hidden in exactly one pass."""
-    ys = (torch.arange(H, device=device) // cell) % 2
-    xs = (torch.arange(W, device=device) // cell) % 2
-    code = (2 * ys[:, None] + xs[None, :])[None, None]
-    return (code == torch.arange(4, device=device)[:, None, None, None]).float()
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
