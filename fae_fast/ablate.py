@@ -15,6 +15,9 @@ variant                what changes
 ``residual_head``      output ``x + head(features)`` (identity-anchored head)
 ``plain_head``         output ``head(features)``, the paper's plain 1x1 output convolution
 ``plain_ae``           a fair plain autoencoder: no skip connections, plain head, no corruption, no noise
+``template``           no network at all: each pixel "reconstructed" as its image's mean, so the map is the
+                       image's own deviation and gradient z-scored per pixel by the held-out normal images (a
+                       per-pixel statistical model of aligned parts: what the network must beat)
 =====================  ======================================================================================
 
 Each run is also scored with a sweep of the smoothing (n passes x k window) and of the map normalisation by
@@ -68,6 +71,17 @@ def _plain_ae(c):
     c.model.gated_skips, c.model.skip_mode, c.model.residual = False, "none", False
 
 
+class ImageMean(torch.nn.Module):
+    """The ``template`` baseline's stand-in for a network: every pixel's "reconstruction" is its image's
+    per-channel mean. Nothing to train; scored like any model (held-out statistics, sweep)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+
+
+#: variants that train nothing: name -> the module scored in place of a trained network
+NO_NETWORK: dict[str, Callable[[], torch.nn.Module]] = {"template": ImageMean}
+
 VARIANTS: dict[str, Callable[[FAEConfig], None]] = {
     "fae": lambda c: None,
     "no_noise": _set(noise__mode="none"),
@@ -80,6 +94,7 @@ VARIANTS: dict[str, Callable[[FAEConfig], None]] = {
     "plain_head": _set(model__residual=False),
     "plain_ae": _plain_ae,
     "gradient_loss": _set(train__loss="squared+gradient"),
+    "template": lambda c: None,
 }
 NORMALIZE = ("none", "mean", "zscore")
 
@@ -148,9 +163,9 @@ def maps_for_settings(model, images: torch.Tensor, settings, *, batch_size: int 
     Returns:
         {(n, k, error): (maps (N, 1, H, W) float32, scores (N,) float32)} on the CPU.
     """
-    from .scoring import _autocast, autocast_dtype, resolve_device
+    from .scoring import _autocast, _model_device, autocast_dtype, resolve_device
 
-    dev = resolve_device(device or next(model.parameters()).device)
+    dev = resolve_device(device or _model_device(model))
     dtype = autocast_dtype("auto", dev)
     N, _, H, W = images.shape
     out = {s: (torch.empty((N, 1, H, W)), torch.empty((N,))) for s in settings}
@@ -256,7 +271,8 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
         device: training and inference device.
         eval_every: record the test metrics every this many steps (0: only at the end).
         sweep: also score each run with the smoothing x normalisation sweep (else only the config's setting).
-        save_models: a folder: each run's model is saved there as ``<variant>_seed<seed>.fae``.
+        save_models: a folder: each run's model is saved there as ``<variant>_seed<seed>.fae`` (the network-free
+            ``template`` saves nothing).
 
     Returns:
         A JSON-ready dict with ``runs`` (per run: metrics, per defect type, config, learning curve), ``summary``
@@ -282,6 +298,11 @@ def run_ablation(data: str | Path, *, variants=("fae", "no_noise", "plain_ae"), 
                 log(f"[ablate]   {name} seed {seed} step {step}: "
                     + ", ".join(f"{m} {curve[-1][m]:.4f}" for m in METRICS[:3]))
 
+            if name in NO_NETWORK:
+                scored = scorer(NO_NETWORK[name](), grid, modes)
+                _record(runs, scoring_runs, name, cfg, scored, main_key, log, train_seconds=0.0, final_loss=None,
+                        curve=[], label="no network: the image mean as reconstruction")
+                continue
             t1 = time.perf_counter()
             res = train(cfg, train_images, device=device, progress=progress,
                         callback=on_eval if eval_every else None, callback_every=int(eval_every))

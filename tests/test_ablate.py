@@ -218,3 +218,24 @@ def test_score_models_with_scoring_overrides(tmp_path, capsys):
     assert main(["ablate", "--data", str(data), "--device", "cpu", "--set", "train.steps=5",
                  "--score-models", str(path)]) == 2
     assert "changes only the scoring" in capsys.readouterr().err
+
+
+def test_template_baseline_trains_nothing_and_detects_synthetic_defects(tmp_path):
+    """``template``: no network (each pixel's reconstruction is its image's mean), scored like a trained model by
+    the held-out normal images' per-pixel statistics; it saves no model and still finds the synthetic defects
+    (a map that ignored the image, or statistics that cancelled it, would score about 0.5)."""
+    import torch
+
+    from fae_fast.ablate import NO_NETWORK, ImageMean, apply_overrides, run_ablation
+
+    x = torch.rand(2, 3, 5, 7)
+    assert torch.equal(ImageMean()(x), x.mean(dim=(2, 3), keepdim=True).expand_as(x))
+    assert set(NO_NETWORK) <= set(VARIANTS)
+    data = make_dataset(tmp_path / "d", n_train=24, n_test_good=6, n_test_defect=6, size=(48, 48), seed=2)
+    base = apply_overrides(preset("tiny"), ["train.image_size=48x48", "train.holdout_fraction=0.25"])
+    res = run_ablation(data, variants=("template",), seeds=(0,), base=base, device="cpu", sweep=False,
+                       save_models=tmp_path / "models", log=lambda *a: None)
+    (run,) = res["runs"]
+    assert run["train_seconds"] == 0.0 and run["final_loss"] is None and "no network" in run["label"]
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+    assert run["image_auroc"] >= 0.75 and run["pixel_auroc"] >= 0.85, run
