@@ -200,9 +200,23 @@ def edge_max_fraction(maps: torch.Tensor, band: float = 0.05) -> float:
 class _Scorer:
     """Scores a model on the test set (and its held-out normal images for the normalisation statistics)."""
 
-    def __init__(self, test, hold_images: torch.Tensor, device, spread_window: int = 1):
+    def __init__(self, test, hold_images: torch.Tensor, device, spread_window: int = 1, image_score: str = "max"):
         self.test, self.hold, self.device, self.window = test, hold_images, device, int(spread_window)
         self.labels, self.masks = test.labels.numpy(), test.masks[:, 0].numpy()
+        self.image_score = image_score
+
+    def _scores(self, maps, s, mode, hold_maps) -> torch.Tensor:
+        """The test images' scores: the normalised map's max, or fused with the template's (``map.image_score``)."""
+        from .scoring import fuse_scores, leave_one_out_normalized, normalize_maps, template_maps, template_statistics
+
+        scores = maps.amax(dim=(1, 2, 3))
+        if self.image_score == "max" or mode == "none":
+            return scores
+        loo = leave_one_out_normalized(hold_maps, mode, self.window).amax(dim=(1, 2, 3))
+        extra, _ = template_statistics(self.hold, loo, n=s[0], k=s[1], error=s[2], mode=mode, window=self.window)
+        t = normalize_maps(template_maps(self.test.images, n=s[0], k=s[1], error=s[2]),
+                           {"mean": extra["template_mean"], "scale": extra["template_scale"]}, mode)
+        return fuse_scores(scores, t.amax(dim=(1, 2, 3)), extra)
 
     def __call__(self, model, settings, modes) -> dict:
         """{(n, k, error, mode): evaluate() result, with the edge diagnostic as ``edge_max_fraction_good``}."""
@@ -220,7 +234,7 @@ class _Scorer:
                 if mode != "none" and stats is None:
                     continue
                 maps = normalize_maps(test[s][0], stats, mode)
-                scores = maps.amax(dim=(1, 2, 3))
+                scores = self._scores(maps, s, mode, hold[s][0] if s in hold else None)
                 res = evaluate(scores.numpy(), maps[:, 0].numpy(), self.labels, self.masks, self.test.defect_types)
                 res["edge_max_fraction_good"] = edge_max_fraction(maps[good]) if good.any() else float("nan")
                 out[(*s, mode)] = res
@@ -382,7 +396,7 @@ def holdout_images(cfg: FAEConfig, train_images: torch.Tensor) -> torch.Tensor:
 
 def _run_scorer(cfg: FAEConfig, train_images: torch.Tensor, test, device) -> _Scorer:
     """The scorer of one run: statistics from the normal images its training held out."""
-    return _Scorer(test, holdout_images(cfg, train_images), device, cfg.map.spread_window)
+    return _Scorer(test, holdout_images(cfg, train_images), device, cfg.map.spread_window, cfg.map.image_score)
 
 
 def load_data(data, base: FAEConfig, log=print):

@@ -432,7 +432,7 @@ class Detector:
             maps, scores = compute_maps(model, batch, n=n, k=k, error=self.config.map.error,
                                         batch_size=batch_size, device=self.device,
                                         amp=self.config.train.amp, normalize=self.config.map.normalize,
-                                        stats=self.map_stats)
+                                        stats=self.map_stats, image_score=self.config.map.image_score)
         else:
             maps, scores = _engine_maps(engine, batch, batch_size)
         return batch, maps, scores, kind
@@ -450,11 +450,11 @@ class Detector:
                                  f"{self.config.train.amp!r} (set it to 'auto' or 'fp32')")
             return None
         model = self._require_model()
-        mode = self.config.map.normalize
+        mode, image_score = self.config.map.normalize, self.config.map.image_score
         stats = self.map_stats if mode != "none" else None
         if mode != "none":
-            check_map_statistics(stats, self.image_size, mode)
-        stat_tensors = (stats["mean"], stats["scale"]) if stats else ()
+            check_map_statistics(stats, self.image_size, mode, image_score=image_score)
+        stat_tensors = tuple(stats.values()) if stats else ()
         objects = (model, stats, *stat_tensors)
         tensors = [*model.parameters(), *model.buffers(), *stat_tensors]
         try:  # in-place changes (load_state_dict, an optimizer step) bump a tensor's version counter
@@ -463,7 +463,7 @@ class Detector:
             versions = None
         n, k = self.smoothing
         signature = (tuple(map(id, objects)), tuple(map(id, tensors)), versions, self.image_size, n, k,
-                     self.config.map.error, mode,
+                     self.config.map.error, mode, image_score,
                      self.config.model.in_channels, self.engine_backend, self.threads)
         cached = self._engine
         # the cache holds the objects themselves, so their ids cannot be reused by others while it lives
@@ -474,7 +474,7 @@ class Detector:
         engine = Engine(model, image_size=self.image_size, n=n, k=k, error=self.config.map.error, dtype="fp32",
                         device="cpu",
                         backend=self.engine_backend, threads=self.threads, normalize=mode, map_stats=stats,
-                        in_channels=self.config.model.in_channels)
+                        image_score=image_score, in_channels=self.config.model.in_channels)
         self._engine = (signature, (objects, tensors), engine)
         return engine
 
@@ -574,7 +574,8 @@ class Detector:
         if self.config.map.normalize != "none":
             from .scoring import check_map_statistics
 
-            check_map_statistics(self.map_stats, self.image_size, self.config.map.normalize)
+            check_map_statistics(self.map_stats, self.image_size, self.config.map.normalize,
+                                 image_score=self.config.map.image_score)
             meta["map_stats"] = {k: v.detach().cpu() for k, v in self.map_stats.items()}
         save_model_file(path, model_state=model.state_dict(), config=self.config, image_size=self.image_size,
                         thresholds=dict(self.thresholds), meta=meta)

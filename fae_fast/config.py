@@ -115,6 +115,10 @@ class MapConfig:
     # odd; "zscore" divides by the per-pixel std max-filtered over this window: structures that move a few pixels
     # between parts (edges, glare) keep their spread where the next part puts them. 1: each pixel's own std
     spread_window: int = 1
+    # the image score: "max" (the normalised map's max, DESIGN.md) | "max+template" (the mean of that and of the
+    # network-free template's max -- each image's error against its own mean, normalised the same way -- each
+    # standardised by the held-out normal images' scores; scoring.fuse_scores). Needs a normalisation
+    image_score: str = "max"
 
 
 @dataclass
@@ -254,6 +258,9 @@ class FAEConfig:
                 raise ValueError(f"config {key} must be a non-empty sequence of positive ints, got {vals!r}")
         if self.map.spread_window % 2 != 1:
             raise ValueError(f"config map.spread_window must be odd, got {self.map.spread_window!r}")
+        if self.map.image_score != "max" and self.map.normalize == "none":
+            raise ValueError(f"config map.image_score {self.map.image_score!r} needs map.normalize 'mean' or "
+                             "'zscore' (the scores are standardised by held-out normal images)")
         if self.map.k % 2 != 1:
             raise ValueError(f"config map.k must be odd (a centred box filter), got {self.map.k!r}")
         if t.crop_size is not None:
@@ -274,6 +281,8 @@ MIN_SIDE, MAX_SIDE = 8, 8192
 NOISE_MODES = ("symmetric", "none", "input", "independent")
 #: error kinds of the anomaly map (:func:`fae_fast.reference.error_image`)
 MAP_ERRORS = ("squared", "gradient", "squared+gradient")
+#: how the image score is made (``map.image_score``; :func:`fae_fast.scoring.fuse_scores`)
+IMAGE_SCORES = ("max", "max+template")
 #: the weight of the gradient term in the "squared+gradient" error
 GRADIENT_WEIGHT = 4.0
 
@@ -304,6 +313,7 @@ _CHOICES = {
     "noise.sigma_reference": ("absolute", "image_noise"),
     "map.normalize": ("none", "mean", "zscore"),
     "map.error": MAP_ERRORS,
+    "map.image_score": IMAGE_SCORES,
     "model.norm": ("batch", "group", "instance", "none"),
     "model.act": ("relu", "silu", "gelu", "leaky_relu"),
     "model.skip_mode": ("concat", "add", "none"),

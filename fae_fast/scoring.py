@@ -20,13 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import ops, reference
+from .config import IMAGE_SCORES
 
 __all__ = ["resolve_device", "autocast_dtype", "compute_maps", "thresholds_from_holdout", "check_threshold",
            "MapNormalizer",
            "map_statistics", "normalize_maps", "check_map_statistics", "stored_map_statistics",
-           "leave_one_out_normalized",
-           "NORMALIZE_MODES"]
+           "leave_one_out_normalized", "template_maps", "template_statistics", "fuse_scores",
+           "NORMALIZE_MODES", "IMAGE_SCORES", "TEMPLATE_KEYS"]
 
 _AMP = ("auto", "bf16", "fp16", "fp32")
 
@@ -72,7 +73,8 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int, error: str | None = None,
                  batch_size: int = 32, device=None, amp: str = "auto", normalize: str = "none",
-                 stats: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 stats: dict[str, torch.Tensor] | None = None,
+                 image_score: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
     """Anomaly maps and image scores of ``images``.
 
     Args:
@@ -87,6 +89,7 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
         amp: "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" | "fp32".
         normalize, stats: per-pixel normalisation of the maps (:func:`normalize_maps`); the score is then the max
             of the normalised map.
+        image_score: "max" | "max+template" (:class:`MapNormalizer`; ``stats`` must then hold the template's).
 
     Returns:
         (maps (N, 1, H, W) float32 on the CPU, scores (N,) float32 on the CPU).
@@ -106,7 +109,7 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
 
         error = MapConfig().error
     N, _, H, W = images.shape
-    normalizer = MapNormalizer(normalize, stats, (H, W)).to(dev)
+    normalizer = MapNormalizer(normalize, stats, (H, W), image_score=image_score, n=n, k=k, error=error).to(dev)
     maps = torch.empty((N, 1, H, W), dtype=torch.float32)
     scores = torch.empty((N,), dtype=torch.float32)
     # pinned host buffers let the device->host copies overlap the next batch (CUDA only)
@@ -124,7 +127,7 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
                     inp = inp.contiguous(memory_format=torch.channels_last)
                 with _autocast(dev, dtype):
                     recon = model(inp)
-                amap, score = normalizer(*ops.anomaly_map(xb, recon, n=n, k=k, error=error))
+                amap, score = normalizer(*ops.anomaly_map(xb, recon, n=n, k=k, error=error), xb)
                 maps[s:s + len(xb)].copy_(amap, non_blocking=pin)
                 scores[s:s + len(xb)].copy_(score, non_blocking=pin)
         if pin:
@@ -202,22 +205,32 @@ def _spread(std: torch.Tensor, window: int) -> torch.Tensor:
     return std if window == 1 else F.max_pool2d(std, window, stride=1, padding=window // 2)
 
 
-def check_map_statistics(stats, size: tuple[int, int], mode: str = "zscore", what: str = "map statistics") -> None:
-    """``stats`` must be what :func:`map_statistics` returns for maps of ``size`` (H, W), with finite values."""
+def check_map_statistics(stats, size: tuple[int, int], mode: str = "zscore", what: str = "map statistics",
+                         image_score: str = "max") -> None:
+    """``stats`` must be what :func:`map_statistics` returns for maps of ``size`` (H, W), with finite values (and,
+    for ``image_score`` "max+template", what :func:`template_statistics` adds)."""
     if mode not in NORMALIZE_MODES:
         raise ValueError(f"normalize mode must be one of {NORMALIZE_MODES}, got {mode!r}")
+    if image_score not in IMAGE_SCORES:
+        raise ValueError(f"image score must be one of {IMAGE_SCORES}, got {image_score!r}")
     if mode == "none":
+        if image_score != "max":
+            raise ValueError(f"{what}: image score {image_score!r} needs a map normalisation ('mean' or 'zscore')")
         return
-    if not isinstance(stats, dict) or not {"mean", "scale"} <= set(stats):
-        raise ValueError(f"{what}: normalize mode {mode!r} needs per-pixel statistics {{'mean', 'scale'}} of normal "
-                         "images")
-    for key in ("mean", "scale"):
+    keys = ("mean", "scale") + (TEMPLATE_KEYS if image_score != "max" else ())
+    if not isinstance(stats, dict) or not set(keys) <= set(stats):
+        raise ValueError(f"{what}: normalize mode {mode!r}" + ("" if image_score == "max" else
+                         f" with image score {image_score!r}") + f" needs per-pixel statistics {set(keys)} of "
+                         "normal images")
+    for key in keys:
         t = stats[key]
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (1, 1, *size):
-            raise ValueError(f"{what}: {key} must be a (1, 1, {size[0]}, {size[1]}) tensor, got "
+        shape = (1, 1, *size) if key in ("mean", "scale", "template_mean", "template_scale") else ()
+        positive = key.endswith(("scale", "spread"))
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            raise ValueError(f"{what}: {key} must be a {shape or 'scalar'} tensor, got "
                              f"{tuple(getattr(t, 'shape', ())) or type(t).__name__}")
-        if not bool(torch.isfinite(t).all()) or (key == "scale" and not bool((t > 0).all())):
-            raise ValueError(f"{what}: {key} holds non-finite{' or non-positive' if key == 'scale' else ''} values")
+        if not bool(torch.isfinite(t).all()) or (positive and not bool((t > 0).all())):
+            raise ValueError(f"{what}: {key} holds non-finite{' or non-positive' if positive else ''} values")
 
 
 def stored_map_statistics(model_file, path) -> dict[str, torch.Tensor] | None:
@@ -227,7 +240,8 @@ def stored_map_statistics(model_file, path) -> dict[str, torch.Tensor] | None:
     if mode == "none":
         return None
     stats = model_file.meta.get("map_stats")
-    check_map_statistics(stats, tuple(int(v) for v in model_file.image_size), mode, what=str(path))
+    check_map_statistics(stats, tuple(int(v) for v in model_file.image_size), mode, what=str(path),
+                         image_score=model_file.config.map.image_score)
     return {k: v.float() for k, v in stats.items()}
 
 
@@ -254,6 +268,67 @@ def leave_one_out_normalized(maps: torch.Tensor, mode: str, window: int = 1) -> 
     return out.float()
 
 
+#: what :func:`template_statistics` adds to the map statistics for ``map.image_score`` "max+template"
+TEMPLATE_KEYS = ("template_mean", "template_scale", "score_center", "score_spread", "template_center",
+                 "template_spread")
+
+
+def template_maps(images: torch.Tensor, *, n: int, k: int, error: str, batch_size: int = 64) -> torch.Tensor:
+    """The maps of the network-free template: each image's error against its own per-channel mean, smoothed as
+    the model's map (``n``, ``k``, ``error``). Z-scored per pixel by normal images, it is a statistical model of
+    aligned parts: how far each pixel is from where normal parts put their brightness and edges.
+
+    Args:
+        images: (N, C, H, W) uint8, or float in [0, 1].
+
+    Returns:
+        (N, 1, H, W) float32 maps on ``images``' device.
+    """
+    out = [_template_map(images[i:i + batch_size], n, k, error) for i in range(0, images.shape[0], batch_size)]
+    return torch.cat(out) if out else images.new_zeros((0, 1, *images.shape[2:]), dtype=torch.float32)
+
+
+def _template_map(x: torch.Tensor, n: int, k: int, error: str) -> torch.Tensor:
+    x = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+    return reference.anomaly_map(x, x.mean(dim=(2, 3), keepdim=True).expand_as(x), n=n, k=k, error=error)[0]
+
+
+def fuse_scores(score: torch.Tensor, template_score: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``map.image_score`` "max+template": the mean of the network's and the template's image scores (the max of
+    each normalised map), each standardised by the mean and std of the held-out normal images' scores, so that
+    neither dominates by its units and a frame far from normal in either counts."""
+    return 0.5 * ((score - stats["score_center"]) / stats["score_spread"]
+                  + (template_score - stats["template_center"]) / stats["template_spread"])
+
+
+def template_statistics(hold_images: torch.Tensor, loo_scores: torch.Tensor, *, n: int, k: int, error: str,
+                        mode: str, window: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """What ``map.image_score`` "max+template" adds to the map statistics, from the held-out normal images.
+
+    Args:
+        hold_images: the held-out normal images (N >= 3), uint8.
+        loo_scores: their network scores, each from leave-one-out normalised maps (as the thresholds are read).
+        n, k, error: the model's smoothing and error kind; mode, window: its normalisation (not "none").
+
+    Returns:
+        ({TEMPLATE_KEYS: tensors}, the held-out images' fused scores, leave-one-out as well: the image threshold
+        is read off them).
+    """
+    if mode == "none":
+        raise ValueError("image score 'max+template' needs a map normalisation ('mean' or 'zscore')")
+    if hold_images.shape[0] < 3 or loo_scores.shape[0] != hold_images.shape[0]:
+        raise ValueError(f"template statistics need >= 3 held-out images and one score each, got "
+                         f"{hold_images.shape[0]} images and {loo_scores.shape[0]} scores")
+    t = template_maps(hold_images, n=n, k=k, error=error).cpu()
+    tstats = map_statistics(t, window)
+    t_loo = leave_one_out_normalized(t, mode, window).amax(dim=(1, 2, 3))
+    s = loo_scores.detach().float().cpu()
+    extra = {"template_mean": tstats["mean"], "template_scale": tstats["scale"],
+             "score_center": s.mean(), "score_spread": s.std().clamp_min(1e-12),
+             "template_center": t_loo.mean(), "template_spread": t_loo.std().clamp_min(1e-12)}
+    return extra, fuse_scores(s, t_loo, extra)
+
+
 def normalize_maps(maps: torch.Tensor, stats: dict[str, torch.Tensor] | None, mode: str) -> torch.Tensor:
     """``mode`` "none": maps as they are; "mean": ``maps - mean``; "zscore": ``(maps - mean) / scale``
     (``stats`` from :func:`map_statistics`). A pixel where normal images always reconstruct badly (edges, glare,
@@ -269,30 +344,41 @@ def normalize_maps(maps: torch.Tensor, stats: dict[str, torch.Tensor] | None, mo
 
 
 class MapNormalizer(torch.nn.Module):
-    """:func:`normalize_maps` as a module, for compiled and exported graphs: ``(map, score) -> (map', score')``
-    with ``score' = max(map')``; the identity for mode "none".
+    """:func:`normalize_maps` as a module, for compiled and exported graphs: ``(map, score, x) -> (map', score')``
+    with ``score' = max(map')``, or with ``image_score`` "max+template" the fused score of :func:`fuse_scores`
+    (the template's map of ``x`` normalised by its own statistics); the identity for mode "none".
 
     The statistics are buffers: they travel with ``.to()`` and are part of an ONNX export and of a graph's
     fingerprint.
     """
 
     def __init__(self, mode: str = "none", stats: dict[str, torch.Tensor] | None = None,
-                 size: tuple[int, int] | None = None):
+                 size: tuple[int, int] | None = None, *, image_score: str = "max", n: int = 4, k: int = 7,
+                 error: str = "squared"):
         super().__init__()
-        self.mode = mode
-        if mode == "none":
+        self.mode, self.image_score = mode, image_score
+        self.n, self.k, self.error = int(n), int(k), error
+        if mode == "none" and image_score == "max":
             return
         if size is None:
             size = tuple(stats["mean"].shape[-2:]) if isinstance(stats, dict) and "mean" in stats else (0, 0)
-        check_map_statistics(stats, tuple(size), mode)
-        self.register_buffer("mean", stats["mean"].float().clone())
-        self.register_buffer("scale", stats["scale"].float().clone())
+        check_map_statistics(stats, tuple(size), mode, image_score=image_score)
+        for key in ("mean", "scale") + (TEMPLATE_KEYS if image_score != "max" else ()):
+            self.register_buffer(key, stats[key].float().clone())
 
-    def forward(self, amap: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, amap: torch.Tensor, score: torch.Tensor,
+                x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "none":
             return amap, score
         out = normalize_maps(amap, {"mean": self.mean, "scale": self.scale}, self.mode)
-        return out, out.amax(dim=(1, 2, 3))
+        score = out.amax(dim=(1, 2, 3))
+        if self.image_score == "max":
+            return out, score
+        if x is None:
+            raise ValueError(f"image score {self.image_score!r} needs the images (x) the maps came from")
+        t = normalize_maps(_template_map(x, self.n, self.k, self.error),
+                           {"mean": self.template_mean, "scale": self.template_scale}, self.mode)
+        return out, fuse_scores(score, t.amax(dim=(1, 2, 3)), {key: getattr(self, key) for key in TEMPLATE_KEYS})
 
 
 def check_threshold(value, name: str) -> float | None:

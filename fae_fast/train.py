@@ -548,7 +548,7 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
         thresholds are read off leave-one-out normalised maps, as new normal images will be scored. With too few
         held-out images for the statistics, ``cfg.map.normalize`` is set to "none" (with a warning).
     """
-    from .scoring import leave_one_out_normalized, map_statistics
+    from .scoring import leave_one_out_normalized, map_statistics, template_statistics
 
     H, W = int(hold_images.shape[2]), int(hold_images.shape[3])
     n, k = smoothing_for_size(cfg.map, H, W)
@@ -560,7 +560,7 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
 
     maps, scores = sharded_map(maps_of, hold_images, current(), dev)
     stats = None
-    need = 3 if cfg.map.normalize == "zscore" else 2
+    need = 3 if cfg.map.normalize == "zscore" or cfg.map.image_score != "max" else 2
     if cfg.map.normalize != "none" and maps.shape[0] < need:
         # leave-one-out statistics need this many; a model whose maps are not normalised is still a valid
         # detector, and its config says so (cfg.map.normalize is set to "none" with a warning, never silently)
@@ -568,10 +568,18 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
                       f"{maps.shape[0]}: the maps are not normalised (raise train.holdout_fraction or pass more "
                       "images)", UserWarning, stacklevel=3)
         cfg.map.normalize = "none"
+        if cfg.map.image_score != "max":
+            warnings.warn(f"map.image_score={cfg.map.image_score!r} needs the normalisation: the image score is the "
+                          "map's max", UserWarning, stacklevel=3)
+            cfg.map.image_score = "max"
     if cfg.map.normalize != "none":
         stats = map_statistics(maps, cfg.map.spread_window)
         maps = leave_one_out_normalized(maps, cfg.map.normalize, cfg.map.spread_window)
         scores = maps.amax(dim=(1, 2, 3))
+        if cfg.map.image_score != "max":
+            extra, scores = template_statistics(hold_images, scores, n=n, k=k, error=cfg.map.error,
+                                                mode=cfg.map.normalize, window=cfg.map.spread_window)
+            stats.update(extra)
     thresholds = thresholds_from_holdout(scores, maps, float(cfg.train.threshold_quantile),
                                          float(cfg.train.pixel_threshold_quantile))
     return thresholds, scores, stats

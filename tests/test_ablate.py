@@ -208,13 +208,18 @@ def test_score_models_with_scoring_overrides(tmp_path, capsys):
     path = tmp_path / "fae_seed0.fae"
     Detector(cfg, device="cpu").fit(data / "train" / "good", progress=False).save(path)
     res = {}
-    for name, sets in (("plain", []), ("cells", ["--set", "model.hide_cell=4"])):
+    for name, sets in (("plain", []), ("cells", ["--set", "model.hide_cell=4"]),
+                       ("fused", ["--set", "map.image_score=max+template"])):
         out = tmp_path / f"{name}.json"
         assert main(["ablate", "--data", str(data), "--device", "cpu", "--no-sweep", "--json", str(out), *sets,
                      "--score-models", str(path)]) == 0
         res[name] = json.loads(out.read_text())["runs"][0]
     assert res["plain"]["config"]["model"]["hide_cell"] == 0 and res["cells"]["config"]["model"]["hide_cell"] == 4
     assert res["plain"]["pixel_auroc"] != res["cells"]["pixel_auroc"]
+    # the fused image score changes the image ranking only: the maps (pixel metrics) stay the plain ones
+    assert res["fused"]["config"]["map"]["image_score"] == "max+template"
+    assert res["fused"]["pixel_auroc"] == res["plain"]["pixel_auroc"]
+    assert res["fused"]["image_auroc"] != res["plain"]["image_auroc"]
     assert main(["ablate", "--data", str(data), "--device", "cpu", "--set", "train.steps=5",
                  "--score-models", str(path)]) == 2
     assert "changes only the scoring" in capsys.readouterr().err

@@ -474,6 +474,77 @@ def test_training_optimises_the_configured_loss():
     assert first["squared+gradient"] > 1.5 * first["squared"] > 0
 
 
+def test_template_fused_image_score_from_holdout_to_engine(tmp_path):
+    """``map.image_score = "max+template"``: the held-out normal images give the template's per-pixel statistics
+    and the standardisation of both scores (computed here by hand from leave-one-out maps), the image threshold
+    is read off the fused held-out scores, the maps stay the network's, and the detector, the saved file and the
+    engine (PyTorch and ONNX Runtime) score alike."""
+    from fae_fast import Detector
+    from fae_fast.scoring import (TEMPLATE_KEYS, compute_maps, leave_one_out_normalized, template_maps,
+                                  thresholds_from_holdout)
+    from fae_fast.synthetic import make_dataset
+    from fae_fast.train import holdout_thresholds
+
+    data = make_dataset(tmp_path / "d", n_train=16, n_test_good=2, n_test_defect=1, size=(32, 32), seed=1)
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.batch_size, cfg.train.holdout_fraction = (32, 32), 4, 0.25
+    cfg.map.normalize, cfg.map.image_score, cfg.model.residual = "zscore", "max+template", False
+    det = Detector(cfg, device="cpu").fit(data, steps=2, progress=False)
+    assert set(TEMPLATE_KEYS) <= set(det.map_stats)
+    # the holdout by hand: leave-one-out maxima of both maps, each standardised by its own mean and std
+    hold = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    n, k = det.smoothing
+    thresholds, scores, stats = holdout_thresholds(det.model, det.config, hold, torch.device("cpu"))
+    net = leave_one_out_normalized(compute_maps(det.model, hold, n=n, k=k, error=cfg.map.error)[0], "zscore")
+    x = hold.float() / 255
+    tm = ops.anomaly_map(x, x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous(), n=n, k=k,
+                         error=cfg.map.error, backend="torch")[0]
+    torch.testing.assert_close(template_maps(hold, n=n, k=k, error=cfg.map.error), tm)
+    a, b = net.amax(dim=(1, 2, 3)), leave_one_out_normalized(tm, "zscore").amax(dim=(1, 2, 3))
+    fused = ((a - a.mean()) / a.std() + (b - b.mean()) / b.std()) / 2
+    torch.testing.assert_close(scores, fused, rtol=1e-5, atol=1e-5)
+    assert thresholds == pytest.approx(thresholds_from_holdout(fused, net, cfg.train.threshold_quantile,
+                                                               cfg.train.pixel_threshold_quantile), rel=1e-5)
+    # new images: the network's map, the fused score
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    res = det.predict(images)
+    plain = Detector(cfg, device="cpu")
+    plain.model, plain.map_stats = det.model, det.map_stats
+    plain.config = FAEConfig.from_dict({**cfg.to_dict(), "map": {**cfg.to_dict()["map"], "image_score": "max"}})
+    ref = plain.predict(images)
+    torch.testing.assert_close(torch.as_tensor(np.asarray(res.anomaly_map)), torch.as_tensor(np.asarray(ref.anomaly_map)))
+    t = normalize_maps(template_maps(images, n=n, k=k, error=cfg.map.error),
+                       {"mean": det.map_stats["template_mean"], "scale": det.map_stats["template_scale"]}, "zscore")
+    s_net = torch.as_tensor(np.asarray(ref.pred_score))
+    expect = ((s_net - det.map_stats["score_center"]) / det.map_stats["score_spread"]
+              + (t.amax(dim=(1, 2, 3)) - det.map_stats["template_center"]) / det.map_stats["template_spread"]) / 2
+    torch.testing.assert_close(torch.as_tensor(np.asarray(res.pred_score)), expect, rtol=1e-5, atol=1e-5)
+    det.save(tmp_path / "m.fae")
+    assert Detector.load(tmp_path / "m.fae").config.map.image_score == "max+template"
+    from fae_fast.inference import Engine, ort
+
+    for backend in ["torch"] + (["onnxruntime"] if ort.available() else []):
+        got = Engine.from_model_file(tmp_path / "m.fae", device="cpu", backend=backend).predict(images)
+        torch.testing.assert_close(torch.as_tensor(np.asarray(got.pred_score)), expect, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.as_tensor(np.asarray(got.anomaly_map)),
+                                   torch.as_tensor(np.asarray(res.anomaly_map)), rtol=1e-4, atol=1e-5)
+    # a model file without the template's statistics is refused, naming what is missing
+    for key in ("template_mean", "score_spread"):
+        bad = dict(det.map_stats)
+        del bad[key]
+        det2 = Detector(cfg, device="cpu")
+        det2.model, det2.map_stats, det2.thresholds = det.model, bad, det.thresholds
+        with pytest.raises(ValueError, match="image score 'max\\+template' needs per-pixel statistics"):
+            det2.save(tmp_path / "bad.fae")
+    bad_cfg = preset("tiny")
+    bad_cfg.map.normalize, bad_cfg.map.image_score = "none", "max+template"
+    with pytest.raises(ValueError, match="map.image_score 'max\\+template' needs map.normalize"):
+        bad_cfg.validate()
+    bad_cfg.map.image_score = "mean"
+    with pytest.raises(ValueError, match="map.image_score must be one of"):
+        bad_cfg.validate()
+
+
 def test_training_passes_the_spread_window_to_the_statistics_and_thresholds(monkeypatch):
     from fae_fast import scoring
     from fae_fast.train import train

@@ -176,7 +176,7 @@ class _Pipeline(nn.Module):
             # which measured 5x the map error of plain autocast); Inductor fuses the add into the last conv
             out = xf.to(torch.float32) + out.to(torch.float32)
         amap, score = self.map_fn(x, out, n=self.n, k=self.k, error=self.error)
-        return (amap, score) if self.normalizer is None else self.normalizer(amap, score)
+        return (amap, score) if self.normalizer is None else self.normalizer(amap, score, x)
 
 
 class _Runner:
@@ -256,6 +256,7 @@ class Engine:
             the PyTorch backend on the CPU. None: the runtime's default. Ignored on CUDA.
         normalize, map_stats: per-pixel normalisation of the map by statistics of normal images
             (:class:`fae_fast.scoring.MapNormalizer`; a model file trained with ``map.normalize`` brings both).
+        image_score: "max" | "max+template" (``map.image_score``; ``map_stats`` then holds the template's too).
 
     The engine is not thread-safe: one thread at a time (the :class:`~fae_fast.inference.stream.InlineStream`
     worker, or the caller).
@@ -267,7 +268,7 @@ class Engine:
                  batch_sizes: Sequence[int] = (1, 16, 64, 256), fold_bn: bool = True, map_backend: str = "auto",
                  in_channels: int = 3, cudnn_benchmark: bool = True, compile_dynamic: bool | None = None,
                  backend: str = "auto", threads: int | None = None, normalize: str = "none",
-                 map_stats: dict | None = None):
+                 map_stats: dict | None = None, image_score: str = "max"):
         from .. import _backend
         from ..config import MapConfig, smoothing_for_size
 
@@ -340,7 +341,8 @@ class Engine:
             and not getattr(net, "hide_cell", 0)
         if residual:
             net.residual = False
-        self.normalizer = MapNormalizer(normalize, map_stats, self.image_size).to(self.device)
+        self.normalizer = MapNormalizer(normalize, map_stats, self.image_size, image_score=image_score, n=self.n,
+                                        k=self.k, error=self.error).to(self.device)
         self._pipeline = _Pipeline(net, self.dtype, self.n, self.k, map_fn, residual=residual,
                                    normalizer=self.normalizer, error=self.error).eval()
         if on_cuda:
@@ -452,6 +454,7 @@ class Engine:
         if stats is not None:
             kwargs.setdefault("normalize", mf.config.map.normalize)
             kwargs.setdefault("map_stats", stats)
+            kwargs.setdefault("image_score", mf.config.map.image_score)
         return cls(model.eval(), image_size=tuple(mf.image_size), **kwargs)
 
     @staticmethod

@@ -83,7 +83,7 @@ class ReferenceGraph(nn.Module):
         xf = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
         recon = self.model(xf)
         amap, score = reference.anomaly_map(xf, recon, n=self.n, k=self.k, error=self.error)
-        return (amap, score) if self.normalizer is None else self.normalizer(amap, score)
+        return (amap, score) if self.normalizer is None else self.normalizer(amap, score, xf)
 
 
 def _example(image_size, in_channels, input_dtype, device, batch=2):

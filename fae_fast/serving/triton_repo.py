@@ -138,6 +138,7 @@ def export_triton_repo(model_file, repo, *, name: str = "fae", max_batch: int = 
     meta = onnx_metadata(image_size=eng.image_size, n=eng.n, k=eng.k, error=eng.error, thresholds=eng.thresholds)
     meta.update({"fae_fast_version": __version__, "in_channels": str(eng.in_channels),
                  "input_scaling": "uint8 images / 255 inside the graph", "map_normalize": normalize,
+                 "image_score": getattr(eng.normalizer, "image_score", "max"),
                  "model_file": Path(model_file).name})
     del m.metadata_props[:]
     for key, value in meta.items():
