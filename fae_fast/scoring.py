@@ -220,7 +220,7 @@ def check_map_statistics(stats, size: tuple[int, int], mode: str = "zscore", wha
     keys = ("mean", "scale") + (TEMPLATE_KEYS if image_score != "max" else ())
     if not isinstance(stats, dict) or not set(keys) <= set(stats):
         raise ValueError(f"{what}: normalize mode {mode!r}" + ("" if image_score == "max" else
-                         f" with image score {image_score!r}") + f" needs per-pixel statistics {set(keys)} of "
+                         f" with image score {image_score!r}") + f" needs per-pixel statistics {list(keys)} of "
                          "normal images")
     for key in keys:
         t = stats[key]

@@ -336,6 +336,8 @@ def test_auto_preset_follows_the_device():
     assert resolve_preset("tiny", "cuda") == "tiny"
     assert preset("auto", "cpu").to_dict() == preset("cpu").to_dict()
     preset("cpu").validate()
+    # the CPU recipe fuses the template into the image score (measured there); the GPU recipe is unmeasured
+    assert preset("cpu").map.image_score == "max+template" and preset("default").map.image_score == "max"
 
 
 def test_train_cli_names_the_chosen_recipe_and_threads_in_its_first_line(tmp_path, capsys):
@@ -354,6 +356,7 @@ def test_train_cli_names_the_chosen_recipe_and_threads_in_its_first_line(tmp_pat
     assert rc == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("train: preset cpu (auto: no GPU)") and "1 CPU threads" in first
+    assert "zscore normalisation, image score max+template" in first
     assert "2 steps" in first and "size 32x48" in first
 
 
