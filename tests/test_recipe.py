@@ -497,7 +497,7 @@ def test_template_fused_image_score_from_holdout_to_engine(tmp_path):
     # the holdout by hand: leave-one-out maxima of both maps, each standardised by its own mean and std
     hold = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     n, k = det.smoothing
-    thresholds, scores, stats = holdout_thresholds(det.model, det.config, hold, torch.device("cpu"))
+    thresholds, scores, _ = holdout_thresholds(det.model, det.config, hold, torch.device("cpu"))
     net = leave_one_out_normalized(compute_maps(det.model, hold, n=n, k=k, error=cfg.map.error)[0], "zscore")
     x = hold.float() / 255
     tm = ops.anomaly_map(x, x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous(), n=n, k=k,
@@ -515,7 +515,8 @@ def test_template_fused_image_score_from_holdout_to_engine(tmp_path):
     plain.model, plain.map_stats = det.model, det.map_stats
     plain.config = FAEConfig.from_dict({**cfg.to_dict(), "map": {**cfg.to_dict()["map"], "image_score": "max"}})
     ref = plain.predict(images)
-    torch.testing.assert_close(torch.as_tensor(np.asarray(res.anomaly_map)), torch.as_tensor(np.asarray(ref.anomaly_map)))
+    torch.testing.assert_close(torch.as_tensor(np.asarray(res.anomaly_map)),
+                               torch.as_tensor(np.asarray(ref.anomaly_map)))
     t = normalize_maps(template_maps(images, n=n, k=k, error=cfg.map.error),
                        {"mean": det.map_stats["template_mean"], "scale": det.map_stats["template_scale"]}, "zscore")
     s_net = torch.as_tensor(np.asarray(ref.pred_score))
