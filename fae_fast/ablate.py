@@ -207,16 +207,14 @@ class _Scorer:
 
     def _scores(self, maps, s, mode, hold_maps) -> torch.Tensor:
         """The test images' scores: the normalised map's max, or fused with the template's (``map.image_score``)."""
-        from .scoring import fuse_scores, leave_one_out_normalized, normalize_maps, template_maps, template_statistics
+        from .scoring import leave_one_out_normalized, template_fused_scores, template_maps, template_statistics
 
         scores = maps.amax(dim=(1, 2, 3))
         if self.image_score == "max" or mode == "none":
             return scores
         loo = leave_one_out_normalized(hold_maps, mode, self.window).amax(dim=(1, 2, 3))
         extra, _ = template_statistics(self.hold, loo, n=s[0], k=s[1], error=s[2], mode=mode, window=self.window)
-        t = normalize_maps(template_maps(self.test.images, n=s[0], k=s[1], error=s[2]),
-                           {"mean": extra["template_mean"], "scale": extra["template_scale"]}, mode)
-        return fuse_scores(scores, t.amax(dim=(1, 2, 3)), extra)
+        return template_fused_scores(scores, template_maps(self.test.images, n=s[0], k=s[1], error=s[2]), extra, mode)
 
     def __call__(self, model, settings, modes) -> dict:
         """{(n, k, error, mode): evaluate() result, with the edge diagnostic as ``edge_max_fraction_good``}."""

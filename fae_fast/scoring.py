@@ -27,6 +27,7 @@ __all__ = ["resolve_device", "autocast_dtype", "compute_maps", "thresholds_from_
            "MapNormalizer",
            "map_statistics", "normalize_maps", "check_map_statistics", "stored_map_statistics",
            "leave_one_out_normalized", "template_maps", "template_statistics", "fuse_scores",
+           "template_fused_scores",
            "NORMALIZE_MODES", "IMAGE_SCORES", "TEMPLATE_KEYS"]
 
 _AMP = ("auto", "bf16", "fp16", "fp32")
@@ -217,7 +218,7 @@ def check_map_statistics(stats, size: tuple[int, int], mode: str = "zscore", wha
         if image_score != "max":
             raise ValueError(f"{what}: image score {image_score!r} needs a map normalisation ('mean' or 'zscore')")
         return
-    keys = ("mean", "scale") + (TEMPLATE_KEYS if image_score != "max" else ())
+    keys = _stat_keys(image_score)
     if not isinstance(stats, dict) or not set(keys) <= set(stats):
         raise ValueError(f"{what}: normalize mode {mode!r}" + ("" if image_score == "max" else
                          f" with image score {image_score!r}") + f" needs per-pixel statistics {list(keys)} of "
@@ -273,6 +274,11 @@ TEMPLATE_KEYS = ("template_mean", "template_scale", "score_center", "score_sprea
                  "template_spread")
 
 
+def _stat_keys(image_score: str) -> tuple[str, ...]:
+    """The statistics a normalising model with ``image_score`` carries."""
+    return ("mean", "scale") + (TEMPLATE_KEYS if image_score != "max" else ())
+
+
 def template_maps(images: torch.Tensor, *, n: int, k: int, error: str, batch_size: int = 64) -> torch.Tensor:
     """The maps of the network-free template: each image's error against its own per-channel mean, smoothed as
     the model's map (``n``, ``k``, ``error``). Z-scored per pixel by normal images, it is a statistical model of
@@ -299,6 +305,14 @@ def fuse_scores(score: torch.Tensor, template_score: torch.Tensor, stats: dict[s
     neither dominates by its units and a frame far from normal in either counts."""
     return 0.5 * ((score - stats["score_center"]) / stats["score_spread"]
                   + (template_score - stats["template_center"]) / stats["template_spread"])
+
+
+def template_fused_scores(score: torch.Tensor, template_map: torch.Tensor, stats: dict[str, torch.Tensor],
+                          mode: str) -> torch.Tensor:
+    """:func:`fuse_scores` of ``score`` and the template's score: the max of ``template_map`` (raw, as
+    :func:`template_maps` gives it) normalised by the template's statistics in ``stats``."""
+    t = normalize_maps(template_map, {"mean": stats["template_mean"], "scale": stats["template_scale"]}, mode)
+    return fuse_scores(score, t.amax(dim=(1, 2, 3)), stats)
 
 
 def template_statistics(hold_images: torch.Tensor, loo_scores: torch.Tensor, *, n: int, k: int, error: str,
@@ -363,7 +377,7 @@ class MapNormalizer(torch.nn.Module):
         if size is None:
             size = tuple(stats["mean"].shape[-2:]) if isinstance(stats, dict) and "mean" in stats else (0, 0)
         check_map_statistics(stats, tuple(size), mode, image_score=image_score)
-        for key in ("mean", "scale") + (TEMPLATE_KEYS if image_score != "max" else ()):
+        for key in _stat_keys(image_score):
             self.register_buffer(key, stats[key].float().clone())
 
     def forward(self, amap: torch.Tensor, score: torch.Tensor,
@@ -376,9 +390,8 @@ class MapNormalizer(torch.nn.Module):
             return out, score
         if x is None:
             raise ValueError(f"image score {self.image_score!r} needs the images (x) the maps came from")
-        t = normalize_maps(_template_map(x, self.n, self.k, self.error),
-                           {"mean": self.template_mean, "scale": self.template_scale}, self.mode)
-        return out, fuse_scores(score, t.amax(dim=(1, 2, 3)), {key: getattr(self, key) for key in TEMPLATE_KEYS})
+        return out, template_fused_scores(score, _template_map(x, self.n, self.k, self.error),
+                                          {key: getattr(self, key) for key in TEMPLATE_KEYS}, self.mode)
 
 
 def check_threshold(value, name: str) -> float | None:
