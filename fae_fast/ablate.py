@@ -205,8 +205,9 @@ class _Scorer:
         self.labels, self.masks = test.labels.numpy(), test.masks[:, 0].numpy()
         self.image_score = image_score
 
-    def _scores(self, maps, s, mode, hold_maps) -> torch.Tensor:
-        """The test images' scores: the normalised map's max, or fused with the template's (``map.image_score``)."""
+    def _scores(self, maps, s, mode, hold_maps, templates: dict) -> torch.Tensor:
+        """The test images' scores: the normalised map's max, or fused with the template's (``map.image_score``).
+        ``templates`` caches the test images' template maps per setting ``s`` (they do not depend on ``mode``)."""
         from .scoring import leave_one_out_normalized, template_fused_scores, template_maps, template_statistics
 
         scores = maps.amax(dim=(1, 2, 3))
@@ -214,7 +215,9 @@ class _Scorer:
             return scores
         loo = leave_one_out_normalized(hold_maps, mode, self.window).amax(dim=(1, 2, 3))
         extra, _ = template_statistics(self.hold, loo, n=s[0], k=s[1], error=s[2], mode=mode, window=self.window)
-        return template_fused_scores(scores, template_maps(self.test.images, n=s[0], k=s[1], error=s[2]), extra, mode)
+        if s not in templates:
+            templates[s] = template_maps(self.test.images, n=s[0], k=s[1], error=s[2])
+        return template_fused_scores(scores, templates[s], extra, mode)
 
     def __call__(self, model, settings, modes) -> dict:
         """{(n, k, error, mode): evaluate() result, with the edge diagnostic as ``edge_max_fraction_good``}."""
@@ -224,7 +227,7 @@ class _Scorer:
         test = maps_for_settings(model, self.test.images, settings, device=self.device)
         hold = maps_for_settings(model, self.hold, settings, device=self.device) \
             if any(m != "none" for m in modes) and len(self.hold) >= 2 else {}
-        out = {}
+        out, templates = {}, {}
         good = torch.from_numpy(self.labels == 0)
         for s in settings:
             stats = map_statistics(hold[s][0], self.window) if s in hold else None
@@ -232,7 +235,7 @@ class _Scorer:
                 if mode != "none" and stats is None:
                     continue
                 maps = normalize_maps(test[s][0], stats, mode)
-                scores = self._scores(maps, s, mode, hold[s][0] if s in hold else None)
+                scores = self._scores(maps, s, mode, hold[s][0] if s in hold else None, templates)
                 res = evaluate(scores.numpy(), maps[:, 0].numpy(), self.labels, self.masks, self.test.defect_types)
                 res["edge_max_fraction_good"] = edge_max_fraction(maps[good]) if good.any() else float("nan")
                 out[(*s, mode)] = res
