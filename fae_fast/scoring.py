@@ -294,9 +294,14 @@ def template_maps(images: torch.Tensor, *, n: int, k: int, error: str, batch_siz
     return torch.cat(out) if out else images.new_zeros((0, 1, *images.shape[2:]), dtype=torch.float32)
 
 
-def _template_map(x: torch.Tensor, n: int, k: int, error: str) -> torch.Tensor:
+def _template_map(x: torch.Tensor, n: int, k: int, error: str, map_fn=None) -> torch.Tensor:
+    """The template's map of ``x`` through ``map_fn`` (an :func:`fae_fast.ops.anomaly_map` backend: the engine's own,
+    Triton on CUDA) or, when None, the pure-PyTorch reference (also what an ONNX export traces)."""
     x = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
-    return reference.anomaly_map(x, x.mean(dim=(2, 3), keepdim=True).expand_as(x), n=n, k=k, error=error)[0]
+    fill = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+    if map_fn is None:
+        return reference.anomaly_map(x, fill, n=n, k=k, error=error)[0]
+    return map_fn(x, fill.contiguous(), n=n, k=k, error=error)[0]
 
 
 def fuse_scores(score: torch.Tensor, template_score: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -380,8 +385,9 @@ class MapNormalizer(torch.nn.Module):
         for key in _stat_keys(image_score):
             self.register_buffer(key, stats[key].float().clone())
 
-    def forward(self, amap: torch.Tensor, score: torch.Tensor,
-                x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, amap: torch.Tensor, score: torch.Tensor, x: torch.Tensor | None = None,
+                map_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``map_fn``: the map op of the template's map (None: the reference; the engine passes its own)."""
         if self.mode == "none":
             return amap, score
         out = normalize_maps(amap, {"mean": self.mean, "scale": self.scale}, self.mode)
@@ -390,7 +396,7 @@ class MapNormalizer(torch.nn.Module):
             return out, score
         if x is None:
             raise ValueError(f"image score {self.image_score!r} needs the images (x) the maps came from")
-        return out, template_fused_scores(score, _template_map(x, self.n, self.k, self.error),
+        return out, template_fused_scores(score, _template_map(x, self.n, self.k, self.error, map_fn),
                                           {key: getattr(self, key) for key in TEMPLATE_KEYS}, self.mode)
 
 

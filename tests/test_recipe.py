@@ -477,7 +477,7 @@ def test_training_optimises_the_configured_loss():
     assert first["squared+gradient"] > 1.5 * first["squared"] > 0
 
 
-def test_template_fused_image_score_from_holdout_to_engine(tmp_path):
+def test_template_fused_image_score_from_holdout_to_engine(tmp_path, monkeypatch):
     """``map.image_score = "max+template"``: the held-out normal images give the template's per-pixel statistics
     and the standardisation of both scores (computed here by hand from leave-one-out maps), the image threshold
     is read off the fused held-out scores, the maps stay the network's, and the detector, the saved file and the
@@ -532,6 +532,19 @@ def test_template_fused_image_score_from_holdout_to_engine(tmp_path):
         torch.testing.assert_close(torch.as_tensor(np.asarray(got.pred_score)), expect, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(torch.as_tensor(np.asarray(got.anomaly_map)),
                                    torch.as_tensor(np.asarray(res.anomaly_map)), rtol=1e-4, atol=1e-5)
+    # with the Triton map op (interpreted here) the template's map runs through it as well: the reference map is
+    # never called, and the scores stay the same
+    pytest.importorskip("triton")
+    from fae_fast import reference
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the engine's template map went through the reference, not its own map op")
+
+    tri = Engine.from_model_file(tmp_path / "m.fae", device="cpu", backend="torch", map_backend="triton")
+    monkeypatch.setattr(reference, "anomaly_map", no_reference)
+    got = tri.predict(images)
+    torch.testing.assert_close(torch.as_tensor(np.asarray(got.pred_score)), expect, rtol=1e-4, atol=1e-5)
+    monkeypatch.undo()
     # a model file without the template's statistics is refused, naming what is missing
     for key in ("template_mean", "score_spread"):
         bad = dict(det.map_stats)

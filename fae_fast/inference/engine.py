@@ -176,7 +176,8 @@ class _Pipeline(nn.Module):
             # which measured 5x the map error of plain autocast); Inductor fuses the add into the last conv
             out = xf.to(torch.float32) + out.to(torch.float32)
         amap, score = self.map_fn(x, out, n=self.n, k=self.k, error=self.error)
-        return (amap, score) if self.normalizer is None else self.normalizer(amap, score, x)
+        # the fused image score's template map runs through the same map op as the network's (Triton on CUDA)
+        return (amap, score) if self.normalizer is None else self.normalizer(amap, score, x, self.map_fn)
 
 
 class _Runner:
