@@ -94,6 +94,7 @@ VARIANTS: dict[str, Callable[[FAEConfig], None]] = {
     "plain_head": _set(model__residual=False),
     "plain_ae": _plain_ae,
     "gradient_loss": _set(train__loss="squared+gradient"),
+    "ssim_loss": _set(train__loss="squared+ssim"),
     "template": lambda c: None,
 }
 NORMALIZE = ("none", "mean", "zscore")

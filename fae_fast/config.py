@@ -132,9 +132,11 @@ class TrainConfig:
     # exponential moving average of the weights (and BatchNorm statistics), used for the thresholds and saved
     # as the model; 0 = off. The decay ramps up as min(ema_decay, (1 + t) / (10 + t)) over the first steps.
     ema_decay: float = 0.0
-    # the training loss, one of MAP_ERRORS averaged over pixels: "squared" (the MSE of DESIGN.md, fused with the
+    # the training loss, one of LOSSES averaged over pixels: "squared" (the MSE of DESIGN.md, fused with the
     # noise) | "squared+gradient" (plus GRADIENT_WEIGHT x the squared Sobel gradient of the residual: the map's own
     # error, so fine structure is reconstructed as the map measures it; against the same target x + eps) | "gradient"
+    # | "squared+ssim" (plus SSIM_WEIGHT x (1 - SSIM): contrast-normalised, so faint structure counts as much as
+    # strong; against the same target)
     loss: str = "squared"
     # the loss's weight on occluded pixels (mask_beta > 0) is 1 + this, elsewhere 1 (normalised by all pixels, as
     # the inpainting losses that weight hole pixels above valid ones): a 1-pixel stroke of a crack is a tiny share
@@ -285,6 +287,11 @@ MAP_ERRORS = ("squared", "gradient", "squared+gradient")
 IMAGE_SCORES = ("max", "max+template")
 #: the weight of the gradient term in the "squared+gradient" error
 GRADIENT_WEIGHT = 4.0
+#: training losses (``train.loss``): the map's error kinds, and the MSE plus the structural dissimilarity
+#: 1 - SSIM (:func:`fae_fast.reference.ssim_error`) at SSIM_WEIGHT, the reconstruction loss of DRAEM (Zavrtanik et
+#: al., ICCV 2021) and RIAD, whose networks also learn to repair synthetic defects
+LOSSES = MAP_ERRORS + ("squared+ssim",)
+SSIM_WEIGHT = 1.0
 
 # allowed ranges, "[lo, hi]" inclusive, "(lo, hi)" exclusive, in the notation the error messages print
 _RANGES = {
@@ -321,7 +328,7 @@ _CHOICES = {
     "model.upsample": ("bilinear", "transpose"),
     "train.amp": ("auto", "bf16", "fp16", "fp32"),
     "train.streams": ("auto", "batch", "keyed"),
-    "train.loss": MAP_ERRORS,
+    "train.loss": LOSSES,
 }
 
 

@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import GRADIENT_WEIGHT, MAP_ERRORS
+from .config import GRADIENT_WEIGHT, LOSSES, MAP_ERRORS, SSIM_WEIGHT
 
 __all__ = [
     "standard_noise",
@@ -37,6 +37,8 @@ __all__ = [
     "noisy_target_loss",
     "anomaly_map",
     "error_image",
+    "ssim_error",
+    "loss_image",
     "box_filter",
     "MAP_ERRORS",
     "elastic_field",
@@ -161,6 +163,44 @@ def error_image(x, recon, error="squared"):
     g = F.conv2d(F.pad(d.reshape(B * C, 1, H, W), (1, 1, 1, 1), mode="replicate"), weight)
     grad = g.pow(2).sum(dim=1).reshape(B, C, H, W).mean(dim=1, keepdim=True)
     return grad if error == "gradient" else sq + GRADIENT_WEIGHT * grad
+
+
+#: SSIM's Gaussian window (Wang et al. 2004): 11 taps, sigma 1.5; constants for data in [0, 1]
+SSIM_WINDOW, SSIM_SIGMA, SSIM_C1, SSIM_C2 = 11, 1.5, 0.01 ** 2, 0.03 ** 2
+
+
+def ssim_error(x, recon):
+    """``1 - SSIM`` per pixel, (B, 1, H, W) float32: the channel mean of the structural dissimilarity of ``recon``
+    to ``x`` (Wang et al., IEEE TIP 2004), local statistics under an 11-tap Gaussian window (sigma 1.5), the
+    images replicated at the border, constants for data in [0, 1]. 0 where the two agree."""
+    a, b = _as_float(x).float(), recon.float()
+    B, C, H, W = a.shape
+    t = torch.arange(SSIM_WINDOW, device=a.device, dtype=torch.float32) - SSIM_WINDOW // 2
+    g = torch.exp(-t.pow(2) / (2 * SSIM_SIGMA ** 2))
+    g = g / g.sum()
+    r = SSIM_WINDOW // 2
+
+    def blur(v):  # separable Gaussian, one channel per image plane
+        v = F.pad(v.reshape(-1, 1, H, W), (r, r, r, r), mode="replicate")
+        v = F.conv2d(F.conv2d(v, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
+        return v.reshape(B, C, H, W)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    ssim = ((2 * mu_a * mu_b + SSIM_C1) * (2 * cov + SSIM_C2)
+            / ((mu_a ** 2 + mu_b ** 2 + SSIM_C1) * (var_a + var_b + SSIM_C2)))
+    return (1.0 - ssim).mean(dim=1, keepdim=True)
+
+
+def loss_image(x, recon, loss="squared"):
+    """The per-pixel training loss of ``train.loss`` (one of ``LOSSES``), (B, 1, H, W) float32: the map's
+    :func:`error_image` for its error kinds; "squared+ssim": the squared error plus SSIM_WEIGHT x :func:`ssim_error`."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if loss == "squared+ssim":
+        return error_image(x, recon, "squared") + SSIM_WEIGHT * ssim_error(x, recon)
+    return error_image(x, recon, loss)
 
 
 def anomaly_map(x, recon, *, n=4, k=7, error="squared"):

@@ -40,7 +40,7 @@ import torch
 
 from . import ops, reference
 from .checkpoint import load_train_state, save_train_state, with_legacy_settings
-from .config import GRADIENT_WEIGHT, NOISE_MODES, FAEConfig, smoothing_for_size
+from .config import GRADIENT_WEIGHT, NOISE_MODES, SSIM_WEIGHT, FAEConfig, smoothing_for_size
 from .scoring import autocast_dtype, compute_maps, resolve_device, thresholds_from_holdout
 
 __all__ = ["NOISE_MODES", "TrainResult", "train", "batch_loss", "step_seed", "split_holdout", "lr_factor",
@@ -181,8 +181,10 @@ def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: i
             stream for the batch (``gen``'s state).
         loss: ``train.loss``: "squared" (the MSE above), "gradient" (the pixel mean of
             ``reference.error_image(target, recon, "gradient")``, the map's gradient error against the same target
-            ``x + eps``) or "squared+gradient" (the MSE plus :data:`~fae_fast.config.GRADIENT_WEIGHT` times it).
-        occlusion_weight: ``train.occlusion_weight`` w: the per-pixel loss (:func:`fae_fast.reference.error_image`
+            ``x + eps``), "squared+gradient" (the MSE plus :data:`~fae_fast.config.GRADIENT_WEIGHT` times it) or
+            "squared+ssim" (the MSE plus :data:`~fae_fast.config.SSIM_WEIGHT` times the pixel mean of
+            ``reference.ssim_error(target, recon)``).
+        occlusion_weight: ``train.occlusion_weight`` w: the per-pixel loss (:func:`fae_fast.reference.loss_image`
             of ``loss``) counts ``1 + w`` times on occluded pixels (``mask_beta > 0``), averaged over all pixels.
 
     Returns:
@@ -222,13 +224,17 @@ def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: i
     target = xf if mode in ("none", "input") else ops.corrupt_and_noise(
         x, x, torch.zeros_like(c.mask_beta), sigma_tgt, seed_tgt, sample_offset=offset, backend=noise_backend)
     if weight:
-        err = reference.error_image(target, recon, loss)
+        err = reference.loss_image(target, recon, loss)
         return (err * (1.0 + weight * (c.mask_beta > 0).float())).mean()
-    grad = reference.error_image(target, recon, "gradient").mean()
-    if loss == "gradient":
-        return grad
+    if loss == "squared+ssim":
+        extra = SSIM_WEIGHT * reference.ssim_error(target, recon).mean()
+    else:
+        grad = reference.error_image(target, recon, "gradient").mean()
+        if loss == "gradient":
+            return grad
+        extra = GRADIENT_WEIGHT * grad
     mse = ops.noisy_target_loss(recon, x, sigma_tgt, seed_tgt, sample_offset=offset, backend=noise_backend)
-    return mse + GRADIENT_WEIGHT * grad
+    return mse + extra
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):

@@ -23,6 +23,7 @@ def test_variant_configs_change_only_what_they_name():
     assert variant_config(base, "no_thin_strokes", 0).corruption.w_stroke == 0.0
     assert variant_config(base, "residual_head", 0).model.residual is True
     assert variant_config(base, "plain_head", 0).model.residual is False
+    assert variant_config(base, "ssim_loss", 0).train.loss == "squared+ssim"
     assert variant_config(base, "fae", 3).train.seed == 3
     assert base.to_dict() == preset("tiny").to_dict()  # base untouched
     assert set(VARIANTS) >= {"fae", "no_noise", "input_noise", "independent_noise", "plain_ae"}

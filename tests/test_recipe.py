@@ -397,7 +397,7 @@ def _loss_and_recon(x, loss, mode="none"):
 @pytest.mark.parametrize("mode", ["none", "input"])
 def test_gradient_loss_adds_the_maps_gradient_error_to_the_mse(mode):
     from fae_fast import reference
-    from fae_fast.config import GRADIENT_WEIGHT
+    from fae_fast.config import GRADIENT_WEIGHT, SSIM_WEIGHT
 
     x = torch.randint(0, 256, (3, 3, 24, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     sq, recon = _loss_and_recon(x, "squared", mode)
@@ -410,9 +410,46 @@ def test_gradient_loss_adds_the_maps_gradient_error_to_the_mse(mode):
     torch.testing.assert_close(grad, expected)
     torch.testing.assert_close(both, sq + GRADIENT_WEIGHT * expected)
     assert grad > 1e-4
+    ssim, recon3 = _loss_and_recon(x, "squared+ssim", mode)
+    torch.testing.assert_close(recon, recon3)
+    dis = reference.ssim_error(clean, recon).mean()
+    torch.testing.assert_close(ssim, sq + SSIM_WEIGHT * dis)
+    assert dis > 2 * sq  # the structural term is not negligible next to the MSE
 
 
-@pytest.mark.parametrize("loss", ["squared", "squared+gradient"])
+def test_ssim_error_matches_a_direct_computation():
+    """``reference.ssim_error``: 1 - SSIM per pixel, computed here pixel by pixel from its definition (Gaussian-
+    weighted means, variances and covariance over the replicated border), channel mean; 0 for equal images."""
+    import numpy as np
+
+    from fae_fast import reference
+
+    a = torch.rand(2, 3, 9, 13, generator=torch.Generator().manual_seed(0))
+    b = (a + 0.2 * torch.rand(2, 3, 9, 13, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    got = reference.ssim_error(a, b)
+    assert got.shape == (2, 1, 9, 13)
+    r, s = 5, 1.5
+    w = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * s * s))
+    w2 = np.outer(w, w) / np.outer(w, w).sum()
+    pa = np.pad(a.numpy(), ((0, 0), (0, 0), (r, r), (r, r)), mode="edge")
+    pb = np.pad(b.numpy(), ((0, 0), (0, 0), (r, r), (r, r)), mode="edge")
+    want = np.zeros((2, 3, 9, 13))
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    for i in range(9):
+        for j in range(13):
+            wa, wb = pa[:, :, i:i + 2 * r + 1, j:j + 2 * r + 1], pb[:, :, i:i + 2 * r + 1, j:j + 2 * r + 1]
+            ma, mb = (wa * w2).sum((2, 3)), (wb * w2).sum((2, 3))
+            va = (((wa - ma[..., None, None]) ** 2) * w2).sum((2, 3))
+            vb = (((wb - mb[..., None, None]) ** 2) * w2).sum((2, 3))
+            cv = ((wa - ma[..., None, None]) * (wb - mb[..., None, None]) * w2).sum((2, 3))
+            want[:, :, i, j] = 1 - (2 * ma * mb + c1) * (2 * cv + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))
+    torch.testing.assert_close(got, torch.from_numpy(want.mean(1, keepdims=True)).float(), atol=2e-5, rtol=1e-4)
+    assert reference.ssim_error(a, a).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="loss must be one of"):
+        reference.loss_image(a, b, "ssim")
+
+
+@pytest.mark.parametrize("loss", ["squared", "squared+gradient", "squared+ssim"])
 def test_occlusion_weight_counts_occluded_pixels_more(loss):
     """``train.occlusion_weight`` w: the per-pixel loss weighs 1 + w on the pixels the corruption touched, 1
     elsewhere; w = 0 is the plain loss; the corruption and the network's input do not depend on w."""
@@ -429,7 +466,7 @@ def test_occlusion_weight_counts_occluded_pixels_more(loss):
                             torch.Generator().manual_seed(5), step=0, seed=3, sigma_max=0.0, mode="none",
                             noise_backend="torch", loss=loss, occlusion_weight=w)
     torch.testing.assert_close(seen[0], seen[1])
-    err = reference.error_image(x.float() / 255, seen[0], loss)
+    err = reference.loss_image(x.float() / 255, seen[0], loss)
     torch.testing.assert_close(out[0.0], err.mean())
     torch.testing.assert_close(out[5.0], (err * (1 + 5 * mask.float())).mean())
     assert out[5.0] > 1.5 * out[0.0]
@@ -469,12 +506,13 @@ def test_training_optimises_the_configured_loss():
 
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     first = {}
-    for loss in ("squared", "squared+gradient"):
+    for loss in ("squared", "squared+gradient", "squared+ssim"):
         cfg = preset("tiny")
         cfg.train.image_size, cfg.train.steps, cfg.train.batch_size, cfg.train.loss = (32, 32), 1, 4, loss
         cfg.map.normalize = "none"
         first[loss] = train(cfg, images, device="cpu", progress=False, log_every=1).history[0]["loss"]
     assert first["squared+gradient"] > 1.5 * first["squared"] > 0
+    assert first["squared+ssim"] > 1.5 * first["squared"]
 
 
 def test_template_fused_image_score_from_holdout_to_engine(tmp_path, monkeypatch):
