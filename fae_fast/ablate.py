@@ -133,6 +133,8 @@ def describe(cfg: FAEConfig) -> str:
     noise = "none" if nz.mode == "none" or nz.sigma_max == 0 else f"{nz.mode} sigma<={nz.sigma_max:g}{scale}"
     crop = "" if t.crop_size is None else f", crops {t.crop_size[0]}x{t.crop_size[1]}"
     occ = f" (occluded pixels x{1 + t.occlusion_weight:g})" if t.occlusion_weight else ""
+    if t.loss == "squared+ssim":
+        occ = f" (1 - SSIM x{t.ssim_weight:g})" + occ
     head = f"{'residual' if m.residual else 'plain'} head"
     if m.hide_cell:
         head += f", {m.hide_cell} px cells inpainted"

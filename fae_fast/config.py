@@ -135,9 +135,10 @@ class TrainConfig:
     # the training loss, one of LOSSES averaged over pixels: "squared" (the MSE of DESIGN.md, fused with the
     # noise) | "squared+gradient" (plus GRADIENT_WEIGHT x the squared Sobel gradient of the residual: the map's own
     # error, so fine structure is reconstructed as the map measures it; against the same target x + eps) | "gradient"
-    # | "squared+ssim" (plus SSIM_WEIGHT x (1 - SSIM): contrast-normalised, so faint structure counts as much as
+    # | "squared+ssim" (plus ssim_weight x (1 - SSIM): contrast-normalised, so faint structure counts as much as
     # strong; against the same target)
     loss: str = "squared"
+    ssim_weight: float = 1.0            # the weight of 1 - SSIM in "squared+ssim" (1: DRAEM's L2 + SSIM)
     # the loss's weight on occluded pixels (mask_beta > 0) is 1 + this, elsewhere 1 (normalised by all pixels, as
     # the inpainting losses that weight hole pixels above valid ones): a 1-pixel stroke of a crack is a tiny share
     # of the plain MSE, which is almost all about copying the grain. 0 = the MSE of DESIGN.md
@@ -287,11 +288,10 @@ MAP_ERRORS = ("squared", "gradient", "squared+gradient")
 IMAGE_SCORES = ("max", "max+template")
 #: the weight of the gradient term in the "squared+gradient" error
 GRADIENT_WEIGHT = 4.0
-#: training losses (``train.loss``): the map's error kinds, and the MSE plus the structural dissimilarity
-#: 1 - SSIM (:func:`fae_fast.reference.ssim_error`) at SSIM_WEIGHT, the reconstruction loss of DRAEM (Zavrtanik et
-#: al., ICCV 2021) and RIAD, whose networks also learn to repair synthetic defects
+#: training losses (``train.loss``): the map's error kinds, and the MSE plus ``train.ssim_weight`` times the
+#: structural dissimilarity 1 - SSIM (:func:`fae_fast.reference.ssim_error`), the reconstruction loss of DRAEM
+#: (Zavrtanik et al., ICCV 2021) and RIAD, whose networks also learn to repair synthetic defects
 LOSSES = MAP_ERRORS + ("squared+ssim",)
-SSIM_WEIGHT = 1.0
 
 # allowed ranges, "[lo, hi]" inclusive, "(lo, hi)" exclusive, in the notation the error messages print
 _RANGES = {
@@ -309,6 +309,7 @@ _RANGES = {
     "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
     "train.weight_decay": "[0, inf)", "train.warmup_steps": "[0, inf)", "train.grad_clip": "[0, inf)",
     "train.ema_decay": "[0, 1)", "train.occlusion_weight": "[0, inf)",
+    "train.ssim_weight": "[0, inf)",
     "train.auto_pixels": f"[{MIN_SIDE * MIN_SIDE}, {MAX_SIDE * MAX_SIDE}]",
     "train.holdout_fraction": "[0, 1)", "train.threshold_quantile": "[0, 1]",
     "train.pixel_threshold_quantile": "[0, 1]", "train.checkpoint_every": "[0, inf)",

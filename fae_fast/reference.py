@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import GRADIENT_WEIGHT, LOSSES, MAP_ERRORS, SSIM_WEIGHT
+from .config import GRADIENT_WEIGHT, LOSSES, MAP_ERRORS
 
 __all__ = [
     "standard_noise",
@@ -193,13 +193,14 @@ def ssim_error(x, recon):
     return (1.0 - ssim).mean(dim=1, keepdim=True)
 
 
-def loss_image(x, recon, loss="squared"):
+def loss_image(x, recon, loss="squared", ssim_weight=1.0):
     """The per-pixel training loss of ``train.loss`` (one of ``LOSSES``), (B, 1, H, W) float32: the map's
-    :func:`error_image` for its error kinds; "squared+ssim": the squared error plus SSIM_WEIGHT x :func:`ssim_error`."""
+    :func:`error_image` for its error kinds; "squared+ssim": the squared error plus ``ssim_weight`` x
+    :func:`ssim_error`."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if loss == "squared+ssim":
-        return error_image(x, recon, "squared") + SSIM_WEIGHT * ssim_error(x, recon)
+        return error_image(x, recon, "squared") + ssim_weight * ssim_error(x, recon)
     return error_image(x, recon, loss)
 
 

@@ -40,7 +40,7 @@ import torch
 
 from . import ops, reference
 from .checkpoint import load_train_state, save_train_state, with_legacy_settings
-from .config import GRADIENT_WEIGHT, NOISE_MODES, SSIM_WEIGHT, FAEConfig, smoothing_for_size
+from .config import GRADIENT_WEIGHT, NOISE_MODES, FAEConfig, smoothing_for_size
 from .scoring import autocast_dtype, compute_maps, resolve_device, thresholds_from_holdout
 
 __all__ = ["NOISE_MODES", "TrainResult", "train", "batch_loss", "step_seed", "split_holdout", "lr_factor",
@@ -154,7 +154,7 @@ def _is_grey(images: torch.Tensor) -> bool:
 def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: int, seed: int, sigma_max: float,
                mode: str = "symmetric", noise_backend: str = "torch", pool: torch.Tensor | None = None,
                channels_last: bool = False, autocast=None, keyed: tuple[int, int] | None = None,
-               loss: str = "squared", occlusion_weight: float = 0.0) -> torch.Tensor:
+               loss: str = "squared", occlusion_weight: float = 0.0, ssim_weight: float = 1.0) -> torch.Tensor:
     """The FAE loss of one batch of normal images, with gradients to ``fwd``'s parameters (no optimiser step).
 
     ``x~ = corruptor(x)``; sigma ~ U(0, sigma_max) per sample from ``gen``; ``input = x~ + eps``;
@@ -182,10 +182,11 @@ def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: i
         loss: ``train.loss``: "squared" (the MSE above), "gradient" (the pixel mean of
             ``reference.error_image(target, recon, "gradient")``, the map's gradient error against the same target
             ``x + eps``), "squared+gradient" (the MSE plus :data:`~fae_fast.config.GRADIENT_WEIGHT` times it) or
-            "squared+ssim" (the MSE plus :data:`~fae_fast.config.SSIM_WEIGHT` times the pixel mean of
+            "squared+ssim" (the MSE plus ``ssim_weight`` times the pixel mean of
             ``reference.ssim_error(target, recon)``).
         occlusion_weight: ``train.occlusion_weight`` w: the per-pixel loss (:func:`fae_fast.reference.loss_image`
             of ``loss``) counts ``1 + w`` times on occluded pixels (``mask_beta > 0``), averaged over all pixels.
+        ssim_weight: ``train.ssim_weight``, the weight of 1 - SSIM in the "squared+ssim" loss.
 
     Returns:
         0-dim float32 loss.
@@ -224,10 +225,10 @@ def batch_loss(fwd, x: torch.Tensor, corruptor, gen: torch.Generator, *, step: i
     target = xf if mode in ("none", "input") else ops.corrupt_and_noise(
         x, x, torch.zeros_like(c.mask_beta), sigma_tgt, seed_tgt, sample_offset=offset, backend=noise_backend)
     if weight:
-        err = reference.loss_image(target, recon, loss)
+        err = reference.loss_image(target, recon, loss, ssim_weight)
         return (err * (1.0 + weight * (c.mask_beta > 0).float())).mean()
     if loss == "squared+ssim":
-        extra = SSIM_WEIGHT * reference.ssim_error(target, recon).mean()
+        extra = ssim_weight * reference.ssim_error(target, recon).mean()
     else:
         grad = reference.error_image(target, recon, "gradient").mean()
         if loss == "gradient":
@@ -455,7 +456,8 @@ class _Trainer:
         loss = batch_loss(self.fwd, xb, self.corruptor, self.key_gen or self.gen, step=step, seed=int(tc.seed),
                           sigma_max=self.sigma_max, mode=self.cfg.noise.mode, noise_backend=self.noise_backend,
                           pool=self.pool, channels_last=bool(tc.channels_last), autocast=self.autocast,
-                          keyed=keyed, loss=tc.loss, occlusion_weight=tc.occlusion_weight)
+                          keyed=keyed, loss=tc.loss, occlusion_weight=tc.occlusion_weight,
+                          ssim_weight=tc.ssim_weight)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if tc.grad_clip and tc.grad_clip > 0:

@@ -377,7 +377,7 @@ def test_calibrate_cli_writes_the_f1_thresholds(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- training loss
-def _loss_and_recon(x, loss, mode="none"):
+def _loss_and_recon(x, loss, mode="none", **kwargs):
     """(batch_loss with ``loss``, the network output) for a fixed corruption and a fixed non-identity network."""
     from fae_fast.train import batch_loss
 
@@ -390,14 +390,14 @@ def _loss_and_recon(x, loss, mode="none"):
 
     cor = Corruptor(CorruptionConfig(), image_size=tuple(x.shape[2:]), device=x.device)
     value = batch_loss(fwd, x, cor, torch.Generator().manual_seed(5), step=0, seed=3, sigma_max=0.05, mode=mode,
-                       noise_backend="torch", loss=loss)
+                       noise_backend="torch", loss=loss, **kwargs)
     return value, seen[0]
 
 
 @pytest.mark.parametrize("mode", ["none", "input"])
 def test_gradient_loss_adds_the_maps_gradient_error_to_the_mse(mode):
     from fae_fast import reference
-    from fae_fast.config import GRADIENT_WEIGHT, SSIM_WEIGHT
+    from fae_fast.config import GRADIENT_WEIGHT
 
     x = torch.randint(0, 256, (3, 3, 24, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     sq, recon = _loss_and_recon(x, "squared", mode)
@@ -413,7 +413,8 @@ def test_gradient_loss_adds_the_maps_gradient_error_to_the_mse(mode):
     ssim, recon3 = _loss_and_recon(x, "squared+ssim", mode)
     torch.testing.assert_close(recon, recon3)
     dis = reference.ssim_error(clean, recon).mean()
-    torch.testing.assert_close(ssim, sq + SSIM_WEIGHT * dis)
+    torch.testing.assert_close(ssim, sq + dis)  # train.ssim_weight 1 by default
+    torch.testing.assert_close(_loss_and_recon(x, "squared+ssim", mode, ssim_weight=0.25)[0], sq + 0.25 * dis)
     assert dis > 2 * sq  # the structural term is not negligible next to the MSE
 
 
@@ -473,6 +474,10 @@ def test_occlusion_weight_counts_occluded_pixels_more(loss):
     cfg = preset("tiny")
     cfg.train.occlusion_weight = -1.0
     with pytest.raises(ValueError, match="train.occlusion_weight"):
+        cfg.validate()
+    cfg = preset("tiny")
+    cfg.train.ssim_weight = -0.5
+    with pytest.raises(ValueError, match="train.ssim_weight"):
         cfg.validate()
 
 
