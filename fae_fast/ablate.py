@@ -132,14 +132,11 @@ def describe(cfg: FAEConfig) -> str:
     scale = "" if nz.sigma_reference == "absolute" else " x image noise"
     noise = "none" if nz.mode == "none" or nz.sigma_max == 0 else f"{nz.mode} sigma<={nz.sigma_max:g}{scale}"
     crop = "" if t.crop_size is None else f", crops {t.crop_size[0]}x{t.crop_size[1]}"
-    occ = f" (occluded pixels x{1 + t.occlusion_weight:g})" if t.occlusion_weight else ""
-    if t.loss == "squared+ssim":
-        occ = f" (1 - SSIM x{t.ssim_weight:g})" + occ
     head = f"{'residual' if m.residual else 'plain'} head"
     if m.hide_cell:
         head += f", {m.hide_cell} px cells inpainted"
     return (f"widths {'-'.join(map(str, m.widths))}, skips {skips}, {head}, "
-            f"noise {noise}, {t.loss} loss{occ}, corruption p={c.p:g} (self textures {c.w_self:g}, "
+            f"noise {noise}, {t.loss_label()}, corruption p={c.p:g} (self textures {c.w_self:g}, "
             f"grey {c.grey_textures}), {t.steps} steps x {t.batch_size}{crop}")
 
 

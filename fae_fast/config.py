@@ -168,6 +168,12 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 2
 
+    def loss_label(self) -> str:
+        """The training loss in words, with its weights (first lines and run labels)."""
+        ssim = f" (1 - SSIM x{self.ssim_weight:g})" if self.loss == "squared+ssim" else ""
+        occ = f" (occluded pixels x{1 + self.occlusion_weight:g})" if self.occlusion_weight else ""
+        return f"{self.loss}{ssim}{occ} loss"
+
 
 @dataclass
 class FAEConfig:

@@ -269,12 +269,13 @@ def test_eval_prints_the_metrics_before_writing_files(tiny, tmp_path, capsys, mo
 def test_config_file_layers_on_the_preset_and_flags_win(tiny, tmp_path, capsys, cfg_file):
     root, data, model = tiny
     out = tmp_path / "m.fae"
-    partial = cfg_file({"noise": {"mode": "input"}, "train": {"steps": 50, "lr": 0.01}, "model": {"hide_cell": 8}})
+    partial = cfg_file({"noise": {"mode": "input"}, "train": {"steps": 50, "lr": 0.01, "loss": "squared+ssim",
+                                                               "ssim_weight": 0.5}, "model": {"hide_cell": 8}})
     assert main(["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--config", partial,
                  "--steps", "2", "--size", "32x48", "--batch-size", "4", "--quiet", "--device", "cpu"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     for s in ("preset tiny", partial, "size 32x48", "2 steps", "noise input", "(16, 32, 64, 128)", "lr 0.01",
-              "8 px cells inpainted"):
+              "8 px cells inpainted", "squared+ssim (1 - SSIM x0.5) loss"):
         assert s in first, (s, first)
     cfg = Detector.load(out, device="cpu").config
     assert cfg.model.widths == (16, 32, 64, 128) and cfg.noise.mode == "input"  # preset kept, file applied
