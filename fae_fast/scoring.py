@@ -296,9 +296,10 @@ def template_maps(images: torch.Tensor, *, n: int, k: int, error: str, batch_siz
 
 def _template_map(x: torch.Tensor, n: int, k: int, error: str, map_fn=None) -> torch.Tensor:
     """The template's map of ``x`` through ``map_fn`` (an :func:`fae_fast.ops.anomaly_map` backend: the engine's own,
-    Triton on CUDA) or, when None, the pure-PyTorch reference (also what an ONNX export traces)."""
-    x = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
-    fill = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+    Triton on CUDA) or, when None, the pure-PyTorch reference (also what an ONNX export traces). ``x`` goes to the
+    map op as it is (uint8 is read directly, as for the network's map): only its per-channel mean is taken here."""
+    mean = x.to(torch.float32).mean(dim=(2, 3), keepdim=True)
+    fill = (mean / 255.0 if x.dtype == torch.uint8 else mean).expand(x.shape)
     if map_fn is None:
         return reference.anomaly_map(x, fill, n=n, k=k, error=error)[0]
     return map_fn(x, fill.contiguous(), n=n, k=k, error=error)[0]
