@@ -207,17 +207,20 @@ class _Scorer:
 
     def _scores(self, maps, s, mode, hold_maps, templates: dict) -> torch.Tensor:
         """The test images' scores: the normalised map's max, or fused with the template's (``map.image_score``).
-        ``templates`` caches the test images' template maps per setting ``s`` (they do not depend on ``mode``)."""
+        ``templates`` caches the (test, held-out) images' template maps per setting ``s`` (they do not depend on
+        ``mode``)."""
         from .scoring import leave_one_out_normalized, template_fused_scores, template_maps, template_statistics
 
         scores = maps.amax(dim=(1, 2, 3))
         if self.image_score == "max" or mode == "none":
             return scores
-        loo = leave_one_out_normalized(hold_maps, mode, self.window).amax(dim=(1, 2, 3))
-        extra, _ = template_statistics(self.hold, loo, n=s[0], k=s[1], error=s[2], mode=mode, window=self.window)
         if s not in templates:
-            templates[s] = template_maps(self.test.images, n=s[0], k=s[1], error=s[2])
-        return template_fused_scores(scores, templates[s], extra, mode)
+            templates[s] = tuple(template_maps(imgs, n=s[0], k=s[1], error=s[2])
+                                 for imgs in (self.test.images, self.hold))
+        loo = leave_one_out_normalized(hold_maps, mode, self.window).amax(dim=(1, 2, 3))
+        extra, _ = template_statistics(self.hold, loo, n=s[0], k=s[1], error=s[2], mode=mode, window=self.window,
+                                       hold_templates=templates[s][1])
+        return template_fused_scores(scores, templates[s][0], extra, mode)
 
     def __call__(self, model, settings, modes) -> dict:
         """{(n, k, error, mode): evaluate() result, with the edge diagnostic as ``edge_max_fraction_good``}."""

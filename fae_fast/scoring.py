@@ -322,7 +322,8 @@ def template_fused_scores(score: torch.Tensor, template_map: torch.Tensor, stats
 
 
 def template_statistics(hold_images: torch.Tensor, loo_scores: torch.Tensor, *, n: int, k: int, error: str,
-                        mode: str, window: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                        mode: str, window: int = 1, hold_templates: torch.Tensor | None = None
+                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """What ``map.image_score`` "max+template" adds to the map statistics, from the held-out normal images.
 
     Args:
@@ -339,7 +340,7 @@ def template_statistics(hold_images: torch.Tensor, loo_scores: torch.Tensor, *, 
     if hold_images.shape[0] < 3 or loo_scores.shape[0] != hold_images.shape[0]:
         raise ValueError(f"template statistics need >= 3 held-out images and one score each, got "
                          f"{hold_images.shape[0]} images and {loo_scores.shape[0]} scores")
-    t = template_maps(hold_images, n=n, k=k, error=error).cpu()
+    t = (template_maps(hold_images, n=n, k=k, error=error) if hold_templates is None else hold_templates).cpu()
     tstats = map_statistics(t, window)
     t_loo = leave_one_out_normalized(t, mode, window).amax(dim=(1, 2, 3))
     s = loo_scores.detach().float().cpu()

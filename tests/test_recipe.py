@@ -527,7 +527,7 @@ def test_template_fused_image_score_from_holdout_to_engine(tmp_path, monkeypatch
     engine (PyTorch and ONNX Runtime) score alike."""
     from fae_fast import Detector
     from fae_fast.scoring import (TEMPLATE_KEYS, compute_maps, leave_one_out_normalized, template_maps,
-                                  thresholds_from_holdout)
+                                  template_statistics, thresholds_from_holdout)
     from fae_fast.synthetic import make_dataset
     from fae_fast.train import holdout_thresholds
 
@@ -551,6 +551,12 @@ def test_template_fused_image_score_from_holdout_to_engine(tmp_path, monkeypatch
     torch.testing.assert_close(scores, fused, rtol=1e-5, atol=1e-5)
     assert thresholds == pytest.approx(thresholds_from_holdout(fused, net, cfg.train.threshold_quantile,
                                                                cfg.train.pixel_threshold_quantile), rel=1e-5)
+    # template maps the caller already has (ablate: one setting, several normalisations) are used as given
+    _, again = template_statistics(hold, a, n=n, k=k, error=cfg.map.error, mode="zscore", hold_templates=tm)
+    torch.testing.assert_close(again, fused, rtol=1e-5, atol=1e-5)
+    _, shuffled = template_statistics(hold, a, n=n, k=k, error=cfg.map.error, mode="zscore",
+                                      hold_templates=tm.roll(1, 0))
+    assert not torch.allclose(shuffled, fused, rtol=1e-3, atol=1e-3)
     # new images: the network's map, the fused score
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     res = det.predict(images)
