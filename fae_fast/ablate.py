@@ -15,6 +15,10 @@ variant                what changes
 ``residual_head``      output ``x + head(features)`` (identity-anchored head)
 ``plain_head``         output ``head(features)``, the paper's plain 1x1 output convolution
 ``plain_ae``           a fair plain autoencoder: no skip connections, plain head, no corruption, no noise
+``gradient_loss``      the map's gradient error added to the training loss (``train.loss`` "squared+gradient")
+``ssim_loss``          the MSE plus ``train.ssim_weight`` x (1 - SSIM) (``train.loss`` "squared+ssim", the weight
+                       as configured: 0.01 in the ``cpu`` preset, 1 elsewhere)
+``mse_loss``           the MSE alone (``train.loss`` "squared"), DESIGN.md's loss
 ``template``           no network at all: each pixel "reconstructed" as its image's mean, so the map is the
                        image's own deviation and gradient z-scored per pixel by the held-out normal images (a
                        per-pixel statistical model of aligned parts: what the network must beat)
@@ -95,6 +99,7 @@ VARIANTS: dict[str, Callable[[FAEConfig], None]] = {
     "plain_ae": _plain_ae,
     "gradient_loss": _set(train__loss="squared+gradient"),
     "ssim_loss": _set(train__loss="squared+ssim"),
+    "mse_loss": _set(train__loss="squared"),
     "template": lambda c: None,
 }
 NORMALIZE = ("none", "mean", "zscore")

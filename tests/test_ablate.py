@@ -24,6 +24,8 @@ def test_variant_configs_change_only_what_they_name():
     assert variant_config(base, "residual_head", 0).model.residual is True
     assert variant_config(base, "plain_head", 0).model.residual is False
     assert variant_config(base, "ssim_loss", 0).train.loss == "squared+ssim"
+    cpu = preset("cpu")
+    assert (cpu.train.loss, variant_config(cpu, "mse_loss", 0).train.loss) == ("squared+ssim", "squared")
     assert variant_config(base, "fae", 3).train.seed == 3
     assert base.to_dict() == preset("tiny").to_dict()  # base untouched
     assert set(VARIANTS) >= {"fae", "no_noise", "input_noise", "independent_noise", "plain_ae"}

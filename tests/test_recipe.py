@@ -338,6 +338,9 @@ def test_auto_preset_follows_the_device():
     preset("cpu").validate()
     # the CPU recipe fuses the template into the image score (measured there); the GPU recipe is unmeasured
     assert preset("cpu").map.image_score == "max+template" and preset("default").map.image_score == "max"
+    # the CPU recipe trains on the MSE plus 0.01 x (1 - SSIM) (measured there); the GPU recipe on DESIGN.md's MSE
+    assert (preset("cpu").train.loss, preset("cpu").train.ssim_weight) == ("squared+ssim", 0.01)
+    assert preset("default").train.loss == "squared"
 
 
 def test_train_cli_names_the_chosen_recipe_and_threads_in_its_first_line(tmp_path, capsys):
@@ -357,6 +360,7 @@ def test_train_cli_names_the_chosen_recipe_and_threads_in_its_first_line(tmp_pat
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("train: preset cpu (auto: no GPU)") and "1 CPU threads" in first
     assert "zscore normalisation, image score max+template" in first
+    assert "squared+ssim (1 - SSIM x0.01) loss" in first
     assert "2 steps" in first and "size 32x48" in first
 
 
