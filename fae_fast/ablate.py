@@ -209,23 +209,24 @@ class _Scorer:
         self.test, self.hold, self.device, self.window = test, hold_images, device, int(spread_window)
         self.labels, self.masks = test.labels.numpy(), test.masks[:, 0].numpy()
         self.image_score = image_score
+        self._templates: dict = {}  # setting -> (test, held-out) template maps: no network in them, so every model
+        # this scorer sees (seeds' checkpoints, learning-curve points) shares them
 
-    def _scores(self, maps, s, mode, hold_maps, templates: dict) -> torch.Tensor:
-        """The test images' scores: the normalised map's max, or fused with the template's (``map.image_score``).
-        ``templates`` caches the (test, held-out) images' template maps per setting ``s`` (they do not depend on
-        ``mode``)."""
+    def _scores(self, maps, s, mode, hold_maps) -> torch.Tensor:
+        """The test images' scores: the normalised map's max, or fused with the template's (``map.image_score``)."""
         from .scoring import leave_one_out_normalized, template_fused_scores, template_maps, template_statistics
 
         scores = maps.amax(dim=(1, 2, 3))
         if self.image_score == "max" or mode == "none":
             return scores
-        if s not in templates:
-            templates[s] = tuple(template_maps(imgs, n=s[0], k=s[1], error=s[2])
-                                 for imgs in (self.test.images, self.hold))
+        if s not in self._templates:
+            self._templates[s] = tuple(template_maps(imgs, n=s[0], k=s[1], error=s[2])
+                                       for imgs in (self.test.images, self.hold))
+        test_t, hold_t = self._templates[s]
         loo = leave_one_out_normalized(hold_maps, mode, self.window).amax(dim=(1, 2, 3))
         extra, _ = template_statistics(self.hold, loo, n=s[0], k=s[1], error=s[2], mode=mode, window=self.window,
-                                       hold_templates=templates[s][1])
-        return template_fused_scores(scores, templates[s][0], extra, mode)
+                                       hold_templates=hold_t)
+        return template_fused_scores(scores, test_t, extra, mode)
 
     def __call__(self, model, settings, modes) -> dict:
         """{(n, k, error, mode): evaluate() result, with the edge diagnostic as ``edge_max_fraction_good``}."""
@@ -235,7 +236,7 @@ class _Scorer:
         test = maps_for_settings(model, self.test.images, settings, device=self.device)
         hold = maps_for_settings(model, self.hold, settings, device=self.device) \
             if any(m != "none" for m in modes) and len(self.hold) >= 2 else {}
-        out, templates = {}, {}
+        out = {}
         good = torch.from_numpy(self.labels == 0)
         for s in settings:
             stats = map_statistics(hold[s][0], self.window) if s in hold else None
@@ -243,7 +244,7 @@ class _Scorer:
                 if mode != "none" and stats is None:
                     continue
                 maps = normalize_maps(test[s][0], stats, mode)
-                scores = self._scores(maps, s, mode, hold[s][0] if s in hold else None, templates)
+                scores = self._scores(maps, s, mode, hold[s][0] if s in hold else None)
                 res = evaluate(scores.numpy(), maps[:, 0].numpy(), self.labels, self.masks, self.test.defect_types)
                 res["edge_max_fraction_good"] = edge_max_fraction(maps[good]) if good.any() else float("nan")
                 out[(*s, mode)] = res
