@@ -205,10 +205,11 @@ def edge_max_fraction(maps: torch.Tensor, band: float = 0.05) -> float:
 class _Scorer:
     """Scores a model on the test set (and its held-out normal images for the normalisation statistics)."""
 
-    def __init__(self, test, hold_images: torch.Tensor, device, spread_window: int = 1, image_score: str = "max"):
+    def __init__(self, test, hold_images: torch.Tensor, device, spread_window: int = 1, image_score: str = "max",
+                 template_n: int | None = None):
         self.test, self.hold, self.device, self.window = test, hold_images, device, int(spread_window)
         self.labels, self.masks = test.labels.numpy(), test.masks[:, 0].numpy()
-        self.image_score = image_score
+        self.image_score, self.template_n = image_score, template_n
         self._templates: dict = {}  # setting -> (test, held-out) template maps: no network in them, so every model
         # this scorer sees (seeds' checkpoints, learning-curve points) shares them
 
@@ -219,12 +220,13 @@ class _Scorer:
         scores = maps.amax(dim=(1, 2, 3))
         if self.image_score == "max" or mode == "none":
             return scores
-        if s not in self._templates:
-            self._templates[s] = tuple(template_maps(imgs, n=s[0], k=s[1], error=s[2])
+        t = (s[0] if self.template_n is None else self.template_n, *s[1:3])  # the template's (passes, k, error)
+        if t not in self._templates:
+            self._templates[t] = tuple(template_maps(imgs, n=t[0], k=t[1], error=t[2])
                                        for imgs in (self.test.images, self.hold))
-        test_t, hold_t = self._templates[s]
+        test_t, hold_t = self._templates[t]
         loo = leave_one_out_normalized(hold_maps, mode, self.window).amax(dim=(1, 2, 3))
-        extra, _ = template_statistics(self.hold, loo, n=s[0], k=s[1], error=s[2], mode=mode, window=self.window,
+        extra, _ = template_statistics(self.hold, loo, n=t[0], k=t[1], error=t[2], mode=mode, window=self.window,
                                        hold_templates=hold_t)
         return template_fused_scores(scores, test_t, extra, mode)
 
@@ -406,7 +408,8 @@ def holdout_images(cfg: FAEConfig, train_images: torch.Tensor) -> torch.Tensor:
 
 def _run_scorer(cfg: FAEConfig, train_images: torch.Tensor, test, device) -> _Scorer:
     """The scorer of one run: statistics from the normal images its training held out."""
-    return _Scorer(test, holdout_images(cfg, train_images), device, cfg.map.spread_window, cfg.map.image_score)
+    return _Scorer(test, holdout_images(cfg, train_images), device, cfg.map.spread_window, cfg.map.image_score,
+                   cfg.map.template_n)
 
 
 def load_data(data, base: FAEConfig, log=print):

@@ -432,7 +432,8 @@ class Detector:
             maps, scores = compute_maps(model, batch, n=n, k=k, error=self.config.map.error,
                                         batch_size=batch_size, device=self.device,
                                         amp=self.config.train.amp, normalize=self.config.map.normalize,
-                                        stats=self.map_stats, image_score=self.config.map.image_score)
+                                        stats=self.map_stats, image_score=self.config.map.image_score,
+                                        template_n=self.config.map.template_n)
         else:
             maps, scores = _engine_maps(engine, batch, batch_size)
         return batch, maps, scores, kind
@@ -463,7 +464,7 @@ class Detector:
             versions = None
         n, k = self.smoothing
         signature = (tuple(map(id, objects)), tuple(map(id, tensors)), versions, self.image_size, n, k,
-                     self.config.map.error, mode, image_score,
+                     self.config.map.error, mode, image_score, self.config.map.template_n,
                      self.config.model.in_channels, self.engine_backend, self.threads)
         cached = self._engine
         # the cache holds the objects themselves, so their ids cannot be reused by others while it lives
@@ -474,7 +475,8 @@ class Detector:
         engine = Engine(model, image_size=self.image_size, n=n, k=k, error=self.config.map.error, dtype="fp32",
                         device="cpu",
                         backend=self.engine_backend, threads=self.threads, normalize=mode, map_stats=stats,
-                        image_score=image_score, in_channels=self.config.model.in_channels)
+                        image_score=image_score, template_n=self.config.map.template_n,
+                        in_channels=self.config.model.in_channels)
         self._engine = (signature, (objects, tensors), engine)
         return engine
 

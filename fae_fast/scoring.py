@@ -74,8 +74,8 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int, error: str | None = None,
                  batch_size: int = 32, device=None, amp: str = "auto", normalize: str = "none",
-                 stats: dict[str, torch.Tensor] | None = None,
-                 image_score: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
+                 stats: dict[str, torch.Tensor] | None = None, image_score: str = "max",
+                 template_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Anomaly maps and image scores of ``images``.
 
     Args:
@@ -91,6 +91,7 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
         normalize, stats: per-pixel normalisation of the maps (:func:`normalize_maps`); the score is then the max
             of the normalised map.
         image_score: "max" | "max+template" (:class:`MapNormalizer`; ``stats`` must then hold the template's).
+        template_n: the template's box-filter passes (``map.template_n``); None: ``n``.
 
     Returns:
         (maps (N, 1, H, W) float32 on the CPU, scores (N,) float32 on the CPU).
@@ -110,7 +111,8 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
 
         error = MapConfig().error
     N, _, H, W = images.shape
-    normalizer = MapNormalizer(normalize, stats, (H, W), image_score=image_score, n=n, k=k, error=error).to(dev)
+    normalizer = MapNormalizer(normalize, stats, (H, W), image_score=image_score, n=n, k=k, error=error,
+                               template_n=template_n).to(dev)
     maps = torch.empty((N, 1, H, W), dtype=torch.float32)
     scores = torch.empty((N,), dtype=torch.float32)
     # pinned host buffers let the device->host copies overlap the next batch (CUDA only)
@@ -375,10 +377,11 @@ class MapNormalizer(torch.nn.Module):
 
     def __init__(self, mode: str = "none", stats: dict[str, torch.Tensor] | None = None,
                  size: tuple[int, int] | None = None, *, image_score: str = "max", n: int = 4, k: int = 7,
-                 error: str = "squared"):
+                 error: str = "squared", template_n: int | None = None):
         super().__init__()
         self.mode, self.image_score = mode, image_score
-        self.n, self.k, self.error = int(n), int(k), error
+        # the template's smoothing: template_n passes (None: n, the map's) of the map's window k
+        self.n, self.k, self.error = int(n if template_n is None else template_n), int(k), error
         if mode == "none" and image_score == "max":
             return
         if size is None:

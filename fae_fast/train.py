@@ -40,7 +40,7 @@ import torch
 
 from . import ops, reference
 from .checkpoint import load_train_state, save_train_state, with_legacy_settings
-from .config import GRADIENT_WEIGHT, NOISE_MODES, FAEConfig, smoothing_for_size
+from .config import GRADIENT_WEIGHT, NOISE_MODES, FAEConfig, smoothing_for_size, template_passes
 from .scoring import autocast_dtype, compute_maps, resolve_device, thresholds_from_holdout
 
 __all__ = ["NOISE_MODES", "TrainResult", "train", "batch_loss", "step_seed", "split_holdout", "lr_factor",
@@ -585,8 +585,9 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
         maps = leave_one_out_normalized(maps, cfg.map.normalize, cfg.map.spread_window)
         scores = maps.amax(dim=(1, 2, 3))
         if cfg.map.image_score != "max":
-            extra, scores = template_statistics(hold_images, scores, n=n, k=k, error=cfg.map.error,
-                                                mode=cfg.map.normalize, window=cfg.map.spread_window)
+            extra, scores = template_statistics(hold_images, scores, n=template_passes(cfg.map, n), k=k,
+                                                error=cfg.map.error, mode=cfg.map.normalize,
+                                                window=cfg.map.spread_window)
             stats.update(extra)
     thresholds = thresholds_from_holdout(scores, maps, float(cfg.train.threshold_quantile),
                                          float(cfg.train.pixel_threshold_quantile))

@@ -340,6 +340,7 @@ def test_auto_preset_follows_the_device():
     assert preset("cpu").map.image_score == "max+template" and preset("default").map.image_score == "max"
     # the CPU recipe trains on the MSE plus 0.01 x (1 - SSIM) (measured there); the GPU recipe on DESIGN.md's MSE
     assert (preset("cpu").train.loss, preset("cpu").train.ssim_weight) == ("squared+ssim", 0.01)
+    assert preset("cpu").map.template_n == 1 and preset("default").map.template_n is None
     assert preset("default").train.loss == "squared"
 
 
@@ -359,7 +360,7 @@ def test_train_cli_names_the_chosen_recipe_and_threads_in_its_first_line(tmp_pat
     assert rc == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("train: preset cpu (auto: no GPU)") and "1 CPU threads" in first
-    assert "zscore normalisation, image score max+template" in first
+    assert "zscore normalisation, image score max+template (template 1 pass)" in first
     assert "squared+ssim (1 - SSIM x0.01) loss" in first
     assert "2 steps" in first and "size 32x48" in first
 
@@ -528,7 +529,8 @@ def test_template_fused_image_score_from_holdout_to_engine(tmp_path, monkeypatch
     """``map.image_score = "max+template"``: the held-out normal images give the template's per-pixel statistics
     and the standardisation of both scores (computed here by hand from leave-one-out maps), the image threshold
     is read off the fused held-out scores, the maps stay the network's, and the detector, the saved file and the
-    engine (PyTorch and ONNX Runtime) score alike."""
+    engine (PyTorch and ONNX Runtime) score alike. The template's map is smoothed by its own passes
+    (``map.template_n`` = 1, the map's 4) everywhere."""
     from fae_fast import Detector
     from fae_fast.scoring import (TEMPLATE_KEYS, compute_maps, leave_one_out_normalized, template_maps,
                                   template_statistics, thresholds_from_holdout)
@@ -539,26 +541,29 @@ def test_template_fused_image_score_from_holdout_to_engine(tmp_path, monkeypatch
     cfg = preset("tiny")
     cfg.train.image_size, cfg.train.batch_size, cfg.train.holdout_fraction = (32, 32), 4, 0.25
     cfg.map.normalize, cfg.map.image_score, cfg.model.residual = "zscore", "max+template", False
+    cfg.map.scale_with_size, cfg.map.k, cfg.map.template_n = False, 3, 1
     det = Detector(cfg, device="cpu").fit(data, steps=2, progress=False)
     assert set(TEMPLATE_KEYS) <= set(det.map_stats)
     # the holdout by hand: leave-one-out maxima of both maps, each standardised by its own mean and std
     hold = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    n, k = det.smoothing
+    (n, k), tn = det.smoothing, 1
+    assert (n, k) == (4, 3)
     thresholds, scores, _ = holdout_thresholds(det.model, det.config, hold, torch.device("cpu"))
     net = leave_one_out_normalized(compute_maps(det.model, hold, n=n, k=k, error=cfg.map.error)[0], "zscore")
     x = hold.float() / 255
-    tm = ops.anomaly_map(x, x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous(), n=n, k=k,
+    tm = ops.anomaly_map(x, x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous(), n=tn, k=k,
                          error=cfg.map.error, backend="torch")[0]
-    torch.testing.assert_close(template_maps(hold, n=n, k=k, error=cfg.map.error), tm)
+    torch.testing.assert_close(template_maps(hold, n=tn, k=k, error=cfg.map.error), tm)
+    assert not torch.allclose(template_maps(hold, n=n, k=k, error=cfg.map.error), tm, rtol=1e-2, atol=1e-4)
     a, b = net.amax(dim=(1, 2, 3)), leave_one_out_normalized(tm, "zscore").amax(dim=(1, 2, 3))
     fused = ((a - a.mean()) / a.std() + (b - b.mean()) / b.std()) / 2
     torch.testing.assert_close(scores, fused, rtol=1e-5, atol=1e-5)
     assert thresholds == pytest.approx(thresholds_from_holdout(fused, net, cfg.train.threshold_quantile,
                                                                cfg.train.pixel_threshold_quantile), rel=1e-5)
     # template maps the caller already has (ablate: one setting, several normalisations) are used as given
-    _, again = template_statistics(hold, a, n=n, k=k, error=cfg.map.error, mode="zscore", hold_templates=tm)
+    _, again = template_statistics(hold, a, n=tn, k=k, error=cfg.map.error, mode="zscore", hold_templates=tm)
     torch.testing.assert_close(again, fused, rtol=1e-5, atol=1e-5)
-    _, shuffled = template_statistics(hold, a, n=n, k=k, error=cfg.map.error, mode="zscore",
+    _, shuffled = template_statistics(hold, a, n=tn, k=k, error=cfg.map.error, mode="zscore",
                                       hold_templates=tm.roll(1, 0))
     assert not torch.allclose(shuffled, fused, rtol=1e-3, atol=1e-3)
     # new images: the network's map, the fused score
@@ -570,7 +575,7 @@ def test_template_fused_image_score_from_holdout_to_engine(tmp_path, monkeypatch
     ref = plain.predict(images)
     torch.testing.assert_close(torch.as_tensor(np.asarray(res.anomaly_map)),
                                torch.as_tensor(np.asarray(ref.anomaly_map)))
-    t = normalize_maps(template_maps(images, n=n, k=k, error=cfg.map.error),
+    t = normalize_maps(template_maps(images, n=tn, k=k, error=cfg.map.error),
                        {"mean": det.map_stats["template_mean"], "scale": det.map_stats["template_scale"]}, "zscore")
     s_net = torch.as_tensor(np.asarray(ref.pred_score))
     expect = ((s_net - det.map_stats["score_center"]) / det.map_stats["score_spread"]
@@ -578,6 +583,7 @@ def test_template_fused_image_score_from_holdout_to_engine(tmp_path, monkeypatch
     torch.testing.assert_close(torch.as_tensor(np.asarray(res.pred_score)), expect, rtol=1e-5, atol=1e-5)
     det.save(tmp_path / "m.fae")
     assert Detector.load(tmp_path / "m.fae").config.map.image_score == "max+template"
+    assert Detector.load(tmp_path / "m.fae").config.map.template_n == 1
     from fae_fast.inference import Engine, ort
 
     for backend in ["torch"] + (["onnxruntime"] if ort.available() else []):

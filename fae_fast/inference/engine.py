@@ -258,6 +258,7 @@ class Engine:
         normalize, map_stats: per-pixel normalisation of the map by statistics of normal images
             (:class:`fae_fast.scoring.MapNormalizer`; a model file trained with ``map.normalize`` brings both).
         image_score: "max" | "max+template" (``map.image_score``; ``map_stats`` then holds the template's too).
+        template_n: the template's box-filter passes for "max+template" (``map.template_n``); None: ``n``.
 
     The engine is not thread-safe: one thread at a time (the :class:`~fae_fast.inference.stream.InlineStream`
     worker, or the caller).
@@ -269,7 +270,7 @@ class Engine:
                  batch_sizes: Sequence[int] = (1, 16, 64, 256), fold_bn: bool = True, map_backend: str = "auto",
                  in_channels: int = 3, cudnn_benchmark: bool = True, compile_dynamic: bool | None = None,
                  backend: str = "auto", threads: int | None = None, normalize: str = "none",
-                 map_stats: dict | None = None, image_score: str = "max"):
+                 map_stats: dict | None = None, image_score: str = "max", template_n: int | None = None):
         from .. import _backend
         from ..config import MapConfig, smoothing_for_size
 
@@ -284,6 +285,10 @@ class Engine:
             raise ValueError(f"n (box-filter passes) must be in 0..8, got {n!r}")
         if not (1 <= self.k <= 31 and self.k % 2 == 1):
             raise ValueError(f"k (window) must be an odd int in 1..31, got {k!r}")
+        if template_n is not None and (isinstance(template_n, bool) or not isinstance(template_n, int)
+                                       or not 0 <= template_n <= 8):
+            raise ValueError(f"template_n (the template's box-filter passes) must be None or in 0..8, "
+                             f"got {template_n!r}")
         from ..reference import MAP_ERRORS
 
         error = MapConfig().error if error is None else error
@@ -343,16 +348,19 @@ class Engine:
         if residual:
             net.residual = False
         self.normalizer = MapNormalizer(normalize, map_stats, self.image_size, image_score=image_score, n=self.n,
-                                        k=self.k, error=self.error).to(self.device)
+                                        k=self.k, error=self.error, template_n=template_n).to(self.device)
         self._pipeline = _Pipeline(net, self.dtype, self.n, self.k, map_fn, residual=residual,
                                    normalizer=self.normalizer, error=self.error).eval()
         if on_cuda:
             # one eager call of the map op: the Triton kernel caches its box-filter operators per image size on the
             # first eager call, so the compiled graph reads them as constants instead of rebuilding them
+            # (and the template's, when its passes differ)
+            passes = {self.n} | ({self.normalizer.n} if self.normalizer.image_score != "max" else set())
             with torch.inference_mode():
-                map_fn(torch.zeros((1, self.in_channels, H, W), dtype=torch.uint8, device=self.device),
-                       torch.zeros((1, self.in_channels, H, W), device=self.device), n=self.n, k=self.k,
-                       error=self.error)
+                for n in sorted(passes):
+                    map_fn(torch.zeros((1, self.in_channels, H, W), dtype=torch.uint8, device=self.device),
+                           torch.zeros((1, self.in_channels, H, W), device=self.device), n=n, k=self.k,
+                           error=self.error)
         fn = self._pipeline
         if self.compile_mode is not None:
             import torch._dynamo.config as dcfg
@@ -456,6 +464,7 @@ class Engine:
             kwargs.setdefault("normalize", mf.config.map.normalize)
             kwargs.setdefault("map_stats", stats)
             kwargs.setdefault("image_score", mf.config.map.image_score)
+            kwargs.setdefault("template_n", mf.config.map.template_n)
         return cls(model.eval(), image_size=tuple(mf.image_size), **kwargs)
 
     @staticmethod

@@ -140,6 +140,8 @@ def export_triton_repo(model_file, repo, *, name: str = "fae", max_batch: int = 
                  "input_scaling": "uint8 images / 255 inside the graph", "map_normalize": normalize,
                  "image_score": getattr(eng.normalizer, "image_score", "max"),
                  "model_file": Path(model_file).name})
+    if meta["image_score"] != "max":  # the template's smoothing (map.template_n): its passes of the map's window
+        meta["template_passes"] = str(eng.normalizer.n)
     del m.metadata_props[:]
     for key, value in meta.items():
         prop = m.metadata_props.add()
