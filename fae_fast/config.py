@@ -461,7 +461,7 @@ def _cpu_recipe(cfg: FAEConfig) -> None:
     # synthetic grey data's faint stains too (not every seed: docs/RESULTS.md)
     cfg.train.loss, cfg.train.ssim_weight = "squared+ssim", 0.01
     # the template's map smoothed by one pass, not the map's four (I-AUROC +2.1 on KolektorSDD, +0.6 on BSData,
-    # every seed; the synthetic grey data's +0.0, its faint stains -0.4: docs/RESULTS.md)
+    # every seed; faint stains +0.7 on the synthetic grey data, -0.4 on the colour demo's: docs/RESULTS.md)
     cfg.map.template_n = 1
 
 
