@@ -169,6 +169,8 @@ def test_input_validation(engine, model):
         Engine(model, image_size=(H, W), device="cpu", cuda_graphs=True)
     with pytest.raises(ValueError, match="odd"):
         Engine(model, image_size=(H, W), device="cpu", k=4)
+    with pytest.raises(ValueError, match=r"template_n \(the template's box-filter passes\).*got 9"):
+        Engine(model, image_size=(H, W), device="cpu", template_n=9)
     with pytest.raises(ValueError, match="dtype"):
         Engine(model, image_size=(H, W), device="cpu", dtype="int8")
     with pytest.raises(ValueError, match="image_size"):
