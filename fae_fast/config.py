@@ -282,9 +282,6 @@ class FAEConfig:
                              "'zscore' (the scores are standardised by held-out normal images)")
         if self.map.k % 2 != 1:
             raise ValueError(f"config map.k must be odd (a centred box filter), got {self.map.k!r}")
-        tn = self.map.template_n
-        if tn is not None and (isinstance(tn, bool) or not isinstance(tn, int) or tn < 0):
-            raise ValueError(f"config map.template_n must be None or an int >= 0, got {tn!r}")
         if t.crop_size is not None:
             ch, cw = check_image_size(t.crop_size, "config train.crop_size")
             if t.image_size != "auto" and (ch > t.image_size[0] or cw > t.image_size[1]):
@@ -325,6 +322,7 @@ _RANGES = {
     "noise.sigma_max": "[0, inf)",
     "model.in_channels": "[1, inf)", "model.hide_cell": "[0, inf)",
     "map.n": "[0, inf)", "map.k": "[1, inf)", "map.ref_size": "[1, inf)", "map.spread_window": "[1, 63]",
+    "map.template_n": "[0, inf)",
     "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
     "train.weight_decay": "[0, inf)", "train.warmup_steps": "[0, inf)", "train.grad_clip": "[0, inf)",
     "train.ema_decay": "[0, 1)", "train.occlusion_weight": "[0, inf)",

@@ -42,7 +42,7 @@ def test_presets_are_valid(name):
     ("model.widths", (8, "a"), TypeError, "model.widths"),
     ("model.norm", "layer", ValueError, "model.norm"),
     ("map.k", 6, ValueError, "map.k must be odd"),
-    ("map.template_n", -1, ValueError, "map.template_n must be None or an int >= 0, got -1"),
+    ("map.template_n", -1, ValueError, r"map\.template_n must be in \[0, inf\), got -1"),
     ("map.template_n", 1.5, TypeError, "map.template_n must be an integer"),
     ("corruption.p", 1.5, ValueError, "corruption.p"),
     ("corruption.k_min", 4, ValueError, r"corruption\.k_min \(4\) must be <= corruption\.k_max \(3\)"),
