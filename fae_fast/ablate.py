@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from . import _atomic, ops
-from .config import MAP_ERRORS, FAEConfig, parse_size, preset, smoothing_for_size
+from .config import MAP_ERRORS, FAEConfig, parse_size, preset, smoothing_for_size, template_passes
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1max")
 
@@ -220,7 +220,7 @@ class _Scorer:
         scores = maps.amax(dim=(1, 2, 3))
         if self.image_score == "max" or mode == "none":
             return scores
-        t = (s[0] if self.template_n is None else self.template_n, *s[1:3])  # the template's (passes, k, error)
+        t = (template_passes(self.template_n, s[0]), *s[1:3])  # the template's (passes, k, error)
         if t not in self._templates:
             self._templates[t] = tuple(template_maps(imgs, n=t[0], k=t[1], error=t[2])
                                        for imgs in (self.test.images, self.hold))

@@ -463,9 +463,10 @@ def _cpu_recipe(cfg: FAEConfig) -> None:
     cfg.map.template_n = 1
 
 
-def template_passes(cfg: MapConfig, n: int) -> int:
-    """The box-filter passes of the template's map (``map.template_n``; None: ``n``, the map's own)."""
-    return n if cfg.template_n is None else int(cfg.template_n)
+def template_passes(template_n: int | None, n: int) -> int:
+    """The box-filter passes of the template's map: ``template_n`` (``map.template_n``), or None: ``n``, the
+    map's own."""
+    return int(n if template_n is None else template_n)
 
 
 def resolve_preset(name: str, device: str | None = None) -> str:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops, reference
-from .config import IMAGE_SCORES
+from .config import IMAGE_SCORES, template_passes
 
 __all__ = ["resolve_device", "autocast_dtype", "compute_maps", "thresholds_from_holdout", "check_threshold",
            "MapNormalizer",
@@ -381,7 +381,7 @@ class MapNormalizer(torch.nn.Module):
         super().__init__()
         self.mode, self.image_score = mode, image_score
         # the template's smoothing: template_n passes (None: n, the map's) of the map's window k
-        self.n, self.k, self.error = int(n if template_n is None else template_n), int(k), error
+        self.n, self.k, self.error = template_passes(template_n, n), int(k), error
         if mode == "none" and image_score == "max":
             return
         if size is None:

@@ -585,7 +585,7 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
         maps = leave_one_out_normalized(maps, cfg.map.normalize, cfg.map.spread_window)
         scores = maps.amax(dim=(1, 2, 3))
         if cfg.map.image_score != "max":
-            extra, scores = template_statistics(hold_images, scores, n=template_passes(cfg.map, n), k=k,
+            extra, scores = template_statistics(hold_images, scores, n=template_passes(cfg.map.template_n, n), k=k,
                                                 error=cfg.map.error, mode=cfg.map.normalize,
                                                 window=cfg.map.spread_window)
             stats.update(extra)
