@@ -1,4 +1,6 @@
 """Each knob of the training recipe does what it says (issue 10), on tiny synthetic data."""
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -591,6 +593,20 @@ def test_template_fused_image_score_from_holdout_to_engine(tmp_path, monkeypatch
         torch.testing.assert_close(torch.as_tensor(np.asarray(got.pred_score)), expect, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(torch.as_tensor(np.asarray(got.anomaly_map)),
                                    torch.as_tensor(np.asarray(res.anomaly_map)), rtol=1e-4, atol=1e-5)
+    if ort.available() and importlib.util.find_spec("onnx") is not None:
+        # the Triton model repository: its graph scores the same, its metadata names the template's passes
+        import onnx
+        import onnxruntime
+
+        from fae_fast.serving.triton_repo import export_triton_repo
+
+        folder = export_triton_repo(tmp_path / "m.fae", tmp_path / "repo", name="fused")
+        props = {p.key: p.value for p in onnx.load(str(folder / "1" / "model.onnx")).metadata_props}
+        assert props["image_score"] == "max+template" and props["template_passes"] == "1", props
+        assert props["n"] == "4", props  # the map's own passes, unchanged
+        sess = onnxruntime.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        score = sess.run(["pred_score"], {"images": images.numpy()})[0]
+        torch.testing.assert_close(torch.as_tensor(score), expect, rtol=1e-4, atol=1e-5)
     # with the Triton map op (interpreted here) the template's map runs through it as well: the reference map is
     # never called, and the scores stay the same
     pytest.importorskip("triton")
