@@ -140,6 +140,8 @@ def describe(cfg: FAEConfig) -> str:
     head = f"{'residual' if m.residual else 'plain'} head"
     if m.hide_cell:
         head += f", {m.hide_cell} px cells inpainted"
+    if m.members > 1:
+        head += f", {m.members} members averaged"
     return (f"widths {'-'.join(map(str, m.widths))}, skips {skips}, {head}, "
             f"noise {noise}, {t.loss_label()}, corruption p={c.p:g} (self textures {c.w_self:g}, "
             f"grey {c.grey_textures}), {t.steps} steps x {t.batch_size}{crop}")

@@ -247,6 +247,7 @@ def cmd_train(args) -> int:
         f"{' (global)' if dist.world_size > 1 else ''}, lr {t.lr:g}, noise {noise}, {t.loss_label()}, "
         f"map {cfg.map.error} error, {cfg.map.normalize} normalisation, {cfg.map.image_score_label()}, "
         f"widths {tuple(cfg.model.widths)}"
+        f"{f' x {cfg.model.members} members averaged' if cfg.model.members > 1 else ''}"
         f"{f', {cfg.model.hide_cell} px cells inpainted at test time' if cfg.model.hide_cell else ''}, "
         f"{len(paths)} images, "
         f"{_torch_threads()} CPU threads", flush=True)

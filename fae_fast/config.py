@@ -94,6 +94,10 @@ class ModelConfig:
     # > 0: at inference each pixel is reconstructed from one of four passes in which its hide_cell x hide_cell cell
     # was hidden under the image mean (models.UNet): defects are inpainted, not copied. 0: one plain pass
     hide_cell: int = 0
+    # > 1: that many networks of this architecture, each trained on its own loss from its own initialisation and
+    # draws, their reconstructions averaged (models.Members): the seed-to-seed spread shrinks; members x the
+    # training and inference compute
+    members: int = 1
 
 
 @dataclass
@@ -320,7 +324,7 @@ _RANGES = {
     "corruption.capacity_sigmas": "[0, inf)", "corruption.perlin_base_max": "[1, inf)",
     "corruption.perlin_envelope": "[0, inf)",
     "noise.sigma_max": "[0, inf)",
-    "model.in_channels": "[1, inf)", "model.hide_cell": "[0, inf)",
+    "model.in_channels": "[1, inf)", "model.hide_cell": "[0, inf)", "model.members": "[1, 8]",
     "map.n": "[0, inf)", "map.k": "[1, inf)", "map.ref_size": "[1, inf)", "map.spread_window": "[1, 63]",
     "map.template_n": "[0, inf)",
     "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",

@@ -43,8 +43,8 @@ from .checkpoint import load_train_state, save_train_state, with_legacy_settings
 from .config import GRADIENT_WEIGHT, NOISE_MODES, FAEConfig, smoothing_for_size, template_passes
 from .scoring import autocast_dtype, compute_maps, resolve_device, thresholds_from_holdout
 
-__all__ = ["NOISE_MODES", "TrainResult", "train", "batch_loss", "step_seed", "split_holdout", "lr_factor",
-           "holdout_thresholds", "estimate_noise_std", "effective_sigma_max", "WeightEma"]
+__all__ = ["NOISE_MODES", "TrainResult", "train", "batch_loss", "step_seed", "member_seed", "split_holdout",
+           "lr_factor", "holdout_thresholds", "estimate_noise_std", "effective_sigma_max", "WeightEma"]
 
 _MASK64 = (1 << 64) - 1
 # config keys that may change between a run and its resumption without changing what the steps compute
@@ -96,8 +96,8 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
     """The noise seed of training step ``step``: a hash of (seed, step, stream) in [0, 2**63).
 
     ``stream`` 0 is the noise of the input (and of the target in "symmetric" mode); stream 1 is the independent
-    target noise of the "independent" ablation. Hashing (rather than ``seed + step``) keeps the noise streams of
-    neighbouring seeds unrelated.
+    target noise of the "independent" ablation (2 and 3: :func:`sample_stream_seed`; 7: the holdout split; 8: the
+    members' seeds). Hashing (rather than ``seed + step``) keeps the noise streams of neighbouring seeds unrelated.
     """
     z = _mix64((int(seed) & _MASK64) ^ 0x632BE59BD9B4E019)
     z = _mix64((z + int(step) * 0x9E3779B97F4A7C15) & _MASK64)
@@ -111,6 +111,12 @@ def sample_stream_seed(seed: int, step: int, index: int, stream: int) -> int:
     ``stream`` 2 is the corruption, 3 is sigma (0 and 1 are the noise streams of :func:`step_seed`).
     """
     return step_seed(step_seed(seed, step, stream), index)
+
+
+def member_seed(seed: int, member: int) -> int:
+    """The seed of member ``member`` of a run seeded ``seed`` (``model.members``): ``seed`` itself for member 0
+    (one member trains as before), a hash of both for the others."""
+    return int(seed) if member == 0 else step_seed(seed, member, stream=8)
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,7 +391,7 @@ class _Trainer:
         from . import distributed
         from .corruption import Corruptor
         from .data import TrainSampler
-        from .models import build_model
+        from .models import Members, build_model
 
         d = self.dist = distributed.Dist() if dist is None else dist
         tc = self.tc = cfg.train
@@ -394,6 +400,9 @@ class _Trainer:
         if d.active and self.streams != "keyed":
             raise ValueError(f"train.streams='batch' cannot run under torchrun (world size {d.world_size}): a batch "
                              "split across processes needs 'keyed' (or 'auto')")
+        if d.active and int(cfg.model.members) > 1:
+            raise ValueError(f"model.members={cfg.model.members} cannot run under torchrun (world size "
+                             f"{d.world_size}): train the members on one process (model.members=1 scales out)")
         self.block = int(tc.stream_block) if self.streams == "keyed" else None
         rows = distributed.rank_rows(int(tc.batch_size), d, self.block or 1) if d.active else None
         self.offset = rows[0] if rows is not None else 0
@@ -432,12 +441,14 @@ class _Trainer:
                                    grey=_is_grey(train_images))
         # with crops, textures are borrowed from the batch's own crops (same scale); otherwise from every image
         self.pool = None if crop is not None else train_images
-        self.fwd = torch.compile(model) if tc.compile else model
+        # the networks trained, each on its own loss: the model, or each of its members (model.members)
+        nets = list(model.members) if isinstance(model, Members) else [model]
+        self.fwds = [torch.compile(net) if tc.compile else net for net in nets]
         self.ema = WeightEma(model, float(tc.ema_decay)) if tc.ema_decay > 0 else None
         # one backend for noise injection and loss: the reference and the Triton kernel draw different eps from a
         # seed, so a fallback of one op alone would silently turn same-eps noise into independent noise
         self.noise_backend = ops.noise_backend(dev)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.param_sets = [[p for p in net.parameters() if p.requires_grad] for net in nets]
         self.autocast = (torch.autocast(device_type=dev.type, dtype=self.amp_dtype)
                          if self.amp_dtype is not None else contextlib.nullcontext())
         self.fingerprint = _fingerprint(train_images)
@@ -446,29 +457,33 @@ class _Trainer:
         self.sigma_max = 0.0 if cfg.noise.mode == "none" else effective_sigma_max(cfg, train_images)
         if d.active:  # DDP averages the gradients over the ranks; self.model stays the plain network
             ddp = distributed.wrap(model, d, dev)
-            self.fwd = torch.compile(ddp) if tc.compile else ddp
+            self.fwds = [torch.compile(ddp) if tc.compile else ddp]
 
     def step(self, step: int) -> torch.Tensor:
         """One optimisation step (0-based ``step``); returns the detached loss on the device (no sync)."""
         tc = self.tc
         xb = self.sampler.next()                            # uint8 (B, 3, h, w) on dev
         keyed = None if self.block is None else (self.offset, self.block)
-        loss = batch_loss(self.fwd, xb, self.corruptor, self.key_gen or self.gen, step=step, seed=int(tc.seed),
-                          sigma_max=self.sigma_max, mode=self.cfg.noise.mode, noise_backend=self.noise_backend,
-                          pool=self.pool, channels_last=bool(tc.channels_last), autocast=self.autocast,
-                          keyed=keyed, loss=tc.loss, occlusion_weight=tc.occlusion_weight,
-                          ssim_weight=tc.ssim_weight)
         self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        total = torch.zeros((), device=self.dev)
+        for i, fwd in enumerate(self.fwds):  # each member: the same images, its own corruption, noise and loss
+            loss = batch_loss(fwd, xb, self.corruptor, self.key_gen or self.gen, step=step,
+                              seed=member_seed(int(tc.seed), i), sigma_max=self.sigma_max,
+                              mode=self.cfg.noise.mode, noise_backend=self.noise_backend, pool=self.pool,
+                              channels_last=bool(tc.channels_last), autocast=self.autocast, keyed=keyed,
+                              loss=tc.loss, occlusion_weight=tc.occlusion_weight, ssim_weight=tc.ssim_weight)
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
         if tc.grad_clip and tc.grad_clip > 0:
             self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.params, float(tc.grad_clip))
+            for params in self.param_sets:  # each member's gradient clipped alone, as if trained alone
+                torch.nn.utils.clip_grad_norm_(params, float(tc.grad_clip))
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
         if self.ema is not None:
             self.ema.update(step)
-        return loss.detach()
+        return total / len(self.fwds)
 
     def eval_model(self) -> torch.nn.Module:
         """The network that is scored and saved: the weight average with ``train.ema_decay``, else the live one."""

@@ -12,10 +12,10 @@ import torch  # noqa: F401  (used by the doctest)
 import torch.nn as nn
 
 from ..config import ModelConfig
+from .members import Members
 from .unet import ACTS, NORMS, ConvNormAct, UNet, count_parameters, fold_batchnorm
 
-__all__ = ["UNet", "ConvNormAct", "build_model", "fold_batchnorm", "count_parameters", "NORMS", "ACTS"]
-
+__all__ = ["UNet", "Members", "ConvNormAct", "build_model", "fold_batchnorm", "count_parameters", "NORMS", "ACTS"]
 
 
 def build_model(cfg: ModelConfig | None = None) -> nn.Module:
@@ -26,12 +26,15 @@ def build_model(cfg: ModelConfig | None = None) -> nn.Module:
         cfg: a :class:`fae_fast.config.ModelConfig` (None: the defaults).
 
     Returns:
-        A :class:`UNet` mapping (B, C, H, W) to (B, C, H, W).
+        A :class:`UNet` mapping (B, C, H, W) to (B, C, H, W); with ``cfg.members`` > 1, :class:`Members` of that
+        many (built one after the other from the current random state).
     """
     if cfg is None:
         cfg = ModelConfig()
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"build_model expects a ModelConfig, got {type(cfg).__name__}")
-    return UNet(cfg.in_channels, tuple(cfg.widths), tuple(cfg.dilations), norm=cfg.norm, act=cfg.act,
-                gated_skips=cfg.gated_skips, skip_mode=cfg.skip_mode, downsample=cfg.downsample,
-                upsample=cfg.upsample, residual=cfg.residual, hide_cell=cfg.hide_cell)
+    nets = [UNet(cfg.in_channels, tuple(cfg.widths), tuple(cfg.dilations), norm=cfg.norm, act=cfg.act,
+                 gated_skips=cfg.gated_skips, skip_mode=cfg.skip_mode, downsample=cfg.downsample,
+                 upsample=cfg.upsample, residual=cfg.residual, hide_cell=cfg.hide_cell)
+            for _ in range(int(cfg.members))]
+    return nets[0] if len(nets) == 1 else Members(nets)
