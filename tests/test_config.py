@@ -44,6 +44,8 @@ def test_presets_are_valid(name):
     ("map.k", 6, ValueError, "map.k must be odd"),
     ("map.template_n", -1, ValueError, r"map\.template_n must be in \[0, inf\), got -1"),
     ("map.template_n", 1.5, TypeError, "map.template_n must be an integer"),
+    ("model.members", 0, ValueError, r"model\.members must be in \[1, 8\], got 0"),
+    ("model.members", 9, ValueError, r"model\.members must be in \[1, 8\], got 9"),
     ("corruption.p", 1.5, ValueError, "corruption.p"),
     ("corruption.k_min", 4, ValueError, r"corruption\.k_min \(4\) must be <= corruption\.k_max \(3\)"),
     ("corruption.perlin_coverage", (0.2, 0.1), ValueError, "corruption.perlin_coverage"),

@@ -107,6 +107,22 @@ def test_detector_scores_through_the_engine_like_compute_maps(trained, normalize
     np.testing.assert_array_equal(res.pred_mask, res.anomaly_map > det.thresholds["pixel"])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_members_score_through_the_engine_like_compute_maps(backend):
+    """``model.members`` = 2 with the residual head (the engine switches every member's ``x + h`` off and adds x
+    itself): the engine's maps and scores are the eager ones of the averaged reconstruction."""
+    cfg = tiny_config()
+    cfg.model.members, cfg.model.residual = 2, True
+    det = Detector(cfg, device="cpu", engine_backend=backend, threads=1).fit(images(12, 0), progress=False)
+    assert type(det.model).__name__ == "Members"
+    x = images(5, 1)
+    ref_maps, ref_scores = eager(det, x, batch_size=2)
+    assert float(ref_scores.abs().min()) > 0
+    _, maps, scores = det.anomaly_maps(x, batch_size=2)
+    assert det._cpu_engine().backend == backend
+    check_parity(det, x, maps, scores, ref_maps, ref_scores)
+
+
 def test_batches_are_split_by_batch_size(trained, monkeypatch):
     det = detector(trained, "zscore", "torch")
     engine = det._cpu_engine()

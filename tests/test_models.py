@@ -199,3 +199,33 @@ def test_tiny_overfit_reduces_loss():
     finally:
         torch.set_num_threads(threads)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_members_average_their_reconstructions():
+    """``model.members`` = K: K networks of the configured architecture, each with its own initialisation, whose
+    outputs are averaged; ``residual`` and ``hide_cell`` read and set every member's; BatchNorm folds in each."""
+    from fae_fast.models import Members
+
+    torch.manual_seed(0)
+    assert isinstance(build_model(ModelConfig(**TINY)), UNet)  # one member: the plain network, as before
+    m = build_model(ModelConfig(**TINY, members=3))
+    assert isinstance(m, Members) and len(m.members) == 3 and m.in_channels == 3
+    for net in m.members:
+        _randomise(net)
+    sd = [net.state_dict() for net in m.members]
+    assert not torch.equal(sd[0]["stem.0.conv.weight"], sd[1]["stem.0.conv.weight"])  # own initialisations
+    m.eval()
+    x = torch.rand(2, 3, 21, 30)
+    with torch.no_grad():
+        outs = [net(x) for net in m.members]
+        assert_close(m(x), (outs[0] + outs[1] + outs[2]) / 3, atol=1e-6, rtol=1e-6)
+        assert_close(fold_batchnorm(m)(x), m(x), atol=1e-5, rtol=1e-5)
+        # residual off everywhere: the mean of the corrections, x + that mean is the model's output
+        assert m.residual is True
+        m.residual = False
+        assert [net.residual for net in m.members] == [False] * 3 and m.residual is False
+        assert_close(x + m(x), (outs[0] + outs[1] + outs[2]) / 3, atol=1e-6, rtol=1e-6)
+    m.hide_cell = 4
+    assert [net.hide_cell for net in m.members] == [4] * 3 and m.hide_cell == 4
+    with pytest.raises(ValueError, match="at least 2 networks"):
+        Members([UNet(**TINY)])

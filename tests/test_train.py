@@ -208,6 +208,49 @@ def test_resume_is_bit_exact(images, tmp_path):
     assert resumed.thresholds == straight.thresholds
 
 
+def test_members_train_each_on_its_own_loss(images, tmp_path):
+    """``model.members`` = 2: member 0 after one step is the one-network run of the same seed (same initialisation,
+    batches and draws: the loss of the average would change it), member 1 has its own initialisation and moves;
+    each member's gradient is clipped alone; the run resumes bit for bit; torchrun is refused."""
+    from types import SimpleNamespace
+
+    from fae_fast.models import Members, build_model
+    from fae_fast.train import _Trainer, member_seed
+
+    one = train(_cfg(steps=1), images, progress=False)
+    cfg = _cfg(steps=1)
+    cfg.model.members = 2
+    two = train(cfg, images, progress=False)
+    assert isinstance(two.model, Members) and len(two.model.members) == 2
+    _assert_same_weights(_weights(one.model), _weights(two.model.members[0]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        init = build_model(cfg.model)
+    for a, b in zip(init.members, two.model.members):  # both moved from their own initialisations
+        assert not torch.equal(a.stem[0].conv.weight, b.stem[0].conv.weight)
+    assert not torch.equal(init.members[0].stem[0].conv.weight, init.members[1].stem[0].conv.weight)
+    assert member_seed(0, 0) == 0 and member_seed(0, 1) not in (0, 1) and member_seed(1, 1) != member_seed(0, 1)
+    # each member's gradient clipped to the bound alone (clipping both together would leave each below it)
+    clipped = _cfg(steps=2, grad_clip=1e-4)
+    clipped.model.members = 2
+    tr = _Trainer(clipped, images[:8], torch.device("cpu"))
+    tr.step(0)
+    for params in tr.param_sets:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        assert float(norm) == pytest.approx(1e-4, rel=1e-3)
+    # resume
+    cfg4 = _cfg(steps=4)
+    cfg4.model.members = 2
+    straight = train(cfg4, images, progress=False, log_every=1)
+    p = tmp_path / "state.pt"
+    train(cfg4, images, progress=False, log_every=1, checkpoint=p, stop_at=2)
+    resumed = train(cfg4, images, progress=False, log_every=1, checkpoint=p, resume=p)
+    _assert_same_weights(_weights(straight.model), _weights(resumed.model))
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    with pytest.raises(ValueError, match=r"model\.members=2 cannot run under torchrun"):
+        _Trainer(cfg, images[:8], torch.device("cpu"), dist=SimpleNamespace(active=True, world_size=2))
+
+
 def test_weight_ema_is_the_ramped_average_of_the_live_weights():
     from fae_fast.train import WeightEma
 
