@@ -162,6 +162,29 @@ def test_loss_adds_the_same_eps_to_input_and_target(mode, zero):
     assert (loss < 1e-10) if zero else (loss > 1e-4), loss
 
 
+def test_members_each_get_their_own_loss():
+    """``model.members`` = 2: the loss is the sum of each member's own loss (not the loss of their average), the
+    members drawing their corruption one after the other from the loss's generator."""
+    cfg = preset("tiny")
+    cfg.noise.mode, cfg.model.members = "none", 2
+    model = Fae(config=cfg, image_size=SIZE)
+    net = model.model.net
+    assert type(net).__name__ == "Members"
+    x = torch.rand(4, 3, *SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # the members add opposite offsets to their input: their average is the identity, each alone is not
+        bias = torch.randn(3, generator=torch.Generator().manual_seed(1)) * 0.1
+        net.members[0].head.bias.copy_(bias)
+        net.members[1].head.bias.copy_(-bias)
+        got = model.loss(net, x, step=2)
+        by_hand = Fae(config=cfg, image_size=SIZE).loss
+        expect = by_hand(net.members[0], x, step=2) + by_hand(net.members[1], x, step=2)
+        of_mean = Fae(config=cfg, image_size=SIZE).loss(lambda t: (net.members[0](t) + net.members[1](t)) / 2, x,
+                                                       step=2)
+    assert_close(got, expect, atol=1e-7, rtol=1e-6)
+    assert float(of_mean) < 0.9 * float(got) / 2, (float(of_mean), float(got))
+
+
 def test_model_api():
     model = Fae(preset="tiny", image_size=SIZE)
     assert model.learning_type.value == "one_class"

@@ -7,7 +7,8 @@ from torch import nn
 from fae_fast import ops
 from fae_fast.config import FAEConfig
 from fae_fast.corruption import Corruptor
-from fae_fast.train import batch_loss, effective_sigma_max
+from fae_fast.models import Members
+from fae_fast.train import batch_loss, effective_sigma_max, member_seed
 
 __all__ = ["FaeLoss"]
 
@@ -33,7 +34,12 @@ class FaeLoss(nn.Module):
         self.sigma_max: float | None = None
 
     def forward(self, net: nn.Module, images: torch.Tensor, step: int) -> torch.Tensor:
-        """The loss of ``images`` (B, C, H, W) float in [0, 1] at 0-based ``step``: a 0-dim float32 tensor."""
+        """The loss of ``images`` (B, C, H, W) float in [0, 1] at 0-based ``step``: a 0-dim float32 tensor.
+
+        With ``model.members`` > 1 (``net`` a :class:`~fae_fast.models.Members`): the sum of each member's own loss
+        (own corruption draws and noise seed, as :mod:`fae_fast.train` trains them), so each member's gradient is
+        its own loss's; Lightning clips the members' gradients together, not each alone as ``fae-fast train``.
+        """
         dev = images.device
         if self.gen is None or self.gen.device != dev:
             self.gen = torch.Generator(device=dev)
@@ -43,6 +49,9 @@ class FaeLoss(nn.Module):
         if self.sigma_max is None:  # "image_noise" reads the images' own noise off the first batch
             as_uint8 = images.detach().clamp(0, 1).mul(255).round().to(torch.uint8)
             self.sigma_max = effective_sigma_max(self.cfg, as_uint8)
-        return batch_loss(net, images, self.corruptor, self.gen, step=int(step), seed=int(self.cfg.train.seed),
-                          sigma_max=self.sigma_max, mode=self.cfg.noise.mode,
-                          noise_backend=ops.noise_backend(dev))
+        nets = list(net.members) if isinstance(net, Members) else [net]
+        losses = [batch_loss(m, images, self.corruptor, self.gen, step=int(step),
+                             seed=member_seed(int(self.cfg.train.seed), i), sigma_max=self.sigma_max,
+                             mode=self.cfg.noise.mode, noise_backend=ops.noise_backend(dev))
+                  for i, m in enumerate(nets)]
+        return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
