@@ -289,6 +289,19 @@ def test_cuda_default_model_batch_sizes():
         assert (s - ref_score[:b]).abs().max() <= bound, b
 
 
+def test_bench_model_takes_the_presets_members():
+    """``fae-fast bench --preset P`` measures P's network as trained: with ``model.members`` > 1 all its members,
+    each with a non-zero residual head (an identity member would cost the same but score nothing)."""
+    from fae_fast.inference.bench import make_model
+    from fae_fast.models import Members
+
+    one = make_model((8, 16), (1,))
+    two = make_model((8, 16), (1,), members=2)
+    assert not isinstance(one, Members) and float(one.head.weight.abs().sum()) > 0
+    assert isinstance(two, Members) and len(two.members) == 2 and not two.training
+    assert all(float(m.head.weight.abs().sum()) > 0 for m in two.members)
+
+
 def test_triton_map_backend_through_the_engine(model):
     """The engine with the Triton anomaly-map kernel (interpreted on the CPU) equals the reference backend."""
     pytest.importorskip("triton")

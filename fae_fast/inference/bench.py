@@ -68,18 +68,20 @@ def plain_postprocess(x: torch.Tensor, recon: torch.Tensor, n: int, k: int, erro
     return err, err.amax(dim=(1, 2, 3))
 
 
-def make_model(widths=(64, 128, 256, 512), dilations=(1, 2, 4, 8), seed: int = 0) -> nn.Module:
-    """The benchmark network: fae_fast's U-Net with random weights (a non-zero residual head), BN in eval."""
+def make_model(widths=(64, 128, 256, 512), dilations=(1, 2, 4, 8), seed: int = 0, members: int = 1) -> nn.Module:
+    """The benchmark network: fae_fast's U-Net (``members`` > 1: that many, averaged) with random weights (a
+    non-zero residual head), BN in eval."""
     from ..config import ModelConfig
     from ..models import build_model
 
     g = torch.Generator().manual_seed(seed)
-    cfg = ModelConfig(widths=tuple(widths), dilations=tuple(dilations))
+    cfg = ModelConfig(widths=tuple(widths), dilations=tuple(dilations), members=int(members))
     model = build_model(cfg)
-    head = getattr(model, "head", None)
-    if isinstance(head, nn.Conv2d):  # the residual head starts at zero (identity model): give it a real output
-        with torch.no_grad():
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
+    for net in getattr(model, "members", [model]):
+        head = getattr(net, "head", None)
+        if isinstance(head, nn.Conv2d):  # the residual head starts at zero (identity model): give it a real output
+            with torch.no_grad():
+                head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
     return model.eval()
 
 
@@ -367,7 +369,7 @@ def main(argv=None) -> int:
     cpu = device.type == "cpu"
     size = args.size or (32 if q else 256)
     widths = args.widths or ((8, 16) if q else (64, 128, 256, 512))
-    dilations = (1, 2) if q else (1, 2, 4, 8)
+    dilations, members = ((1, 2) if q else (1, 2, 4, 8)), 1
     if args.preset is not None:
         from ..config import PRESETS, preset
 
@@ -375,7 +377,7 @@ def main(argv=None) -> int:
             print(f"fae-fast bench: unknown preset {args.preset!r}; choose one of {PRESETS}", file=sys.stderr)
             return 2
         mcfg = preset(args.preset).model
-        widths, dilations = args.widths or tuple(mcfg.widths), tuple(mcfg.dilations)
+        widths, dilations, members = args.widths or tuple(mcfg.widths), tuple(mcfg.dilations), int(mcfg.members)
     batches = args.batch_sizes or ((1, 2) if q else (1, 16, 64, 256))
     host_batch = 2 if q and args.host_batch == 16 else args.host_batch
     # the CPU runs ~100x fewer images per second: fewer repetitions by default
@@ -418,7 +420,7 @@ def main(argv=None) -> int:
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = make_model(widths, dilations)
+    model = make_model(widths, dilations, members=members)
     # the engine captures exactly the measured sizes (specialised compilations, like the compiled baseline); the
     # stream scenario pads partial batches up to host_batch
     engine_batches = tuple(sorted(set(batches) | {1, host_batch}))
@@ -428,14 +430,15 @@ def main(argv=None) -> int:
                      cpu_providers=[p for p in providers if p in CPU_PROVIDERS])
     info = machine_info(device)
     header = dict(info, device=str(device), dtype="float32" if cpu else str(dtype).replace("torch.", ""),
-                  image_size=[size, size], widths=list(widths), dilations=list(dilations), preset=args.preset,
+                  image_size=[size, size], widths=list(widths), dilations=list(dilations), members=members,
+                  preset=args.preset,
                   n=args.n, k=args.k, compile=do_compile and not cpu, quick=q, threads=args.threads,
                   rounds=rounds, warmup=warmup, reps=reps, latency_reps=lat_reps, note=args.note,
                   engine_backend=prov.engine.backend, engine_build_s=prov.engine_build_s,
                   map_backend=prov.engine.map_backend, engine=repr(prov.engine),
                   time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), load_avg_start=load_start)
     print(f"fae-fast bench: {info['gpu'] or info['cpu']} torch {info['torch']} triton {info['triton']} "
-          f"{size}x{size} widths {widths} dtype {header['dtype']} compile={header['compile']} "
+          f"{size}x{size} widths {widths}{f' x {members} members' if members > 1 else ''} dtype {header['dtype']} compile={header['compile']} "
           f"engine backend {prov.engine.backend} threads {args.threads}", flush=True)
     rows: list[dict] = []
     gen = torch.Generator().manual_seed(0)
