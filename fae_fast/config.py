@@ -465,10 +465,6 @@ def _cpu_recipe(cfg: FAEConfig) -> None:
     # the template's map smoothed by one pass, not the map's four (I-AUROC +2.1 on KolektorSDD, +0.6 on BSData,
     # every seed; faint stains +0.7 on the synthetic grey data, -0.4 on the colour demo's: docs/RESULTS.md)
     cfg.map.template_n = 1
-    # three networks trained each on its own loss, their reconstructions averaged (models.Members): every mean of
-    # both real sets higher and the seed spread smaller; three times the training (~12 of the 20 minutes) and the
-    # network's inference (docs/RESULTS.md)
-    cfg.model.members = 3
 
 
 def template_passes(template_n: int | None, n: int) -> int:
