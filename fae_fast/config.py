@@ -95,8 +95,8 @@ class ModelConfig:
     # was hidden under the image mean (models.UNet): defects are inpainted, not copied. 0: one plain pass
     hide_cell: int = 0
     # > 1: that many networks of this architecture, each trained on its own loss from its own initialisation and
-    # draws, their reconstructions averaged (models.Members): the seed-to-seed spread shrinks; members x the
-    # training and inference compute
+    # corruption and noise draws (the same batches), their reconstructions averaged (models.Members); members x the
+    # training and inference compute. Not the CPU recipe's: measured mixed there (docs/RESULTS.md)
     members: int = 1
 
 

@@ -438,8 +438,8 @@ def main(argv=None) -> int:
                   map_backend=prov.engine.map_backend, engine=repr(prov.engine),
                   time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), load_avg_start=load_start)
     print(f"fae-fast bench: {info['gpu'] or info['cpu']} torch {info['torch']} triton {info['triton']} "
-          f"{size}x{size} widths {widths}{f' x {members} members' if members > 1 else ''} dtype {header['dtype']} compile={header['compile']} "
-          f"engine backend {prov.engine.backend} threads {args.threads}", flush=True)
+          f"{size}x{size} widths {widths}{f' x {members} members' if members > 1 else ''} dtype {header['dtype']} "
+          f"compile={header['compile']} engine backend {prov.engine.backend} threads {args.threads}", flush=True)
     rows: list[dict] = []
     gen = torch.Generator().manual_seed(0)
 

@@ -1,9 +1,9 @@
 """Several networks of one architecture whose reconstructions are averaged (``model.members``).
 
-Each member is trained on its own loss, from its own initialisation and its own corruption and noise draws
-(:class:`fae_fast.train._Trainer`): an ensemble of independently trained repairs, not one wider network. The
-average of their reconstructions is the model's: everything downstream (maps, normalisation, thresholds, the
-engine, the ONNX graph) sees one network.
+Each member is trained on its own loss, from its own initialisation and its own corruption and noise draws, on
+the same batches (:class:`fae_fast.train._Trainer`): an ensemble of separately optimised repairs, not one wider
+network. The average of their reconstructions is the model's: everything downstream (maps, normalisation,
+thresholds, the engine, the ONNX graph) sees one network.
 """
 from __future__ import annotations
 
