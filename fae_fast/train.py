@@ -391,7 +391,7 @@ class _Trainer:
         from . import distributed
         from .corruption import Corruptor
         from .data import TrainSampler
-        from .models import Members, build_model
+        from .models import build_model, networks
 
         d = self.dist = distributed.Dist() if dist is None else dist
         tc = self.tc = cfg.train
@@ -442,7 +442,7 @@ class _Trainer:
         # with crops, textures are borrowed from the batch's own crops (same scale); otherwise from every image
         self.pool = None if crop is not None else train_images
         # the networks trained, each on its own loss: the model, or each of its members (model.members)
-        nets = list(model.members) if isinstance(model, Members) else [model]
+        nets = networks(model)
         self.fwds = [torch.compile(net) if tc.compile else net for net in nets]
         self.ema = WeightEma(model, float(tc.ema_decay)) if tc.ema_decay > 0 else None
         # one backend for noise injection and loss: the reference and the Triton kernel draw different eps from a

@@ -72,12 +72,12 @@ def make_model(widths=(64, 128, 256, 512), dilations=(1, 2, 4, 8), seed: int = 0
     """The benchmark network: fae_fast's U-Net (``members`` > 1: that many, averaged) with random weights (a
     non-zero residual head), BN in eval."""
     from ..config import ModelConfig
-    from ..models import build_model
+    from ..models import build_model, networks
 
     g = torch.Generator().manual_seed(seed)
     cfg = ModelConfig(widths=tuple(widths), dilations=tuple(dilations), members=int(members))
     model = build_model(cfg)
-    for net in getattr(model, "members", [model]):
+    for net in networks(model):
         head = getattr(net, "head", None)
         if isinstance(head, nn.Conv2d):  # the residual head starts at zero (identity model): give it a real output
             with torch.no_grad():

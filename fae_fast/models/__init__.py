@@ -12,10 +12,11 @@ import torch  # noqa: F401  (used by the doctest)
 import torch.nn as nn
 
 from ..config import ModelConfig
-from .members import Members
+from .members import Members, networks
 from .unet import ACTS, NORMS, ConvNormAct, UNet, count_parameters, fold_batchnorm
 
-__all__ = ["UNet", "Members", "ConvNormAct", "build_model", "fold_batchnorm", "count_parameters", "NORMS", "ACTS"]
+__all__ = ["UNet", "Members", "networks", "ConvNormAct", "build_model", "fold_batchnorm", "count_parameters",
+           "NORMS", "ACTS"]
 
 
 def build_model(cfg: ModelConfig | None = None) -> nn.Module:

@@ -55,3 +55,8 @@ class Members(nn.Module):
         for m in self.members[1:]:
             out = out + m(x)
         return out / len(self.members)
+
+
+def networks(model: nn.Module) -> list[nn.Module]:
+    """The networks ``model`` is made of, each trained on its own loss: its members, or ``model`` itself."""
+    return list(model.members) if isinstance(model, Members) else [model]

@@ -7,7 +7,7 @@ from torch import nn
 from fae_fast import ops
 from fae_fast.config import FAEConfig
 from fae_fast.corruption import Corruptor
-from fae_fast.models import Members
+from fae_fast.models import networks
 from fae_fast.train import batch_loss, effective_sigma_max, member_seed
 
 __all__ = ["FaeLoss"]
@@ -49,9 +49,8 @@ class FaeLoss(nn.Module):
         if self.sigma_max is None:  # "image_noise" reads the images' own noise off the first batch
             as_uint8 = images.detach().clamp(0, 1).mul(255).round().to(torch.uint8)
             self.sigma_max = effective_sigma_max(self.cfg, as_uint8)
-        nets = list(net.members) if isinstance(net, Members) else [net]
         losses = [batch_loss(m, images, self.corruptor, self.gen, step=int(step),
                              seed=member_seed(int(self.cfg.train.seed), i), sigma_max=self.sigma_max,
                              mode=self.cfg.noise.mode, noise_backend=ops.noise_backend(dev))
-                  for i, m in enumerate(nets)]
+                  for i, m in enumerate(networks(net))]
         return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
