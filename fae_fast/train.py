@@ -383,8 +383,9 @@ def _fmt_seconds(t: float) -> str:
 class _Trainer:
     """What a training run evolves (network, AdamW, schedule, loss scaler, generator, sampler) and its step.
 
-    Every random draw of a step comes from ``self.gen`` (corruption, sigma, the batch) or from the per-step noise
-    seeds, so :meth:`state_dict` / :meth:`load_state` resume a run bit for bit.
+    Every random draw of a step comes from a member's generator (``self.draws``; one network: ``self.gen``: the
+    batch, corruption and sigma) or from the per-step noise seeds, so :meth:`state_dict` / :meth:`load_state`
+    resume a run bit for bit.
     """
 
     def __init__(self, cfg: FAEConfig, train_images: torch.Tensor, dev: torch.device, dist=None):
@@ -412,11 +413,10 @@ class _Trainer:
         self.train_images = train_images
         H, W = int(train_images.shape[2]), int(train_images.shape[3])
         crop = None if tc.crop_size is None else tuple(int(v) for v in tc.crop_size)  # checked by the sampler
-        # seeded init without touching the caller's RNG: the model is built on the CPU, so only the CPU generator
-        # is forked and seeded (torch.manual_seed would also reseed every CUDA generator of the caller)
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(int(tc.seed))
-            model = build_model(cfg.model)
+        # each member (model.members; one network: the model) initialised from its own seed, the caller's RNG
+        # untouched: member i trains as the one-network run seeded member_seed(seed, i) (batches and draws below)
+        seeds = [member_seed(int(tc.seed), i) for i in range(int(cfg.model.members))]
+        model = build_model(cfg.model, seeds=seeds)
         model = distributed.prepare_model(model.to(dev), d, dev)  # SyncBatchNorm on CUDA with several processes
         if tc.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -430,10 +430,15 @@ class _Trainer:
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
-        self.gen = torch.Generator(device=dev)
-        self.gen.manual_seed(int(tc.seed))
-        self.sampler = TrainSampler(train_images, int(tc.batch_size), self.gen, flip=bool(tc.augment_flip),
-                                    rot90=bool(tc.augment_rot90), crop=crop, rows=rows)
+        # every member draws its batches, corruption and sigma from its own generator and sampler (member 0's are
+        # self.gen and self.sampler): K members are K one-network runs on the same held-out split, averaged
+        self.draws = []
+        for seed in seeds:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(seed)
+            self.draws.append((gen, TrainSampler(train_images, int(tc.batch_size), gen, flip=bool(tc.augment_flip),
+                                                 rot90=bool(tc.augment_rot90), crop=crop, rows=rows)))
+        self.gen, self.sampler = self.draws[0]
         # keyed streams reseed their own generator per block (nothing of it to checkpoint); self.gen, the sampler's,
         # evolves alike on every process
         self.key_gen = torch.Generator(device=dev) if self.streams == "keyed" else None
@@ -462,12 +467,12 @@ class _Trainer:
     def step(self, step: int) -> torch.Tensor:
         """One optimisation step (0-based ``step``); returns the detached loss on the device (no sync)."""
         tc = self.tc
-        xb = self.sampler.next()                            # uint8 (B, 3, h, w) on dev
         keyed = None if self.block is None else (self.offset, self.block)
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.dev)
-        for i, fwd in enumerate(self.fwds):  # each member: the same images, its own corruption, noise and loss
-            loss = batch_loss(fwd, xb, self.corruptor, self.key_gen or self.gen, step=step,
+        for i, (fwd, (gen, sampler)) in enumerate(zip(self.fwds, self.draws)):  # each member: its own batch, draws
+            xb = sampler.next()                             # uint8 (B, 3, h, w) on dev
+            loss = batch_loss(fwd, xb, self.corruptor, self.key_gen or gen, step=step,
                               seed=member_seed(int(tc.seed), i), sigma_max=self.sigma_max,
                               mode=self.cfg.noise.mode, noise_backend=self.noise_backend, pool=self.pool,
                               channels_last=bool(tc.channels_last), autocast=self.autocast, keyed=keyed,
@@ -494,6 +499,7 @@ class _Trainer:
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
                 "generator": self.gen.get_state(), "sampler": self.sampler.state_dict(), "step": step,
+                "member_draws": [{"generator": g.get_state(), "sampler": s.state_dict()} for g, s in self.draws[1:]],
                 "history": history, "config": self.cfg.to_dict(), "fingerprint": self.fingerprint,
                 "device_type": self.dev.type, "ema": None if self.ema is None else self.ema.model.state_dict()}
 
@@ -524,8 +530,13 @@ class _Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.gen.set_state(state["generator"])
-        self.sampler.load_state_dict(state["sampler"])
+        others = state.get("member_draws", [])
+        if len(others) != len(self.draws) - 1:  # files of members that shared one batch stream (before this field)
+            raise ValueError(f"{path} holds the batch streams of {len(others) + 1} member(s), this run trains "
+                             f"{len(self.draws)} (model.members): train again rather than resume it")
+        for (gen, sampler), saved_draws in zip(self.draws, [state] + others):
+            gen.set_state(saved_draws["generator"])
+            sampler.load_state_dict(saved_draws["sampler"])
         return int(state["step"]), list(state["history"])
 
     def _use_keyed(self, block: int) -> None:

@@ -209,27 +209,31 @@ def test_resume_is_bit_exact(images, tmp_path):
 
 
 def test_members_train_each_on_its_own_loss(images, tmp_path):
-    """``model.members`` = 2: member 0 after one step is the one-network run of the same seed (same initialisation,
-    batches and draws: the loss of the average would change it), member 1 has its own initialisation and moves;
-    each member's gradient is clipped alone; the run resumes bit for bit; torchrun is refused."""
+    """``model.members`` = 2: member i is, weight for weight, the one-network run seeded ``member_seed(seed, i)``
+    on the same images (its own initialisation, batches, corruption and noise: the loss of the average would change
+    it), member 0 the run of the seed itself; each member's gradient is clipped alone; the run resumes bit for bit;
+    torchrun is refused."""
     from types import SimpleNamespace
 
-    from fae_fast.models import Members, build_model
+    from fae_fast.models import Members
     from fae_fast.train import _Trainer, member_seed
 
-    one = train(_cfg(steps=1), images, progress=False)
-    cfg = _cfg(steps=1)
-    cfg.model.members = 2
-    two = train(cfg, images, progress=False)
-    assert isinstance(two.model, Members) and len(two.model.members) == 2
-    _assert_same_weights(_weights(one.model), _weights(two.model.members[0]))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        init = build_model(cfg.model)
-    for a, b in zip(init.members, two.model.members):  # both moved from their own initialisations
-        assert not torch.equal(a.stem[0].conv.weight, b.stem[0].conv.weight)
-    assert not torch.equal(init.members[0].stem[0].conv.weight, init.members[1].stem[0].conv.weight)
     assert member_seed(0, 0) == 0 and member_seed(0, 1) not in (0, 1) and member_seed(1, 1) != member_seed(0, 1)
+    cfg = _cfg(steps=3)
+    cfg.model.members = 2
+    two = _Trainer(cfg, images, torch.device("cpu"))
+    assert isinstance(two.model, Members) and len(two.model.members) == 2
+    init = [_weights(m) for m in two.model.members]
+    for step in range(3):
+        two.step(step)
+    for i, member in enumerate(two.model.members):
+        one = _Trainer(_cfg(steps=3, seed=member_seed(0, i)), images, torch.device("cpu"))
+        _assert_same_weights(_weights(one.model), init[i])
+        for step in range(3):
+            one.step(step)
+        _assert_same_weights(_weights(one.model), _weights(member))
+    assert not torch.equal(init[0]["stem.0.conv.weight"], init[1]["stem.0.conv.weight"])
+    assert not torch.equal(init[0]["stem.0.conv.weight"], _weights(two.model.members[0])["stem.0.conv.weight"])
     # each member's gradient clipped to the bound alone (clipping both together would leave each below it)
     clipped = _cfg(steps=2, grad_clip=1e-4)
     clipped.model.members = 2
@@ -247,6 +251,11 @@ def test_members_train_each_on_its_own_loss(images, tmp_path):
     resumed = train(cfg4, images, progress=False, log_every=1, checkpoint=p, resume=p)
     _assert_same_weights(_weights(straight.model), _weights(resumed.model))
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    state = ckpt.load_train_state(p)  # a file without the other members' streams is refused, not half-resumed
+    del state["member_draws"]
+    ckpt.save_train_state(tmp_path / "shared.pt", state)
+    with pytest.raises(ValueError, match=r"shared\.pt holds the batch streams of 1 member\(s\), this run trains 2"):
+        train(cfg4, images, progress=False, checkpoint=tmp_path / "again.pt", resume=tmp_path / "shared.pt")
     with pytest.raises(ValueError, match=r"model\.members=2 cannot run under torchrun"):
         _Trainer(cfg, images[:8], torch.device("cpu"), dist=SimpleNamespace(active=True, world_size=2))
 

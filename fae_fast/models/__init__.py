@@ -8,7 +8,7 @@ Example:
 """
 from __future__ import annotations
 
-import torch  # noqa: F401  (used by the doctest)
+import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
@@ -19,23 +19,36 @@ __all__ = ["UNet", "Members", "networks", "ConvNormAct", "build_model", "fold_ba
            "NORMS", "ACTS"]
 
 
-def build_model(cfg: ModelConfig | None = None) -> nn.Module:
+def build_model(cfg: ModelConfig | None = None, seeds=None) -> nn.Module:
     """Build the U-Net described by ``cfg`` (defaults: widths 64-128-256-512, dilations 1-2-4-8, BatchNorm,
     ReLU, gated skips, max-pool down, bilinear up, residual output).
 
     Args:
         cfg: a :class:`fae_fast.config.ModelConfig` (None: the defaults).
+        seeds: one int per network (``cfg.members`` of them): each is initialised from its own seed, the caller's
+            random state untouched; None: built one after the other from the current random state.
 
     Returns:
         A :class:`UNet` mapping (B, C, H, W) to (B, C, H, W); with ``cfg.members`` > 1, :class:`Members` of that
-        many (built one after the other from the current random state).
+        many.
     """
     if cfg is None:
         cfg = ModelConfig()
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"build_model expects a ModelConfig, got {type(cfg).__name__}")
-    nets = [UNet(cfg.in_channels, tuple(cfg.widths), tuple(cfg.dilations), norm=cfg.norm, act=cfg.act,
-                 gated_skips=cfg.gated_skips, skip_mode=cfg.skip_mode, downsample=cfg.downsample,
-                 upsample=cfg.upsample, residual=cfg.residual, hide_cell=cfg.hide_cell)
-            for _ in range(int(cfg.members))]
-    return nets[0] if len(nets) == 1 else Members(nets)
+    k = int(cfg.members)
+    if seeds is not None and len(seeds) != k:
+        raise ValueError(f"build_model: {len(seeds)} seeds for model.members={k}")
+
+    def one(seed):
+        if seed is None:
+            return UNet(cfg.in_channels, tuple(cfg.widths), tuple(cfg.dilations), norm=cfg.norm, act=cfg.act,
+                        gated_skips=cfg.gated_skips, skip_mode=cfg.skip_mode, downsample=cfg.downsample,
+                        upsample=cfg.upsample, residual=cfg.residual, hide_cell=cfg.hide_cell)
+        # the model is built on the CPU: only the CPU generator is forked (manual_seed would reseed CUDA's too)
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(int(seed))
+            return one(None)
+
+    nets = [one(None if seeds is None else seeds[i]) for i in range(k)]
+    return nets[0] if k == 1 else Members(nets)
