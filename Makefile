@@ -13,18 +13,11 @@ install-test:
 demo: install
 	fae-fast demo --out demo_out
 
-# The CPU test suite (Triton through its interpreter), then every benchmark once with timing disabled so none
-# rots, then the fallback run without the compiled extension.
+# scripts/test.sh: the CPU suite (Triton through its interpreter), every benchmark once with timing disabled, the
+# fallback run without the compiled extension, then anomalib and Triton serving in their own venvs (built in the
+# background meanwhile); fails loudly if a venv cannot be built
 test: install-test
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
-	TRITON_INTERPRET=1 $(PY) -m pytest -q bench -o python_files='bench_*.py' --benchmark-disable
-	TRITON_INTERPRET=1 FAE_FAST_NO_EXT=1 $(PY) -m pytest -q tests -m "not slow" -k "elastic or stroke or corrupt or backend"
-	# the anomalib integration in its own venv (torch 2.14.1 + torchvision 0.29.1 + anomalib 2.7.0, git-ignored
-	# .venv-anomalib/): fails loudly if that venv cannot be built
-	bash scripts/anomalib_ci.sh
-	# Triton serving in its own venv (PyTriton 0.7.0 needs numpy<2; git-ignored .venv-serve/, CPU torch 2.13.0):
-	# real servers on loopback; fails loudly if that venv cannot be built
-	bash scripts/serve_ci.sh
+	bash scripts/test.sh
 
 bench:
 	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-json=bench/results/latest.json

@@ -94,9 +94,9 @@ class ModelConfig:
     # > 0: at inference each pixel is reconstructed from one of four passes in which its hide_cell x hide_cell cell
     # was hidden under the image mean (models.UNet): defects are inpainted, not copied. 0: one plain pass
     hide_cell: int = 0
-    # > 1: that many networks of this architecture, each trained on its own loss from its own initialisation and
-    # corruption and noise draws (the same batches), their reconstructions averaged (models.Members); members x the
-    # training and inference compute. Not the CPU recipe's: measured mixed there (docs/RESULTS.md)
+    # > 1: that many networks of this architecture, each trained on its own loss from its own seed (initialisation,
+    # batches, corruption, noise: member i is the one-network run seeded fae_fast.train.member_seed(seed, i)), their
+    # reconstructions averaged (models.Members); members x the training and inference compute (docs/RESULTS.md)
     members: int = 1
 
 

@@ -617,8 +617,8 @@ def test_template_fused_image_score_from_holdout_to_engine(tmp_path, monkeypatch
 
     tri = Engine.from_model_file(tmp_path / "m.fae", device="cpu", backend="torch", map_backend="triton")
     monkeypatch.setattr(reference, "anomaly_map", no_reference)
-    got = tri.predict(images)
-    torch.testing.assert_close(torch.as_tensor(np.asarray(got.pred_score)), expect, rtol=1e-4, atol=1e-5)
+    got = tri.predict(images[:1])  # one image: the interpreter runs every Triton program in Python
+    torch.testing.assert_close(torch.as_tensor(np.asarray(got.pred_score)), expect[:1], rtol=1e-4, atol=1e-5)
     monkeypatch.undo()
     # a model file without the template's statistics is refused, naming what is missing
     for key in ("template_mean", "score_spread"):

@@ -1,8 +1,8 @@
 """Several networks of one architecture whose reconstructions are averaged (``model.members``).
 
-Each member is trained on its own loss, from its own initialisation and its own corruption and noise draws, on
-the same batches (:class:`fae_fast.train._Trainer`): an ensemble of separately optimised repairs, not one wider
-network. The average of their reconstructions is the model's: everything downstream (maps, normalisation,
+Each member is trained on its own loss from its own seed: its own initialisation, batches, corruption and noise
+(:class:`fae_fast.train._Trainer`; member i is the one-network run seeded ``member_seed(seed, i)`` on the same
+training images): an ensemble of separately optimised repairs, not one wider network. The average of their reconstructions is the model's: everything downstream (maps, normalisation,
 thresholds, the engine, the ONNX graph) sees one network.
 """
 from __future__ import annotations
