@@ -96,7 +96,8 @@ class ModelConfig:
     hide_cell: int = 0
     # > 1: that many networks of this architecture, each trained on its own loss from its own seed (initialisation,
     # batches, corruption, noise: member i is the one-network run seeded fae_fast.train.member_seed(seed, i)), their
-    # reconstructions averaged (models.Members); members x the training and inference compute (docs/RESULTS.md)
+    # reconstructions averaged (models.Members); members x the training and inference compute. Not the cpu
+    # preset's: BSData's pits gain, KolektorSDD's I-AUROC falls (docs/RESULTS.md)
     members: int = 1
 
 
