@@ -2,8 +2,9 @@
 
 Each member is trained on its own loss from its own seed: its own initialisation, batches, corruption and noise
 (:class:`fae_fast.train._Trainer`; member i is the one-network run seeded ``member_seed(seed, i)`` on the same
-training images): an ensemble of separately optimised repairs, not one wider network. The average of their reconstructions is the model's: everything downstream (maps, normalisation,
-thresholds, the engine, the ONNX graph) sees one network.
+training images): an ensemble of separately optimised repairs, not one wider network. The average of their
+reconstructions is the model's: everything downstream (maps, normalisation, thresholds, the engine, the ONNX graph)
+sees one network.
 """
 from __future__ import annotations
 
