@@ -18,7 +18,11 @@ mkdir -p build
 LOG=build/test-venvs.log
 BUILD='bash scripts/anomalib_env.sh && bash scripts/serve_env.sh'
 # in its own process group where setsid exists, so that a failing suite stops pip and its children too
-if command -v setsid >/dev/null 2>&1; then setsid bash -c "$BUILD" >"$LOG" 2>&1 & else bash -c "$BUILD" >"$LOG" 2>&1 & fi
+if command -v setsid >/dev/null 2>&1; then
+    setsid bash -c "$BUILD" >"$LOG" 2>&1 &
+else
+    bash -c "$BUILD" >"$LOG" 2>&1 &
+fi
 VENVS=$!
 trap 'kill -- -"$VENVS" 2>/dev/null || kill "$VENVS" 2>/dev/null || true' EXIT
 
