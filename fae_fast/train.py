@@ -383,8 +383,8 @@ def _fmt_seconds(t: float) -> str:
 class _Trainer:
     """What a training run evolves (network, AdamW, schedule, loss scaler, generator, sampler) and its step.
 
-    Every random draw of a step comes from a member's generator (``self.draws``; one network: ``self.gen``: the
-    batch, corruption and sigma) or from the per-step noise seeds, so :meth:`state_dict` / :meth:`load_state`
+    Every random draw of a step comes from a member's generator and sampler (``self.draws``: the batch, corruption
+    and sigma) or from the per-step noise seeds, so :meth:`state_dict` / :meth:`load_state`
     resume a run bit for bit.
     """
 
@@ -430,17 +430,17 @@ class _Trainer:
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
-        # every member draws its batches, corruption and sigma from its own generator and sampler (member 0's are
-        # self.gen and self.sampler): K members are K one-network runs on the same held-out split, averaged
+        # every member draws its batches, corruption and sigma from its own generator and sampler, and its noise
+        # from its seed: (seed, generator, sampler) per member, K one-network runs on the same held-out split
         self.draws = []
         for seed in seeds:
             gen = torch.Generator(device=dev)
             gen.manual_seed(seed)
-            self.draws.append((gen, TrainSampler(train_images, int(tc.batch_size), gen, flip=bool(tc.augment_flip),
-                                                 rot90=bool(tc.augment_rot90), crop=crop, rows=rows)))
-        self.gen, self.sampler = self.draws[0]
-        # keyed streams reseed their own generator per block (nothing of it to checkpoint); self.gen, the sampler's,
-        # evolves alike on every process
+            self.draws.append((seed, gen, TrainSampler(train_images, int(tc.batch_size), gen,
+                                                       flip=bool(tc.augment_flip), rot90=bool(tc.augment_rot90),
+                                                       crop=crop, rows=rows)))
+        # keyed streams reseed their own generator per block (nothing of it to checkpoint); the samplers'
+        # generators evolve alike on every process
         self.key_gen = torch.Generator(device=dev) if self.streams == "keyed" else None
         self.corruptor = Corruptor(cfg.corruption, image_size=crop or (H, W), device=dev,
                                    grey=_is_grey(train_images))
@@ -470,12 +470,11 @@ class _Trainer:
         keyed = None if self.block is None else (self.offset, self.block)
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.dev)
-        for i, (fwd, (gen, sampler)) in enumerate(zip(self.fwds, self.draws)):  # each member: its own batch, draws
+        for fwd, (seed, gen, sampler) in zip(self.fwds, self.draws):  # each member: its own batch and draws
             xb = sampler.next()                             # uint8 (B, 3, h, w) on dev
-            loss = batch_loss(fwd, xb, self.corruptor, self.key_gen or gen, step=step,
-                              seed=member_seed(int(tc.seed), i), sigma_max=self.sigma_max,
-                              mode=self.cfg.noise.mode, noise_backend=self.noise_backend, pool=self.pool,
-                              channels_last=bool(tc.channels_last), autocast=self.autocast, keyed=keyed,
+            loss = batch_loss(fwd, xb, self.corruptor, self.key_gen or gen, step=step, seed=seed,
+                              sigma_max=self.sigma_max, mode=self.cfg.noise.mode, noise_backend=self.noise_backend,
+                              pool=self.pool, channels_last=bool(tc.channels_last), autocast=self.autocast, keyed=keyed,
                               loss=tc.loss, occlusion_weight=tc.occlusion_weight, ssim_weight=tc.ssim_weight)
             self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -498,8 +497,9 @@ class _Trainer:
         return {"streams": {"mode": self.streams, "block": self.block},
                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                "generator": self.gen.get_state(), "sampler": self.sampler.state_dict(), "step": step,
-                "member_draws": [{"generator": g.get_state(), "sampler": s.state_dict()} for g, s in self.draws[1:]],
+                # member 0's streams under the one-network keys, the others' in member_draws
+                "generator": self.draws[0][1].get_state(), "sampler": self.draws[0][2].state_dict(), "step": step,
+                "member_draws": [{"generator": g.get_state(), "sampler": s.state_dict()} for _, g, s in self.draws[1:]],
                 "history": history, "config": self.cfg.to_dict(), "fingerprint": self.fingerprint,
                 "device_type": self.dev.type, "ema": None if self.ema is None else self.ema.model.state_dict()}
 
@@ -534,7 +534,7 @@ class _Trainer:
         if len(others) != len(self.draws) - 1:  # files of members that shared one batch stream (before this field)
             raise ValueError(f"{path} holds the batch streams of {len(others) + 1} member(s), this run trains "
                              f"{len(self.draws)} (model.members): train again rather than resume it")
-        for (gen, sampler), saved_draws in zip(self.draws, [state] + others):
+        for (_, gen, sampler), saved_draws in zip(self.draws, [state] + others):
             gen.set_state(saved_draws["generator"])
             sampler.load_state_dict(saved_draws["sampler"])
         return int(state["step"]), list(state["history"])

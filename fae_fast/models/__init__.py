@@ -40,15 +40,18 @@ def build_model(cfg: ModelConfig | None = None, seeds=None) -> nn.Module:
     if seeds is not None and len(seeds) != k:
         raise ValueError(f"build_model: {len(seeds)} seeds for model.members={k}")
 
-    def one(seed):
-        if seed is None:
-            return UNet(cfg.in_channels, tuple(cfg.widths), tuple(cfg.dilations), norm=cfg.norm, act=cfg.act,
-                        gated_skips=cfg.gated_skips, skip_mode=cfg.skip_mode, downsample=cfg.downsample,
-                        upsample=cfg.upsample, residual=cfg.residual, hide_cell=cfg.hide_cell)
-        # the model is built on the CPU: only the CPU generator is forked (manual_seed would reseed CUDA's too)
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(int(seed))
-            return one(None)
+    def one():
+        return UNet(cfg.in_channels, tuple(cfg.widths), tuple(cfg.dilations), norm=cfg.norm, act=cfg.act,
+                    gated_skips=cfg.gated_skips, skip_mode=cfg.skip_mode, downsample=cfg.downsample,
+                    upsample=cfg.upsample, residual=cfg.residual, hide_cell=cfg.hide_cell)
 
-    nets = [one(None if seeds is None else seeds[i]) for i in range(k)]
+    if seeds is None:
+        nets = [one() for _ in range(k)]
+    else:
+        nets = []
+        for seed in seeds:
+            # the model is built on the CPU: only the CPU generator is forked (manual_seed would reseed CUDA's too)
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(int(seed))
+                nets.append(one())
     return nets[0] if k == 1 else Members(nets)
