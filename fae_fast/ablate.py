@@ -205,17 +205,20 @@ def edge_max_fraction(maps: torch.Tensor, band: float = 0.05) -> float:
 
 
 class _Scorer:
-    """Scores a model on the test set (and its held-out normal images for the normalisation statistics)."""
+    """Scores a model on the test set, with the normalisation's statistics from its held-out normal images (and,
+    for ``map.statistics`` "all", its training images: ``pool_images``), as :func:`fae_fast.train.train` takes
+    them."""
 
     def __init__(self, test, hold_images: torch.Tensor, device, spread_window: int = 1, image_score: str = "max",
-                 template_n: int | None = None):
+                 template_n: int | None = None, pool_images: torch.Tensor | None = None):
         self.test, self.hold, self.device, self.window = test, hold_images, device, int(spread_window)
+        self.pool = pool_images
         self.labels, self.masks = test.labels.numpy(), test.masks[:, 0].numpy()
         self.image_score, self.template_n = image_score, template_n
         self._templates: dict = {}  # setting -> (test, held-out) template maps: no network in them, so every model
         # this scorer sees (seeds' checkpoints, learning-curve points) shares them
 
-    def _scores(self, maps, s, mode, hold_maps) -> torch.Tensor:
+    def _scores(self, maps, s, mode, hold_maps, pool_maps) -> torch.Tensor:
         """The test images' scores: the normalised map's max, or fused with the template's (``map.image_score``)."""
         from .scoring import leave_one_out_normalized, template_fused_scores, template_maps, template_statistics
 
@@ -227,7 +230,7 @@ class _Scorer:
             self._templates[t] = tuple(template_maps(imgs, n=t[0], k=t[1], error=t[2])
                                        for imgs in (self.test.images, self.hold))
         test_t, hold_t = self._templates[t]
-        loo = leave_one_out_normalized(hold_maps, mode, self.window).amax(dim=(1, 2, 3))
+        loo = leave_one_out_normalized(hold_maps, mode, self.window, pool=pool_maps).amax(dim=(1, 2, 3))
         extra, _ = template_statistics(self.hold, loo, n=t[0], k=t[1], error=t[2], mode=mode, window=self.window,
                                        hold_templates=hold_t)
         return template_fused_scores(scores, test_t, extra, mode)
@@ -240,15 +243,19 @@ class _Scorer:
         test = maps_for_settings(model, self.test.images, settings, device=self.device)
         hold = maps_for_settings(model, self.hold, settings, device=self.device) \
             if any(m != "none" for m in modes) and len(self.hold) >= 2 else {}
+        pool = maps_for_settings(model, self.pool, settings, device=self.device) \
+            if hold and self.pool is not None else {}
         out = {}
         good = torch.from_numpy(self.labels == 0)
         for s in settings:
-            stats = map_statistics(hold[s][0], self.window) if s in hold else None
+            pool_maps = pool[s][0] if s in pool else None
+            stats = None if s not in hold else \
+                map_statistics(hold[s][0] if pool_maps is None else torch.cat([pool_maps, hold[s][0]]), self.window)
             for mode in modes:
                 if mode != "none" and stats is None:
                     continue
                 maps = normalize_maps(test[s][0], stats, mode)
-                scores = self._scores(maps, s, mode, hold[s][0] if s in hold else None)
+                scores = self._scores(maps, s, mode, hold[s][0] if s in hold else None, pool_maps)
                 res = evaluate(scores.numpy(), maps[:, 0].numpy(), self.labels, self.masks, self.test.defect_types)
                 res["edge_max_fraction_good"] = edge_max_fraction(maps[good]) if good.any() else float("nan")
                 out[(*s, mode)] = res
@@ -409,9 +416,14 @@ def holdout_images(cfg: FAEConfig, train_images: torch.Tensor) -> torch.Tensor:
 
 
 def _run_scorer(cfg: FAEConfig, train_images: torch.Tensor, test, device) -> _Scorer:
-    """The scorer of one run: statistics from the normal images its training held out."""
-    return _Scorer(test, holdout_images(cfg, train_images), device, cfg.map.spread_window, cfg.map.image_score,
-                   cfg.map.template_n)
+    """The scorer of one run: statistics from the normal images its training held out (and, for
+    ``map.statistics`` "all", from those it trained on)."""
+    from .train import split_holdout
+
+    train_idx, hold_idx = split_holdout(len(train_images), float(cfg.train.holdout_fraction), int(cfg.train.seed))
+    pool = train_images[train_idx] if cfg.map.statistics == "all" and len(hold_idx) else None
+    return _Scorer(test, train_images[hold_idx], device, cfg.map.spread_window, cfg.map.image_score,
+                   cfg.map.template_n, pool_images=pool)
 
 
 def load_data(data, base: FAEConfig, log=print):

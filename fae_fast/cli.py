@@ -245,7 +245,7 @@ def cmd_train(args) -> int:
     world = f"{distributed.describe(dist, dev, cfg.model.norm)}, " if dist.active else ""
     say(f"train: {world}{source}, size {h}x{w} (HxW){crop}, {t.steps} steps, batch {t.batch_size}"
         f"{' (global)' if dist.world_size > 1 else ''}, lr {t.lr:g}, noise {noise}, {t.loss_label()}, "
-        f"map {cfg.map.error} error, {cfg.map.normalize} normalisation, {cfg.map.image_score_label()}, "
+        f"map {cfg.map.error} error, {cfg.map.normalization_label()}, {cfg.map.image_score_label()}, "
         f"widths {tuple(cfg.model.widths)}"
         f"{f' x {cfg.model.members} members averaged' if cfg.model.members > 1 else ''}"
         f"{f', {cfg.model.hide_cell} px cells inpainted at test time' if cfg.model.hide_cell else ''}, "

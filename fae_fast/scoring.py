@@ -248,27 +248,45 @@ def stored_map_statistics(model_file, path) -> dict[str, torch.Tensor] | None:
     return {k: v.float() for k, v in stats.items()}
 
 
-def leave_one_out_normalized(maps: torch.Tensor, mode: str, window: int = 1) -> torch.Tensor:
+def leave_one_out_normalized(maps: torch.Tensor, mode: str, window: int = 1, pool: torch.Tensor | None = None,
+                             chunk: int = 256) -> torch.Tensor:
     """Each map normalised by the statistics of the *other* maps (N >= 3; ``window`` as in
     :func:`map_statistics`): the held-out normal images give both the statistics and the thresholds, and
     normalising an image by statistics that include it would shrink its own extremes and set the thresholds too
-    low."""
+    low.
+
+    Args:
+        pool: (P, 1, H, W) maps of further normal images in every map's statistics (``map.statistics`` "all": the
+            training images'), not normalised themselves.
+        chunk: maps normalised at a time (the per-pixel sums are taken once, in float64), so a large pool costs
+            about its own memory, not several float64 copies of it.
+    """
     if mode == "none":
         return maps
-    N = maps.shape[0]
+    groups = [maps] if pool is None else [maps, pool]
+    N = sum(g.shape[0] for g in groups)
     if N < (3 if mode == "zscore" else 2):
         raise ValueError(f"leave-one-out {mode} statistics need at least {3 if mode == 'zscore' else 2} normal "
                          f"images, got {N}")
-    m = maps.double()
-    s1, s2 = m.sum(0, keepdim=True), (m * m).sum(0, keepdim=True)
-    mean = (s1 - m) / (N - 1)
-    out = m - mean
-    if mode == "zscore":  # N >= 3: the other N - 1 >= 2 images have a std
-        var = ((s2 - m * m) - (N - 1) * mean * mean) / (N - 2)
-        std = _spread(var.clamp_min(0.0).sqrt(), window)
-        floor = std.flatten(1).median(dim=1).values.view(N, 1, 1, 1)
-        out = out / (std + floor).clamp_min(1e-12)
-    return out.float()
+    s1 = torch.zeros((1, *maps.shape[1:]), dtype=torch.float64, device=maps.device)
+    s2 = torch.zeros_like(s1)
+    for g in groups:
+        for i in range(0, g.shape[0], chunk):
+            m = g[i:i + chunk].double()
+            s1 += m.sum(0, keepdim=True)
+            s2 += (m * m).sum(0, keepdim=True)
+    out = torch.empty(maps.shape, dtype=torch.float32, device=maps.device)
+    for i in range(0, maps.shape[0], chunk):
+        m = maps[i:i + chunk].double()
+        mean = (s1 - m) / (N - 1)
+        o = m - mean
+        if mode == "zscore":  # N >= 3: the other N - 1 >= 2 images have a std
+            var = ((s2 - m * m) - (N - 1) * mean * mean) / (N - 2)
+            std = _spread(var.clamp_min(0.0).sqrt(), window)
+            floor = std.flatten(1).median(dim=1).values.view(-1, 1, 1, 1)
+            o = o / (std + floor).clamp_min(1e-12)
+        out[i:i + chunk] = o.float()
+    return out
 
 
 #: what :func:`template_statistics` adds to the map statistics for ``map.image_score`` "max+template"

@@ -571,11 +571,14 @@ def _check_train_args(cfg: FAEConfig, images, holdout, log_every: int) -> None:
 
 
 def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torch.Tensor, dev,
-                       batch_size: int = 32) -> tuple[dict[str, float], torch.Tensor, dict | None]:
+                       batch_size: int = 32, pool_images: torch.Tensor | None = None
+                       ) -> tuple[dict[str, float], torch.Tensor, dict | None]:
     """Thresholds (and, with ``cfg.map.normalize``, the per-pixel map statistics) from held-out normal images.
 
-    Under torchrun each rank maps its shard of the images and the maps are gathered in order: every rank gets the
-    thresholds one process computes.
+    With ``cfg.map.statistics`` "all", the statistics come from ``pool_images`` (the training images) and the
+    held-out images together; the thresholds still come from the held-out images alone, each normalised by the
+    statistics of all the others. Under torchrun each rank maps its shard of the images and the maps are gathered
+    in order: every rank gets the thresholds one process computes.
 
     Returns:
         (thresholds, image scores of the held-out images, statistics or None). With a normalisation the
@@ -607,8 +610,11 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
                           "map's max", UserWarning, stacklevel=3)
             cfg.map.image_score = "max"
     if cfg.map.normalize != "none":
-        stats = map_statistics(maps, cfg.map.spread_window)
-        maps = leave_one_out_normalized(maps, cfg.map.normalize, cfg.map.spread_window)
+        pool = None  # map.statistics "all": the training images' maps join the statistics (not the thresholds)
+        if cfg.map.statistics == "all" and pool_images is not None:
+            pool = sharded_map(maps_of, pool_images, current(), dev)[0]
+        stats = map_statistics(maps if pool is None else torch.cat([pool, maps]), cfg.map.spread_window)
+        maps = leave_one_out_normalized(maps, cfg.map.normalize, cfg.map.spread_window, pool=pool)
         scores = maps.amax(dim=(1, 2, 3))
         if cfg.map.image_score != "max":
             extra, scores = template_statistics(hold_images, scores, n=template_passes(cfg.map.template_n, n), k=k,
@@ -744,12 +750,14 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
     # ---- thresholds from held-out normal images
     trainer.model.eval()
     model = trainer.eval_model()
+    pool = trainer.train_images  # with map.statistics "all", these join the held-out images' statistics
     if hold_images.shape[0] == 0:
         warnings.warn("no held-out normal images (holdout_fraction is 0 and no holdout given): thresholds are "
                       "computed on the training images and will be optimistic", UserWarning, stacklevel=2)
-        hold_images = trainer.train_images
+        hold_images, pool = trainer.train_images, None
     thresholds, scores, stats = holdout_thresholds(model, cfg, hold_images, dev,
-                                                   batch_size=max(1, min(64, 2 * int(tc.batch_size))))
+                                                   batch_size=max(1, min(64, 2 * int(tc.batch_size))),
+                                                   pool_images=pool)
     return TrainResult(model=model, thresholds=thresholds, history=history, holdout_scores=scores, step=end,
                        config=cfg, holdout_indices=hold_idx, map_stats=stats,
                        live_model=None if trainer.ema is None else trainer.model)

@@ -232,6 +232,71 @@ def test_leave_one_out_normalisation_matches_statistics_without_the_image():
                                        atol=1e-5, rtol=1e-4)
 
 
+def test_leave_one_out_normalisation_with_a_pool_counts_the_pool_in_every_images_statistics():
+    """``pool`` (``map.statistics`` "all": the training images' maps) joins each held-out map's statistics and is
+    not normalised itself; working through a few maps at a time changes nothing."""
+    from fae_fast.scoring import leave_one_out_normalized
+
+    g = torch.Generator().manual_seed(1)
+    maps, pool = torch.rand(5, 1, 5, 7, generator=g) ** 3, torch.rand(9, 1, 5, 7, generator=g) ** 2
+    for mode, window in (("mean", 1), ("zscore", 1), ("zscore", 3)):
+        loo = leave_one_out_normalized(maps, mode, window, pool=pool)
+        assert loo.shape == maps.shape
+        torch.testing.assert_close(leave_one_out_normalized(maps, mode, window, pool=pool, chunk=2), loo)
+        for i in range(5):
+            rest = torch.cat([pool, maps[:i], maps[i + 1:]])
+            torch.testing.assert_close(loo[i:i + 1],
+                                       normalize_maps(maps[i:i + 1], map_statistics(rest, window), mode),
+                                       atol=1e-5, rtol=1e-4)
+    assert leave_one_out_normalized(maps[:1], "zscore", pool=pool[:2]).shape == (1, 1, 5, 7)  # 3 images in all
+    with pytest.raises(ValueError, match="at least 3 normal images, got 2"):
+        leave_one_out_normalized(maps[:1], "zscore", pool=pool[:1])
+
+
+def test_statistics_from_all_normal_images_keep_the_thresholds_held_out(tmp_path):
+    """``map.statistics = "all"``: the per-pixel statistics come from the training images' maps and the held-out
+    ones' together, the held-out images are scored (for the thresholds) by the statistics of every other normal
+    image, and the ablation scores a run with the statistics its training stored."""
+    from fae_fast.ablate import _run_scorer, load_data
+    from fae_fast.config import smoothing_for_size
+    from fae_fast.evaluate import evaluate
+    from fae_fast.scoring import compute_maps
+    from fae_fast.synthetic import make_dataset
+    from fae_fast.train import split_holdout, train
+
+    data = make_dataset(tmp_path / "d", n_train=16, n_test_good=3, n_test_defect=3, size=(32, 32), seed=2)
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.steps, cfg.train.batch_size, cfg.train.holdout_fraction = (32, 32), 2, 4, 0.25
+    cfg.map.normalize, cfg.map.statistics, cfg.model.residual = "zscore", "all", False  # maps far from 0
+    _, images, test = load_data(data, cfg, log=lambda *a: None)
+    res = train(cfg, images, device="cpu", progress=False)
+    train_idx, hold_idx = split_holdout(len(images), 0.25, cfg.train.seed)
+    n, k = smoothing_for_size(cfg.map, 32, 32)
+
+    def maps_of(x):
+        return compute_maps(res.model, x, n=n, k=k, error=cfg.map.error)[0]
+
+    pool, hold = maps_of(images[train_idx]), maps_of(images[hold_idx])
+    expect = map_statistics(torch.cat([pool, hold]))
+    for key in ("mean", "scale"):
+        torch.testing.assert_close(res.map_stats[key], expect[key])
+    assert not torch.allclose(expect["scale"], map_statistics(hold)["scale"], rtol=1e-2, atol=0)  # not held-out only
+    assert len(res.holdout_scores) == len(hold_idx) == 4
+    for i in range(len(hold)):
+        rest = torch.cat([pool, hold[:i], hold[i + 1:]])
+        torch.testing.assert_close(res.holdout_scores[i],
+                                   normalize_maps(hold[i:i + 1], map_statistics(rest), "zscore").amax(),
+                                   atol=1e-5, rtol=1e-4)
+    setting = (n, k, cfg.map.error)
+    got = _run_scorer(cfg, images, test, "cpu")(res.model, [setting], ["zscore"])[(*setting, "zscore")]
+    test_maps = normalize_maps(maps_of(test.images), res.map_stats, "zscore")
+    want = evaluate(test_maps.amax(dim=(1, 2, 3)).numpy(), test_maps[:, 0].numpy(), test.labels.numpy(),
+                    test.masks[:, 0].numpy(), test.defect_types)
+    for metric in ("image_auroc", "pixel_auroc"):
+        assert got["overall"][metric] == pytest.approx(want["overall"][metric], abs=1e-6)
+    assert preset("cpu").map.statistics == "all" and preset("default").map.statistics == "holdout"
+
+
 def test_spread_window_covers_a_hot_spot_that_moves_between_parts():
     """A bright spot that sits a few pixels elsewhere on every normal part: with the spread max-filtered over a
     window wider than its jitter, the next part's spot at a new place is no longer an extreme z-score."""
@@ -362,7 +427,7 @@ def test_train_cli_names_the_chosen_recipe_and_threads_in_its_first_line(tmp_pat
     assert rc == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("train: preset cpu (auto: no GPU)") and "1 CPU threads" in first
-    assert "zscore normalisation, image score max+template (template 1 pass)" in first
+    assert "zscore normalisation (all normal images), image score max+template (template 1 pass)" in first
     assert "squared+ssim (1 - SSIM x0.01) loss" in first
     assert "2 steps" in first and "size 32x48" in first
 
@@ -645,7 +710,7 @@ def test_training_passes_the_spread_window_to_the_statistics_and_thresholds(monk
     real_stats, real_loo = scoring.map_statistics, scoring.leave_one_out_normalized
     monkeypatch.setattr(scoring, "map_statistics", lambda m, w=1: seen.append(("stats", w)) or real_stats(m, w))
     monkeypatch.setattr(scoring, "leave_one_out_normalized",
-                        lambda m, mode, w=1: seen.append(("loo", w)) or real_loo(m, mode, w))
+                        lambda m, mode, w=1, **kw: seen.append(("loo", w)) or real_loo(m, mode, w, **kw))
     cfg = preset("tiny")
     cfg.train.image_size, cfg.train.steps, cfg.train.batch_size, cfg.map.spread_window = (32, 32), 1, 4, 5
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
