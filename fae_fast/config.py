@@ -132,8 +132,9 @@ class MapConfig:
     # ones) | "all" (the training images as well). The thresholds, the image scores' standardisation and the
     # template's statistics still come from the held-out images, each scored by the statistics of all the others.
     # A few dozen held-out images give a noisy per-pixel std; ten times as many, the network's own training
-    # images among them, measured better on both real sets (docs/RESULTS.md). The training images' errors are the
-    # lower, so the statistics err towards more alarms, never fewer
+    # images among them, measured better on both real sets (docs/RESULTS.md). The training images' errors are
+    # lower than new parts', which shifts every z-score up; the thresholds are read off held-out images scored
+    # with the same statistics, so they shift with it
     statistics: str = "holdout"
 
     def normalization_label(self) -> str:
