@@ -249,8 +249,7 @@ class _Scorer:
         good = torch.from_numpy(self.labels == 0)
         for s in settings:
             pool_maps = pool[s][0] if s in pool else None
-            stats = None if s not in hold else \
-                map_statistics(hold[s][0] if pool_maps is None else torch.cat([pool_maps, hold[s][0]]), self.window)
+            stats = None if s not in hold else map_statistics(hold[s][0], self.window, pool=pool_maps)
             for mode in modes:
                 if mode != "none" and stats is None:
                     continue
@@ -406,21 +405,23 @@ def score_models(data: str | Path, models, *, device="auto", sweep: bool = True,
                    device)
 
 
-def holdout_images(cfg: FAEConfig, train_images: torch.Tensor) -> torch.Tensor:
-    """The normal images a run held out of its training: its seed's split, drawn as :func:`fae_fast.train.train`
-    draws it (the statistics and thresholds come from them)."""
+def _holdout_split(cfg: FAEConfig, train_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(trained-on indices, held-out indices) of a run: its seed's split, drawn as :func:`fae_fast.train.train`
+    draws it."""
     from .train import split_holdout
 
-    _, hold_idx = split_holdout(len(train_images), float(cfg.train.holdout_fraction), int(cfg.train.seed))
-    return train_images[hold_idx]
+    return split_holdout(len(train_images), float(cfg.train.holdout_fraction), int(cfg.train.seed))
+
+
+def holdout_images(cfg: FAEConfig, train_images: torch.Tensor) -> torch.Tensor:
+    """The normal images a run held out of its training (the statistics and thresholds come from them)."""
+    return train_images[_holdout_split(cfg, train_images)[1]]
 
 
 def _run_scorer(cfg: FAEConfig, train_images: torch.Tensor, test, device) -> _Scorer:
     """The scorer of one run: statistics from the normal images its training held out (and, for
     ``map.statistics`` "all", from those it trained on)."""
-    from .train import split_holdout
-
-    train_idx, hold_idx = split_holdout(len(train_images), float(cfg.train.holdout_fraction), int(cfg.train.seed))
+    train_idx, hold_idx = _holdout_split(cfg, train_images)
     pool = train_images[train_idx] if cfg.map.statistics == "all" and len(hold_idx) else None
     return _Scorer(test, train_images[hold_idx], device, cfg.map.spread_window, cfg.map.image_score,
                    cfg.map.template_n, pool_images=pool)

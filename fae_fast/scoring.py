@@ -175,14 +175,16 @@ def thresholds_from_holdout(scores: torch.Tensor, maps: torch.Tensor, image_q: f
 NORMALIZE_MODES = ("none", "mean", "zscore")
 
 
-def map_statistics(maps: torch.Tensor, window: int = 1) -> dict[str, torch.Tensor]:
+def map_statistics(maps: torch.Tensor, window: int = 1, pool: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-pixel statistics of the anomaly maps of normal images, for :func:`normalize_maps`.
 
     Args:
-        maps: (N, 1, H, W) float maps of held-out normal images (N >= 2).
+        maps: (N, 1, H, W) float maps of held-out normal images (N >= 2, the pool's included).
         window: odd; the per-pixel std is replaced by its maximum over a ``window x window`` neighbourhood
             (``map.spread_window``): structures that move by a few pixels from part to part (edges, glare) keep
             their spread where the next part puts them. 1: each pixel's own std.
+        pool: (P, 1, H, W) maps of further normal images in the statistics (``map.statistics`` "all": the
+            training images'), as in :func:`leave_one_out_normalized`; None: ``maps`` alone.
 
     Returns:
         ``{"mean": (1, 1, H, W), "scale": (1, 1, H, W)}``: the per-pixel mean, and the per-pixel std plus the
@@ -191,6 +193,8 @@ def map_statistics(maps: torch.Tensor, window: int = 1) -> dict[str, torch.Tenso
     """
     if not isinstance(maps, torch.Tensor) or maps.dim() != 4 or maps.shape[1] != 1:
         raise ValueError(f"maps must be a (N, 1, H, W) tensor, got {getattr(maps, 'shape', type(maps).__name__)}")
+    if pool is not None:
+        maps = torch.cat([pool, maps])
     if maps.shape[0] < 2:
         raise ValueError(f"per-pixel statistics need at least 2 normal images, got {maps.shape[0]}")
     m = maps.double()

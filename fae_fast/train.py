@@ -613,7 +613,7 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
         pool = None  # map.statistics "all": the training images' maps join the statistics (not the thresholds)
         if cfg.map.statistics == "all" and pool_images is not None:
             pool = sharded_map(maps_of, pool_images, current(), dev)[0]
-        stats = map_statistics(maps if pool is None else torch.cat([pool, maps]), cfg.map.spread_window)
+        stats = map_statistics(maps, cfg.map.spread_window, pool=pool)
         maps = leave_one_out_normalized(maps, cfg.map.normalize, cfg.map.spread_window, pool=pool)
         scores = maps.amax(dim=(1, 2, 3))
         if cfg.map.image_score != "max":

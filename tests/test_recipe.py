@@ -280,6 +280,7 @@ def test_statistics_from_all_normal_images_keep_the_thresholds_held_out(tmp_path
     expect = map_statistics(torch.cat([pool, hold]))
     for key in ("mean", "scale"):
         torch.testing.assert_close(res.map_stats[key], expect[key])
+        torch.testing.assert_close(map_statistics(hold, pool=pool)[key], expect[key], rtol=0, atol=0)
     assert not torch.allclose(expect["scale"], map_statistics(hold)["scale"], rtol=1e-2, atol=0)  # not held-out only
     assert len(res.holdout_scores) == len(hold_idx) == 4
     for i in range(len(hold)):
@@ -708,7 +709,8 @@ def test_training_passes_the_spread_window_to_the_statistics_and_thresholds(monk
 
     seen = []
     real_stats, real_loo = scoring.map_statistics, scoring.leave_one_out_normalized
-    monkeypatch.setattr(scoring, "map_statistics", lambda m, w=1: seen.append(("stats", w)) or real_stats(m, w))
+    monkeypatch.setattr(scoring, "map_statistics",
+                        lambda m, w=1, **kw: seen.append(("stats", w)) or real_stats(m, w, **kw))
     monkeypatch.setattr(scoring, "leave_one_out_normalized",
                         lambda m, mode, w=1, **kw: seen.append(("loo", w)) or real_loo(m, mode, w, **kw))
     cfg = preset("tiny")
