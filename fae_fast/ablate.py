@@ -284,9 +284,22 @@ def git_commit(path: str | Path | None = None) -> str | None:
     return sha + ("-dirty" if dirty else "")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the platform's processor or architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info(device="auto") -> dict:
-    """The machine a result was measured on (name it in every result file)."""
-    return {"node": platform.node(), "processor": platform.processor() or platform.machine(),
+    """The machine a result was measured on (name it in every result file): two VMs both called ``vm`` with the
+    same core count trained the same recipe to different digits, so the CPU model is named too."""
+    return {"node": platform.node(), "processor": platform.processor() or platform.machine(), "cpu": cpu_model(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
@@ -544,7 +557,9 @@ def markdown_table(result: dict) -> str:
     """The summary (overall and per defect type), the scoring sweep and the learning curves as Markdown
     (mean +- std over seeds, in percent)."""
     head = "| {} | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
-    lines = [f"Commit {result.get('commit')}, {result.get('machine', {}).get('node')}, "
+    machine = result.get("machine", {})
+    cpu = f" ({machine['cpu']})" if machine.get("cpu") else ""  # files from before the CPU model was recorded
+    lines = [f"Commit {result.get('commit')}, {machine.get('node')}{cpu}, "
              f"{result['image_size'][0]}x{result['image_size'][1]}, {result['steps']} steps\n\n",
              head.format("variant")]
     labels = {r["variant"]: r.get("label", "") for r in result["runs"]}

@@ -94,6 +94,8 @@ def test_tiny_ablation_end_to_end(tmp_path, capsys):
     assert sorted(p.name for p in models.iterdir()) == ["fae_seed0.fae", "plain_ae_seed0.fae", "same_noise_seed0.fae"]
     table = markdown_table(res)
     assert "| fae (n=1) |" in table and "Learning curves" in table and "zscore" in table
+    machine = res["machine"]
+    assert table.splitlines()[0].startswith(f"Commit {res['commit']}, {machine['node']} ({machine['cpu']}), ")
     assert "plain_ae" in capsys.readouterr().out
     svg = (tmp_path / "curves.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<polyline") == 3 * 3  # 3 variants x 3 metrics
@@ -247,3 +249,23 @@ def test_template_baseline_trains_nothing_and_detects_synthetic_defects(tmp_path
     assert run["train_seconds"] == 0.0 and run["final_loss"] is None and "no network" in run["label"]
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
     assert run["image_auroc"] >= 0.75 and run["pixel_auroc"] >= 0.85, run
+
+
+def test_result_files_name_the_cpu_model(monkeypatch, tmp_path):
+    """Two VMs with the same node name and core count trained the recipe to different digits: a result file names
+    the CPU model (from /proc/cpuinfo on Linux), and where there is none the platform's processor or architecture."""
+    import builtins
+    import platform
+
+    from fae_fast.ablate import cpu_model, machine_info
+
+    info = machine_info("cpu")
+    assert info["cpu"] == cpu_model() and isinstance(info["cpu"], str) and info["cpu"]
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nvendor_id\t: Example\nmodel name\t: Example CPU 9000 @ 3.0GHz\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open",
+                        lambda f, *a, **kw: real_open(fake if f == "/proc/cpuinfo" else f, *a, **kw))
+    assert cpu_model() == "Example CPU 9000 @ 3.0GHz"
+    fake.write_text("processor\t: 0\n")  # no model name line (some ARM kernels)
+    assert cpu_model() == (platform.processor() or platform.machine())

@@ -275,17 +275,6 @@ def _pct(ts, q):
     return float(np.percentile(np.asarray(ts) * 1e3, q))
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _version(module: str) -> str | None:
     import importlib
 
@@ -297,10 +286,10 @@ def _version(module: str) -> str | None:
 
 def machine_info(device) -> dict:
     """The machine and software of a run: host, CPU, GPU, versions of torch and the runtimes, git commit."""
-    from ..ablate import git_commit
+    from ..ablate import cpu_model, git_commit
 
     info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "machine": platform.node(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+            "machine": platform.node(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "git_commit": git_commit()}
     dev = torch.device(device)
