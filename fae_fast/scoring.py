@@ -179,7 +179,7 @@ def map_statistics(maps: torch.Tensor, window: int = 1, pool: torch.Tensor | Non
     """Per-pixel statistics of the anomaly maps of normal images, for :func:`normalize_maps`.
 
     Args:
-        maps: (N, 1, H, W) float maps of held-out normal images (N >= 2, the pool's included).
+        maps: (N, 1, H, W) float maps of held-out normal images (at least 2 together with ``pool``).
         window: odd; the per-pixel std is replaced by its maximum over a ``window x window`` neighbourhood
             (``map.spread_window``): structures that move by a few pixels from part to part (edges, glare) keep
             their spread where the next part puts them. 1: each pixel's own std.
