@@ -7,6 +7,8 @@ import subprocess
 
 import torch
 
+from fae_fast.ablate import cpu_model
+
 
 def git_sha() -> str:
     """The checkout's short commit; ``$FAE_FAST_COMMIT`` where the copy has no .git (the lent GPU machine)."""
@@ -21,7 +23,7 @@ def machine_info() -> dict:
     """Names the machine: GPU (or CPU model and core count), torch/triton/CUDA versions, git sha."""
     info = {
         "machine": platform.node(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -257,10 +257,14 @@ def test_result_files_name_the_cpu_model(monkeypatch, tmp_path):
     import builtins
     import platform
 
+    from bench._common import machine_info as bench_machine_info
     from fae_fast.ablate import cpu_model, machine_info
+    from fae_fast.inference.bench import machine_info as engine_bench_machine_info
 
     info = machine_info("cpu")
     assert info["cpu"] == cpu_model() and isinstance(info["cpu"], str) and info["cpu"]
+    # the benchmarks' records name the same CPU (pytest-benchmark's extra_info, `fae-fast bench`)
+    assert bench_machine_info()["cpu"] == engine_bench_machine_info("cpu")["cpu"] == info["cpu"]
     fake = tmp_path / "cpuinfo"
     fake.write_text("processor\t: 0\nvendor_id\t: Example\nmodel name\t: Example CPU 9000 @ 3.0GHz\n")
     real_open = builtins.open
