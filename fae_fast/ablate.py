@@ -51,7 +51,8 @@ import numpy as np
 import torch
 
 from . import _atomic, ops
-from .config import MAP_ERRORS, FAEConfig, parse_size, preset, smoothing_for_size, template_passes
+from .config import (MAP_ERRORS, FAEConfig, frame_scale_of, frame_size, parse_size, preset, smoothing_for_size,
+                     template_passes)
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1max")
 
@@ -164,13 +165,15 @@ def smoothing_grid(n: int, k: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys(grid))
 
 
-def maps_for_settings(model, images: torch.Tensor, settings, *, batch_size: int = 16, device=None):
+def maps_for_settings(model, images: torch.Tensor, settings, *, batch_size: int = 16, device=None,
+                      frame_scale: int = 1):
     """Anomaly maps of ``images`` for several (n, k, error): one forward pass per batch, one map per setting.
+    ``frame_scale``: the images are frames at that many times the network's size (``map.frame_scale``).
 
     Returns:
-        {(n, k, error): (maps (N, 1, H, W) float32, scores (N,) float32)} on the CPU.
+        {(n, k, error): (maps (N, 1, H, W) float32, scores (N,) float32)} on the CPU, at the images' (H, W).
     """
-    from .scoring import _autocast, _model_device, autocast_dtype, resolve_device
+    from .scoring import _autocast, _model_device, autocast_dtype, frame_map, network_view, resolve_device
 
     dev = resolve_device(device or _model_device(model))
     dtype = autocast_dtype("auto", dev)
@@ -181,12 +184,12 @@ def maps_for_settings(model, images: torch.Tensor, settings, *, batch_size: int 
     try:
         with torch.inference_mode():
             for i in range(0, N, batch_size):
-                xb = images[i:i + batch_size].to(dev)
+                xb = network_view(images[i:i + batch_size].to(dev), frame_scale)
                 with _autocast(dev, dtype):
                     recon = model(xb.float() / 255.0)
                 for s in settings:
                     amap, score = ops.anomaly_map(xb, recon, n=s[0], k=s[1], error=s[2])
-                    out[s][0][i:i + len(xb)] = amap.float().cpu()
+                    out[s][0][i:i + len(xb)] = frame_map(amap.float(), frame_scale).cpu()
                     out[s][1][i:i + len(xb)] = score.float().cpu()
     finally:
         model.train(was_training)
@@ -210,8 +213,9 @@ class _Scorer:
     them."""
 
     def __init__(self, test, hold_images: torch.Tensor, device, spread_window: int = 1, image_score: str = "max",
-                 template_n: int | None = None, pool_images: torch.Tensor | None = None):
+                 template_n: int | None = None, pool_images: torch.Tensor | None = None, frame_scale: int = 1):
         self.test, self.hold, self.device, self.window = test, hold_images, device, int(spread_window)
+        self.frame_scale = int(frame_scale)  # the images are frames at this many times the network's size
         self.pool = pool_images
         self.labels, self.masks = test.labels.numpy(), test.masks[:, 0].numpy()
         self.image_score, self.template_n = image_score, template_n
@@ -240,10 +244,11 @@ class _Scorer:
         from .evaluate import evaluate
         from .scoring import map_statistics, normalize_maps
 
-        test = maps_for_settings(model, self.test.images, settings, device=self.device)
-        hold = maps_for_settings(model, self.hold, settings, device=self.device) \
+        fs = self.frame_scale
+        test = maps_for_settings(model, self.test.images, settings, device=self.device, frame_scale=fs)
+        hold = maps_for_settings(model, self.hold, settings, device=self.device, frame_scale=fs) \
             if any(m != "none" for m in modes) and len(self.hold) >= 2 else {}
-        pool = maps_for_settings(model, self.pool, settings, device=self.device) \
+        pool = maps_for_settings(model, self.pool, settings, device=self.device, frame_scale=fs) \
             if hold and self.pool is not None else {}
         out = {}
         good = torch.from_numpy(self.labels == 0)
@@ -437,19 +442,21 @@ def _run_scorer(cfg: FAEConfig, train_images: torch.Tensor, test, device) -> _Sc
     train_idx, hold_idx = _holdout_split(cfg, train_images)
     pool = train_images[train_idx] if cfg.map.statistics == "all" and len(hold_idx) else None
     return _Scorer(test, train_images[hold_idx], device, cfg.map.spread_window, cfg.map.image_score,
-                   cfg.map.template_n, pool_images=pool)
+                   cfg.map.template_n, pool_images=pool, frame_scale=frame_scale_of(cfg.map))
 
 
 def load_data(data, base: FAEConfig, log=print):
-    """(size, training images, test set) of ``data`` at ``base``'s image size (and its ``keep_aspect``)."""
+    """(size, training images, test set) of ``data`` at ``base``'s image size (the network's; the images are
+    read at its frame size, ``map.frame_scale`` times it) and its ``keep_aspect``."""
     from .data import load_images, load_test_set, normal_image_paths
 
     size = tuple(base.train.image_size)
+    frames = frame_size(base.map, size)
     keep = base.train.keep_aspect
     t0 = time.perf_counter()
-    train_images = load_images(normal_image_paths(Path(data)), size, keep_aspect=keep)
-    test = load_test_set(Path(data), size, keep_aspect=keep)
-    log(f"[ablate] {len(train_images)} train / {len(test)} test images at {size[0]}x{size[1]} "
+    train_images = load_images(normal_image_paths(Path(data)), frames, keep_aspect=keep)
+    test = load_test_set(Path(data), frames, keep_aspect=keep)
+    log(f"[ablate] {len(train_images)} train / {len(test)} test images at {frames[0]}x{frames[1]} "
         f"({time.perf_counter() - t0:.1f} s); commit {git_commit()}")
     return size, train_images, test
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ._version import __version__
-from .config import FAEConfig, preset, smoothing_for_size
+from .config import FAEConfig, frame_scale_of, frame_size, preset, smoothing_for_size
 from .scoring import check_threshold, stored_map_statistics
 
 __all__ = ["Detector", "Prediction", "to_uint8_batch"]
@@ -315,6 +315,12 @@ class Detector:
         return tuple(self.config.train.image_size)
 
     @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) the frames are read at: :attr:`image_size` (the network's) times ``map.frame_scale``; the maps,
+        masks and map statistics are at this size."""
+        return frame_size(self.config.map, self.image_size)
+
+    @property
     def smoothing(self) -> tuple[int, int]:
         """(n, k) of the box filter at this detector's image size."""
         return smoothing_for_size(self.config.map, *self.image_size)
@@ -363,7 +369,7 @@ class Detector:
         if self.config.train.image_size == "auto":
             self.config.train.image_size = resolve_auto_size(paths if paths is not None else data,
                                                              self.config.train.auto_pixels)
-        size = self.image_size
+        size = self.input_size  # frames: the network's size, or finer where the template reads them finer
         if paths is not None:
             from . import distributed
             from .scoring import resolve_device
@@ -425,7 +431,7 @@ class Detector:
         model = self._require_model()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        batch, kind = to_uint8_batch(images, self.image_size, self.config.train.keep_aspect)
+        batch, kind = to_uint8_batch(images, self.input_size, self.config.train.keep_aspect)
         engine = self._cpu_engine()
         if engine is None:
             n, k = self.smoothing
@@ -433,7 +439,8 @@ class Detector:
                                         batch_size=batch_size, device=self.device,
                                         amp=self.config.train.amp, normalize=self.config.map.normalize,
                                         stats=self.map_stats, image_score=self.config.map.image_score,
-                                        template_n=self.config.map.template_n)
+                                        template_n=self.config.map.template_n,
+                                        frame_scale=frame_scale_of(self.config.map))
         else:
             maps, scores = _engine_maps(engine, batch, batch_size)
         return batch, maps, scores, kind
@@ -454,7 +461,7 @@ class Detector:
         mode, image_score = self.config.map.normalize, self.config.map.image_score
         stats = self.map_stats if mode != "none" else None
         if mode != "none":
-            check_map_statistics(stats, self.image_size, mode, image_score=image_score)
+            check_map_statistics(stats, self.input_size, mode, image_score=image_score)
         stat_tensors = tuple(stats.values()) if stats else ()
         objects = (model, stats, *stat_tensors)
         tensors = [*model.parameters(), *model.buffers(), *stat_tensors]
@@ -463,7 +470,7 @@ class Detector:
         except RuntimeError:  # inference-mode tensors have no version counter: always rebuild (exports are cached)
             versions = None
         n, k = self.smoothing
-        signature = (tuple(map(id, objects)), tuple(map(id, tensors)), versions, self.image_size, n, k,
+        signature = (tuple(map(id, objects)), tuple(map(id, tensors)), versions, self.input_size, n, k,
                      self.config.map.error, mode, image_score, self.config.map.template_n,
                      self.config.model.in_channels, self.engine_backend, self.threads)
         cached = self._engine
@@ -472,10 +479,11 @@ class Detector:
             return cached[2]
         from .inference import Engine
 
-        engine = Engine(model, image_size=self.image_size, n=n, k=k, error=self.config.map.error, dtype="fp32",
+        engine = Engine(model, image_size=self.input_size, n=n, k=k, error=self.config.map.error, dtype="fp32",
                         device="cpu",
                         backend=self.engine_backend, threads=self.threads, normalize=mode, map_stats=stats,
                         image_score=image_score, template_n=self.config.map.template_n,
+                        frame_scale=frame_scale_of(self.config.map),
                         in_channels=self.config.model.in_channels)
         self._engine = (signature, (objects, tensors), engine)
         return engine
@@ -521,7 +529,7 @@ class Detector:
         from .data import load_test_set
         from .evaluate import evaluate
 
-        test = load_test_set(Path(root), self.image_size, keep_aspect=self.config.train.keep_aspect)
+        test = load_test_set(Path(root), self.input_size, keep_aspect=self.config.train.keep_aspect)
         _, maps, scores = self.anomaly_maps(test.images, batch_size=batch_size)
         result = evaluate(scores.numpy(), maps[:, 0].numpy(), test.labels.numpy(), test.masks[:, 0].numpy(),
                           test.defect_types)
@@ -576,7 +584,7 @@ class Detector:
         if self.config.map.normalize != "none":
             from .scoring import check_map_statistics
 
-            check_map_statistics(self.map_stats, self.image_size, self.config.map.normalize,
+            check_map_statistics(self.map_stats, self.input_size, self.config.map.normalize,
                                  image_score=self.config.map.image_score)
             meta["map_stats"] = {k: v.detach().cpu() for k, v in self.map_stats.items()}
         save_model_file(path, model_state=model.state_dict(), config=self.config, image_size=self.image_size,

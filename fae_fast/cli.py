@@ -292,7 +292,7 @@ def cmd_eval(args) -> int:
     det = _load_detector(args, str(dev) if dist.active else device)
     # Detector.evaluate, unrolled so that the metrics are printed before any file is written (a full disk
     # must not lose them)
-    test = load_test_set(Path(args.data), det.image_size, keep_aspect=det.config.train.keep_aspect)
+    test = load_test_set(Path(args.data), det.input_size, keep_aspect=det.config.train.keep_aspect)
     maps, scores = distributed.sharded_map(lambda imgs: det.anomaly_maps(imgs, batch_size=args.batch_size)[1:],
                                            test.images, dist, dev)
     if not dist.is_main:

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from . import ops, reference
 from .config import IMAGE_SCORES, template_passes
 
-__all__ = ["resolve_device", "autocast_dtype", "compute_maps", "thresholds_from_holdout", "check_threshold",
-           "MapNormalizer",
+__all__ = ["resolve_device", "autocast_dtype", "compute_maps", "network_view", "frame_map",
+           "thresholds_from_holdout", "check_threshold", "MapNormalizer",
            "map_statistics", "normalize_maps", "check_map_statistics", "stored_map_statistics",
            "leave_one_out_normalized", "template_maps", "template_statistics", "fuse_scores",
            "template_fused_scores",
@@ -72,10 +72,27 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def network_view(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """What the network sees of frames read at ``scale`` x its size (``map.frame_scale``): their
+    ``scale x scale`` area mean, rounded back to uint8 for uint8 frames (so the network's map is exactly the one of
+    an image of the network's size); float frames stay float. ``scale`` 1: the frames themselves."""
+    if scale == 1:
+        return x
+    if x.dtype == torch.uint8:
+        return F.avg_pool2d(x.to(torch.float32), scale).round_().to(torch.uint8)
+    return F.avg_pool2d(x, scale)
+
+
+def frame_map(maps: torch.Tensor, scale: int) -> torch.Tensor:
+    """The network's (B, 1, H, W) maps on the frame's pixels: each value repeated ``scale x scale`` times
+    (nearest neighbour, exact; the max, the image score, is unchanged)."""
+    return maps if scale == 1 else F.interpolate(maps, scale_factor=float(scale), mode="nearest")
+
+
 def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int, error: str | None = None,
                  batch_size: int = 32, device=None, amp: str = "auto", normalize: str = "none",
                  stats: dict[str, torch.Tensor] | None = None, image_score: str = "max",
-                 template_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 template_n: int | None = None, frame_scale: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Anomaly maps and image scores of ``images``.
 
     Args:
@@ -92,9 +109,12 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
             of the normalised map.
         image_score: "max" | "max+template" (:class:`MapNormalizer`; ``stats`` must then hold the template's).
         template_n: the template's box-filter passes (``map.template_n``); None: ``n``.
+        frame_scale: ``images`` are frames at this many times the network's size (``map.frame_scale``):
+            the network maps :func:`network_view` of them (``n``, ``k`` are its own), the maps come back on the
+            frame's pixels (:func:`frame_map`) and the template reads the frames.
 
     Returns:
-        (maps (N, 1, H, W) float32 on the CPU, scores (N,) float32 on the CPU).
+        (maps (N, 1, H, W) float32 on the CPU, scores (N,) float32 on the CPU), at the frames' (H, W).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -111,6 +131,9 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
 
         error = MapConfig().error
     N, _, H, W = images.shape
+    scale = int(frame_scale)
+    if scale < 1 or H % scale or W % scale:
+        raise ValueError(f"frames of {H}x{W} are not {scale} x the network's size (frame_scale {frame_scale!r})")
     normalizer = MapNormalizer(normalize, stats, (H, W), image_score=image_score, n=n, k=k, error=error,
                                template_n=template_n).to(dev)
     maps = torch.empty((N, 1, H, W), dtype=torch.float32)
@@ -125,12 +148,14 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
         with torch.inference_mode():
             for s in range(0, N, batch_size):
                 xb = images[s:s + batch_size].to(dev, non_blocking=True)
-                inp = xb.float().div_(255.0)
+                xv = network_view(xb, scale)
+                inp = xv.float().div_(255.0)
                 if dev.type == "cuda":
                     inp = inp.contiguous(memory_format=torch.channels_last)
                 with _autocast(dev, dtype):
                     recon = model(inp)
-                amap, score = normalizer(*ops.anomaly_map(xb, recon, n=n, k=k, error=error), xb)
+                amap, score = ops.anomaly_map(xv, recon, n=n, k=k, error=error)
+                amap, score = normalizer(frame_map(amap, scale), score, xb)
                 maps[s:s + len(xb)].copy_(amap, non_blocking=pin)
                 scores[s:s + len(xb)].copy_(score, non_blocking=pin)
         if pin:
@@ -242,12 +267,15 @@ def check_map_statistics(stats, size: tuple[int, int], mode: str = "zscore", wha
 
 def stored_map_statistics(model_file, path) -> dict[str, torch.Tensor] | None:
     """The per-pixel statistics a model file (:class:`fae_fast.checkpoint.ModelFile`) carries for its
-    ``map.normalize`` (None for "none"), checked against its image size; ``ValueError`` naming ``path``."""
+    ``map.normalize`` (None for "none"), checked against its frame size (``map.frame_scale`` x its image size);
+    ``ValueError`` naming ``path``."""
+    from .config import frame_size
+
     mode = model_file.config.map.normalize
     if mode == "none":
         return None
     stats = model_file.meta.get("map_stats")
-    check_map_statistics(stats, tuple(int(v) for v in model_file.image_size), mode, what=str(path),
+    check_map_statistics(stats, frame_size(model_file.config.map, model_file.image_size), mode, what=str(path),
                          image_score=model_file.config.map.image_score)
     return {k: v.float() for k, v in stats.items()}
 

@@ -40,8 +40,9 @@ import torch
 
 from . import ops, reference
 from .checkpoint import load_train_state, save_train_state, with_legacy_settings
-from .config import GRADIENT_WEIGHT, NOISE_MODES, FAEConfig, smoothing_for_size, template_passes
-from .scoring import autocast_dtype, compute_maps, resolve_device, thresholds_from_holdout
+from .config import (GRADIENT_WEIGHT, NOISE_MODES, FAEConfig, frame_scale_of, frame_size, smoothing_for_size,
+                     template_passes)
+from .scoring import autocast_dtype, compute_maps, network_view, resolve_device, thresholds_from_holdout
 
 __all__ = ["NOISE_MODES", "TrainResult", "train", "batch_loss", "step_seed", "member_seed", "split_holdout",
            "lr_factor", "holdout_thresholds", "estimate_noise_std", "effective_sigma_max", "WeightEma"]
@@ -559,9 +560,11 @@ def _check_train_args(cfg: FAEConfig, images, holdout, log_every: int) -> None:
         raise ValueError(f"images must be uint8 (N, {cfg.model.in_channels}, H, W), got {images.dtype} "
                          f"of shape {tuple(images.shape)}")
     H, W = int(images.shape[2]), int(images.shape[3])
-    if tuple(int(v) for v in tc.image_size) != (H, W):
-        raise ValueError(f"images are {H}x{W} but cfg.train.image_size is {tuple(tc.image_size)}; resize them "
-                         "(fae_fast.data.load_images) or set the image size")
+    if frame_size(cfg.map, tc.image_size) != (H, W):
+        finer = "" if frame_size(cfg.map, tc.image_size) == tuple(tc.image_size) else \
+            f" times map.frame_scale {cfg.map.frame_scale}"
+        raise ValueError(f"images are {H}x{W} but cfg.train.image_size is {tuple(tc.image_size)}{finer}; resize "
+                         "them (fae_fast.data.load_images) or set the image size")
     if holdout is not None and (not isinstance(holdout, torch.Tensor) or holdout.dtype != torch.uint8
                                 or holdout.shape[1:] != images.shape[1:]):
         raise ValueError(f"holdout must be uint8 (M, {images.shape[1]}, {H}, {W}), got "
@@ -587,13 +590,13 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
     """
     from .scoring import leave_one_out_normalized, map_statistics, template_statistics
 
-    H, W = int(hold_images.shape[2]), int(hold_images.shape[3])
-    n, k = smoothing_for_size(cfg.map, H, W)
+    scale = frame_scale_of(cfg.map)  # hold_images (and pool_images) are frames: scale x the network's size
+    n, k = smoothing_for_size(cfg.map, int(hold_images.shape[2]) // scale, int(hold_images.shape[3]) // scale)
     from .distributed import current, sharded_map
 
     def maps_of(imgs):
         return compute_maps(model, imgs, n=n, k=k, error=cfg.map.error, batch_size=batch_size, device=dev,
-                            amp=cfg.train.amp)
+                            amp=cfg.train.amp, frame_scale=scale)
 
     maps, scores = sharded_map(maps_of, hold_images, current(), dev)
     stats = None
@@ -609,6 +612,7 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
             warnings.warn(f"map.image_score={cfg.map.image_score!r} needs the normalisation: the image score is the "
                           "map's max", UserWarning, stacklevel=3)
             cfg.map.image_score = "max"
+            cfg.map.frame_scale = 1  # the frames were the network's view already: the score reads that size
     if cfg.map.normalize != "none":
         pool = None  # map.statistics "all": the training images' maps join the statistics (not the thresholds)
         if cfg.map.statistics == "all" and pool_images is not None:
@@ -706,7 +710,9 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
 
     Args:
         cfg: the full configuration (``cfg.train.image_size`` must equal the images' (H, W)).
-        images: uint8 (N, 3, H, W) normal images, on any device (they are moved to the training device).
+        images: uint8 (N, 3, H, W) normal images, on any device (they are moved to the training device); with
+            ``map.frame_scale`` > 1 ("max+template") frames at that many times ``cfg.train.image_size``: the
+            network trains on their area mean (:func:`fae_fast.scoring.network_view`).
         holdout: uint8 (M, 3, H, W) normal images for the thresholds; None holds out
             ``cfg.train.holdout_fraction`` of ``images`` (a seeded random split).
         checkpoint: training-state file written atomically every ``cfg.train.checkpoint_every`` steps and at the
@@ -737,7 +743,10 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
         print(f"fae_fast train: {distributed.describe(dist, dev, cfg.model.norm)}", file=sys.stderr, flush=True)
 
     hold_idx, train_images, hold_images = _split_images(images, holdout, tc)
-    trainer = _Trainer(cfg, train_images.to(dev).contiguous(), dev, dist)
+    # map.frame_scale: the images are frames finer than the network; it trains on their area mean, the view
+    # it scores (the frames themselves give the statistics and the template)
+    scale = frame_scale_of(cfg.map)
+    trainer = _Trainer(cfg, network_view(train_images.to(dev), scale).contiguous(), dev, dist)
     if not dist.is_main:
         checkpoint = None  # rank 0 writes the (rank-independent) training state
     start, history = (0, []) if resume is None else trainer.load_state(resume)
@@ -750,11 +759,11 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
     # ---- thresholds from held-out normal images
     trainer.model.eval()
     model = trainer.eval_model()
-    pool = trainer.train_images  # with map.statistics "all", these join the held-out images' statistics
+    pool = train_images  # with map.statistics "all", these join the held-out images' statistics
     if hold_images.shape[0] == 0:
         warnings.warn("no held-out normal images (holdout_fraction is 0 and no holdout given): thresholds are "
                       "computed on the training images and will be optimistic", UserWarning, stacklevel=2)
-        hold_images, pool = trainer.train_images, None
+        hold_images, pool = train_images, None
     thresholds, scores, stats = holdout_thresholds(model, cfg, hold_images, dev,
                                                    batch_size=max(1, min(64, 2 * int(tc.batch_size))),
                                                    pool_images=pool)

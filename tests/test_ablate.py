@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from fae_fast.ablate import METRICS, VARIANTS, markdown_table, smoothing_grid, variant_config
 from fae_fast.cli import main
@@ -214,7 +215,8 @@ def test_score_models_with_scoring_overrides(tmp_path, capsys):
     Detector(cfg, device="cpu").fit(data / "train" / "good", progress=False).save(path)
     res = {}
     for name, sets in (("plain", []), ("cells", ["--set", "model.hide_cell=4"]),
-                       ("fused", ["--set", "map.image_score=max+template"])):
+                       ("fused", ["--set", "map.image_score=max+template"]),
+                       ("frames", ["--set", "map.image_score=max+template", "--set", "map.frame_scale=2"])):
         out = tmp_path / f"{name}.json"
         assert main(["ablate", "--data", str(data), "--device", "cpu", "--no-sweep", "--json", str(out), *sets,
                      "--score-models", str(path)]) == 0
@@ -225,6 +227,19 @@ def test_score_models_with_scoring_overrides(tmp_path, capsys):
     assert res["fused"]["config"]["map"]["image_score"] == "max+template"
     assert res["fused"]["pixel_auroc"] == res["plain"]["pixel_auroc"]
     assert res["fused"]["image_auroc"] != res["plain"]["image_auroc"]
+    # the template on frames read at twice the size (the network on their area mean)
+    assert res["frames"]["config"]["map"]["frame_scale"] == 2
+    assert "test images at 64x64" in capsys.readouterr().out
+    assert 0 <= res["frames"]["image_auroc"] <= 1 and res["frames"]["image_auroc"] != res["fused"]["image_auroc"]
+    from fae_fast.ablate import maps_for_settings
+    from fae_fast.scoring import compute_maps
+
+    model = Detector.load(path, device="cpu").model
+    frames = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    got = maps_for_settings(model, frames, [(2, 3, "squared")], frame_scale=2)[(2, 3, "squared")]
+    want = compute_maps(model, frames, n=2, k=3, error="squared", frame_scale=2)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
     assert main(["ablate", "--data", str(data), "--device", "cpu", "--set", "train.steps=5",
                  "--score-models", str(path)]) == 2
     assert "changes only the scoring" in capsys.readouterr().err

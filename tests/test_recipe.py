@@ -593,6 +593,110 @@ def test_training_optimises_the_configured_loss():
     assert first["squared+ssim"] > 1.5 * first["squared"]
 
 
+def test_network_view_is_the_rounded_area_mean_and_frame_map_repeats_it():
+    """``map.frame_scale``'s two helpers: the network sees each s x s block's mean (rounded for uint8 frames, so
+    its map is the usual one of a uint8 image), and its map comes back with each value on its block's pixels."""
+    from fae_fast.scoring import frame_map, network_view
+
+    x = torch.randint(0, 256, (2, 3, 8, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    blocks = x.float().reshape(2, 3, 4, 2, 6, 2).mean(dim=(3, 5))
+    v = network_view(x, 2)
+    assert v.dtype == torch.uint8 and v.shape == (2, 3, 4, 6)
+    torch.testing.assert_close(v, blocks.round().to(torch.uint8))
+    torch.testing.assert_close(network_view(x.float() / 255, 2), blocks / 255)
+    assert network_view(x, 1) is x
+    m = torch.rand(2, 1, 4, 6)
+    big = frame_map(m, 2)
+    assert big.shape == (2, 1, 8, 12)
+    torch.testing.assert_close(big[:, :, ::2, ::2], m)
+    torch.testing.assert_close(big[:, :, 1::2, 1::2], m)
+    torch.testing.assert_close(big.amax(dim=(1, 2, 3)), m.amax(dim=(1, 2, 3)))
+
+
+def test_frame_scale_template_reads_finer_frames_the_network_their_area_mean(tmp_path):
+    """``map.frame_scale = 2``: frames at twice the network's size; the network trains and scores on their area
+    mean (the same weights as training on that view directly), its z-map comes back on the frame's pixels, the
+    template reads the frame, and the detector, the saved file and the engine (PyTorch and ONNX Runtime) score
+    alike."""
+    from fae_fast import Detector
+    from fae_fast.config import frame_size
+    from fae_fast.scoring import compute_maps, frame_map, network_view, template_maps
+    from fae_fast.synthetic import make_dataset
+    from fae_fast.train import train
+
+    data = make_dataset(tmp_path / "d", n_train=16, n_test_good=2, n_test_defect=2, size=(64, 64), seed=1)
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.batch_size, cfg.train.holdout_fraction = (32, 32), 4, 0.25
+    cfg.map.normalize, cfg.map.image_score, cfg.map.template_n, cfg.map.frame_scale = "zscore", "max+template", 1, 2
+    cfg.model.residual = False  # maps far from zero after two steps (a residual head starts as the identity)
+    assert frame_size(cfg.map, (32, 32)) == (64, 64)
+    assert "frames at 2x" in cfg.map.image_score_label()
+    det = Detector(cfg, device="cpu").fit(data, steps=2, progress=False)
+    assert det.image_size == (32, 32) and det.input_size == (64, 64)
+    assert det.map_stats["mean"].shape == det.map_stats["template_mean"].shape == (1, 1, 64, 64)
+    # the weights are those of training on the frames' view at the network's size
+    from fae_fast.data import load_images, normal_image_paths
+
+    frames = load_images(normal_image_paths(data), (64, 64))
+    same = preset("tiny")
+    same.train.image_size, same.train.batch_size, same.train.holdout_fraction = (32, 32), 4, 0.25
+    same.train.steps, same.map.normalize, same.model.residual = 2, "none", False
+    direct = train(same, network_view(frames, 2), device="cpu", progress=False).model.state_dict()
+    for key, value in det.model.state_dict().items():
+        torch.testing.assert_close(value, direct[key], msg=key)
+    # new frames: the network's map of their view, replicated and z-scored; the fused score with the frame's template
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    res = det.predict(images)
+    amap = torch.as_tensor(np.asarray(res.anomaly_map))
+    assert amap.shape == (3, 64, 64)
+    torch.testing.assert_close(amap[:, 1::2, 1::2], amap[:, ::2, ::2])  # one value per network pixel
+    (n, k), st = det.smoothing, det.map_stats
+    raw = frame_map(compute_maps(det.model, network_view(images, 2), n=n, k=k, error=cfg.map.error)[0], 2)
+    net = normalize_maps(raw, st, "zscore")
+    torch.testing.assert_close(amap, net[:, 0], rtol=1e-4, atol=1e-4)
+    t = normalize_maps(template_maps(images, n=1, k=k, error=cfg.map.error),
+                       {"mean": st["template_mean"], "scale": st["template_scale"]}, "zscore")
+    expect = ((net.amax(dim=(1, 2, 3)) - st["score_center"]) / st["score_spread"]
+              + (t.amax(dim=(1, 2, 3)) - st["template_center"]) / st["template_spread"]) / 2
+    score = torch.as_tensor(np.asarray(res.pred_score))
+    torch.testing.assert_close(score, expect, rtol=1e-4, atol=1e-4)
+    # the same from the frames by compute_maps, from the saved file and from the engines
+    maps, scores = compute_maps(det.model, images, n=n, k=k, error=cfg.map.error, normalize="zscore", stats=st,
+                                image_score="max+template", template_n=1, frame_scale=2)
+    torch.testing.assert_close(scores, expect, rtol=1e-4, atol=1e-4)
+    det.save(tmp_path / "m.fae")
+    back = Detector.load(tmp_path / "m.fae", device="cpu")
+    assert back.input_size == (64, 64) and back.config.map.frame_scale == 2
+    torch.testing.assert_close(torch.as_tensor(np.asarray(back.predict(images).pred_score)), score)
+    assert set(det.evaluate(data)["overall"]) >= {"image_auroc", "pixel_auroc"}  # masks at the frame size
+    from fae_fast.inference import Engine, ort
+
+    for backend in ["torch"] + (["onnxruntime"] if ort.available() else []):
+        eng = Engine.from_model_file(tmp_path / "m.fae", device="cpu", backend=backend)
+        assert eng.image_size == (64, 64) and eng.frame_scale == 2
+        got = eng.predict(images)
+        torch.testing.assert_close(torch.as_tensor(np.asarray(got.pred_score)), score, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.as_tensor(np.asarray(got.anomaly_map)), amap, rtol=1e-4, atol=1e-4)
+    if ort.available() and importlib.util.find_spec("onnx") is not None:
+        import onnx
+
+        from fae_fast.serving.triton_repo import export_triton_repo
+
+        folder = export_triton_repo(tmp_path / "m.fae", tmp_path / "repo", name="frames")
+        props = {p.key: p.value for p in onnx.load(str(folder / "1" / "model.onnx")).metadata_props}
+        assert props["frame_scale"] == "2", props
+    # only the template reads finer frames; 1..4; frames that are not a multiple are refused
+    bad = preset("tiny")
+    bad.map.frame_scale = 2
+    with pytest.raises(ValueError, match="map.frame_scale 2 needs map.image_score 'max\\+template'"):
+        bad.validate()
+    bad.map.image_score, bad.map.frame_scale = "max+template", 5
+    with pytest.raises(ValueError, match="map.frame_scale"):
+        bad.validate()
+    with pytest.raises(ValueError, match="frame_scale"):
+        compute_maps(det.model, images[:, :, :63], n=n, k=k, frame_scale=2)
+
+
 def test_template_fused_image_score_from_holdout_to_engine(tmp_path, monkeypatch):
     """``map.image_score = "max+template"``: the held-out normal images give the template's per-pixel statistics
     and the standardisation of both scores (computed here by hand from leave-one-out maps), the image threshold

@@ -58,7 +58,7 @@ import torch.nn as nn
 
 from ..api import Prediction, above, check_float_images
 from ..config import check_image_size
-from ..scoring import MapNormalizer, check_threshold, stored_map_statistics
+from ..scoring import MapNormalizer, check_threshold, frame_map, network_view, stored_map_statistics
 
 __all__ = ["Engine", "InferenceResult", "apply_thresholds", "resolve_dtype", "resolve_device", "plan_batches",
            "BACKENDS"]
@@ -158,9 +158,10 @@ class _Pipeline(nn.Module):
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, n: int, k: int, map_fn, residual: bool = False,
-                 normalizer: nn.Module | None = None, error: str = "squared"):
+                 normalizer: nn.Module | None = None, error: str = "squared", frame_scale: int = 1):
         super().__init__()
         self.model = model
+        self.scale = int(frame_scale)
         self.normalizer = normalizer
         self.dtype = dtype
         self.n, self.k, self.error = int(n), int(k), error
@@ -168,6 +169,7 @@ class _Pipeline(nn.Module):
         self.residual = bool(residual)
 
     def forward(self, x: torch.Tensor):
+        frame, x = x, network_view(x, self.scale)  # map.frame_scale: the network sees the frame's area mean
         xf = x.to(torch.float32).mul_(1.0 / 255.0) if x.dtype == torch.uint8 else x
         out = self.model(xf.to(self.dtype))
         if self.residual:
@@ -176,8 +178,9 @@ class _Pipeline(nn.Module):
             # which measured 5x the map error of plain autocast); Inductor fuses the add into the last conv
             out = xf.to(torch.float32) + out.to(torch.float32)
         amap, score = self.map_fn(x, out, n=self.n, k=self.k, error=self.error)
+        amap = frame_map(amap, self.scale)
         # the fused image score's template map runs through the same map op as the network's (Triton on CUDA)
-        return (amap, score) if self.normalizer is None else self.normalizer(amap, score, x, self.map_fn)
+        return (amap, score) if self.normalizer is None else self.normalizer(amap, score, frame, self.map_fn)
 
 
 class _Runner:
@@ -259,6 +262,9 @@ class Engine:
             (:class:`fae_fast.scoring.MapNormalizer`; a model file trained with ``map.normalize`` brings both).
         image_score: "max" | "max+template" (``map.image_score``; ``map_stats`` then holds the template's too).
         template_n: the template's box-filter passes for "max+template" (``map.template_n``); None: ``n``.
+        frame_scale: ``image_size`` is the frames' size, this many times the network's (``map.frame_scale``,
+            "max+template" only): the network maps their area mean at its own size (``n``, ``k`` are its
+            smoothing), the map comes back on the frame's pixels and the template reads the frame.
 
     The engine is not thread-safe: one thread at a time (the :class:`~fae_fast.inference.stream.InlineStream`
     worker, or the caller).
@@ -270,7 +276,8 @@ class Engine:
                  batch_sizes: Sequence[int] = (1, 16, 64, 256), fold_bn: bool = True, map_backend: str = "auto",
                  in_channels: int = 3, cudnn_benchmark: bool = True, compile_dynamic: bool | None = None,
                  backend: str = "auto", threads: int | None = None, normalize: str = "none",
-                 map_stats: dict | None = None, image_score: str = "max", template_n: int | None = None):
+                 map_stats: dict | None = None, image_score: str = "max", template_n: int | None = None,
+                 frame_scale: int = 1):
         from .. import _backend
         from ..config import MapConfig, smoothing_for_size
 
@@ -278,7 +285,15 @@ class Engine:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.image_size = check_image_size(image_size, "image_size")
         H, W = self.image_size
-        dn, dk = smoothing_for_size(MapConfig(), H, W)
+        if isinstance(frame_scale, bool) or not isinstance(frame_scale, int) or not 1 <= frame_scale <= 4 \
+                or H % frame_scale or W % frame_scale:
+            raise ValueError(f"frame_scale must be an int in 1..4 dividing the frame size {H}x{W}, got "
+                             f"{frame_scale!r}")
+        if frame_scale != 1 and image_score == "max":
+            raise ValueError("frame_scale > 1 needs image_score 'max+template' (only the template reads the "
+                             "finer frame)")
+        self.frame_scale = frame_scale
+        dn, dk = smoothing_for_size(MapConfig(), H // frame_scale, W // frame_scale)
         self.n = dn if n is None else int(n)
         self.k = dk if k is None else int(k)
         if not 0 <= self.n <= 8:
@@ -350,16 +365,19 @@ class Engine:
         self.normalizer = MapNormalizer(normalize, map_stats, self.image_size, image_score=image_score, n=self.n,
                                         k=self.k, error=self.error, template_n=template_n).to(self.device)
         self._pipeline = _Pipeline(net, self.dtype, self.n, self.k, map_fn, residual=residual,
-                                   normalizer=self.normalizer, error=self.error).eval()
+                                   normalizer=self.normalizer, error=self.error,
+                                   frame_scale=frame_scale).eval()
         if on_cuda:
             # one eager call of the map op: the Triton kernel caches its box-filter operators per image size on the
             # first eager call, so the compiled graph reads them as constants instead of rebuilding them
             # (and the template's, when its passes differ)
-            passes = {self.n} | ({self.normalizer.n} if self.normalizer.image_score != "max" else set())
+            s = frame_scale
+            calls = {(self.n, H // s, W // s)} | ({(self.normalizer.n, H, W)}
+                                                  if self.normalizer.image_score != "max" else set())
             with torch.inference_mode():
-                for n in sorted(passes):
-                    map_fn(torch.zeros((1, self.in_channels, H, W), dtype=torch.uint8, device=self.device),
-                           torch.zeros((1, self.in_channels, H, W), device=self.device), n=n, k=self.k,
+                for n, h, w in sorted(calls):
+                    map_fn(torch.zeros((1, self.in_channels, h, w), dtype=torch.uint8, device=self.device),
+                           torch.zeros((1, self.in_channels, h, w), device=self.device), n=n, k=self.k,
                            error=self.error)
         fn = self._pipeline
         if self.compile_mode is not None:
@@ -415,7 +433,8 @@ class Engine:
 
         try:
             graph = ReferenceGraph(model, n=self.n, k=self.k, error=self.error, fold_bn=fold_bn,
-                                   normalizer=copy.deepcopy(self.normalizer).cpu())
+                                   normalizer=copy.deepcopy(self.normalizer).cpu(),
+                                   frame_scale=self.frame_scale)
             runner = OrtRunner(graph, image_size=self.image_size, in_channels=self.in_channels, threads=self.threads)
             runner.session("uint8")
             return runner
@@ -442,7 +461,7 @@ class Engine:
         ``thresholds=`` replaces them.
         """
         from ..checkpoint import load_model_file
-        from ..config import smoothing_for_size
+        from ..config import frame_size, smoothing_for_size
         from ..models import build_model
 
         mf = load_model_file(path, map_location="cpu")
@@ -465,7 +484,9 @@ class Engine:
             kwargs.setdefault("map_stats", stats)
             kwargs.setdefault("image_score", mf.config.map.image_score)
             kwargs.setdefault("template_n", mf.config.map.template_n)
-        return cls(model.eval(), image_size=tuple(mf.image_size), **kwargs)
+            if kwargs["image_score"] != "max":
+                kwargs.setdefault("frame_scale", int(mf.config.map.frame_scale))
+        return cls(model.eval(), image_size=frame_size(mf.config.map, mf.image_size), **kwargs)
 
     @staticmethod
     def _check_thresholds(thresholds) -> dict:
@@ -722,10 +743,11 @@ class Engine:
 
         net = copy.deepcopy(model).eval().to(self.device)
         return _Pipeline(net, torch.float32, self.n, self.k, reference.anomaly_map,
-                         normalizer=self.normalizer, error=self.error).eval()
+                         normalizer=self.normalizer, error=self.error, frame_scale=self.frame_scale).eval()
 
     def __repr__(self) -> str:
-        return (f"Engine(image_size={self.image_size}, n={self.n}, k={self.k}, error={self.error!r}, "
+        return (f"Engine(image_size={self.image_size}, frame_scale={self.frame_scale}, n={self.n}, k={self.k}, "
+                f"error={self.error!r}, "
                 f"dtype={self.dtype}, "
                 f"device={self.device}, backend={self.backend!r}, threads={self.threads}, "
                 f"compile={self.compile_mode}, cuda_graphs={self.cuda_graphs}, batch_sizes={self.batch_sizes}, "

@@ -47,13 +47,16 @@ class ReferenceGraph(nn.Module):
             (:func:`fae_fast.reference.error_image`); None: the default MapConfig's.
         fold_bn: fold BatchNorm into the convolutions (exact to ~1e-5 in float32; smaller graph).
         normalizer: a :class:`fae_fast.scoring.MapNormalizer` applied to the map and score (None: raw maps).
+        frame_scale: the frames are this many times the network's size (``map.frame_scale``): the network
+            maps their area mean, its map comes back on the frame's pixels, the normalizer's template reads the
+            frame.
 
     ``forward(x)``: x (B, C, H, W) uint8 (0..255) or float in [0, 1] -> (map (B, 1, H, W) float32, score (B,)
     float32).
     """
 
     def __init__(self, model: nn.Module, *, n: int, k: int, error: str | None = None, fold_bn: bool = True,
-                 normalizer: nn.Module | None = None):
+                 normalizer: nn.Module | None = None, frame_scale: int = 1):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -77,13 +80,19 @@ class ReferenceGraph(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.n, self.k, self.error = n, k, error
+        self.frame_scale = int(frame_scale)  # a plain attribute: part of the export cache's fingerprint
         self.normalizer = normalizer  # a scoring.MapNormalizer (per-pixel statistics of normal maps) or None
 
     def forward(self, x: torch.Tensor):
-        xf = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+        from ..scoring import frame_map, network_view
+
+        frame = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+        xv = network_view(x, self.frame_scale)
+        xf = xv.to(torch.float32) / 255.0 if xv.dtype == torch.uint8 else xv.to(torch.float32)
         recon = self.model(xf)
         amap, score = reference.anomaly_map(xf, recon, n=self.n, k=self.k, error=self.error)
-        return (amap, score) if self.normalizer is None else self.normalizer(amap, score, xf)
+        amap = frame_map(amap, self.frame_scale)
+        return (amap, score) if self.normalizer is None else self.normalizer(amap, score, frame)
 
 
 def _example(image_size, in_channels, input_dtype, device, batch=2):
