@@ -228,6 +228,43 @@ def test_compiled_cpu_engine_matches_eager(model):
     assert_close(res.pred_score, ref_score, atol=1e-7, rtol=1e-4)
 
 
+def _unit_template_stats(h: int, w: int) -> dict:
+    """Valid "max+template" statistics of frames h x w (zero means, unit spreads): the raw maps pass through."""
+    one, zero = torch.ones((1, 1, h, w)), torch.zeros((1, 1, h, w))
+    return {"mean": zero, "scale": one, "template_mean": zero.clone(), "template_scale": one.clone(),
+            "score_center": torch.tensor(0.0), "score_spread": torch.tensor(1.0),
+            "template_center": torch.tensor(0.0), "template_spread": torch.tensor(1.0)}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_frame_scale_engine_matches_its_eager_pipeline(model, device):
+    """``frame_scale = 2``: frames of twice the network's size; the compiled (and on CUDA graph-captured) engine
+    scores as the plain eager pipeline of the same settings (the network on the area mean, its map replicated,
+    the template on the frame); on the CPU the PyTorch backend is that pipeline with BN folded."""
+    from fae_fast.scoring import frame_map, network_view
+
+    stats = _unit_template_stats(2 * H, 2 * W)
+    kw = dict(image_size=(2 * H, 2 * W), n=N_SMOOTH, k=K_SMOOTH, normalize="zscore", map_stats=stats,
+              image_score="max+template", template_n=1, frame_scale=2)
+    eng = Engine(model, device=device, dtype="fp32", batch_sizes=(4,), **kw) if device == "cuda" else \
+        Engine(model, device=device, backend="torch", **kw)
+    x = frames(5, seed=23, h=2 * H, w=2 * W)
+    ref = eng.reference_pipeline(model)
+    with torch.inference_mode():
+        ref_map, ref_score = ref(x.to(eng.device))
+    res = eng.predict(x.to(eng.device))
+    assert res.anomaly_map.shape == (5, 2 * H, 2 * W)
+    assert_close(res.anomaly_map, ref_map[:, 0], atol=1e-5, rtol=1e-4)
+    assert_close(res.pred_score, ref_score, atol=1e-5, rtol=1e-4)
+    # the network part is the usual map of the frames' view, one value per network pixel
+    view_map, _ = eager_reference(model, network_view(x, 2))
+    assert_close(res.anomaly_map.cpu(), frame_map(view_map[:, None], 2)[:, 0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="frame_scale must be an int in 1..4 dividing the frame size"):
+        Engine(model, device="cpu", **{**kw, "image_size": (2 * H + 1, 2 * W)})
+    with pytest.raises(ValueError, match="needs image_score 'max\\+template'"):
+        Engine(model, device="cpu", image_size=(2 * H, 2 * W), frame_scale=2)
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
