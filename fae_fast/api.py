@@ -36,7 +36,8 @@ class Prediction:
 
     Attributes:
         pred_score: (N,) float32 image anomaly scores (max of the smoothed error map; higher = more anomalous).
-        anomaly_map: (N, H, W) float32 smoothed error maps at the model's resolution.
+        anomaly_map: (N, H, W) float32 smoothed error maps at the frames' resolution (the model's, or
+            ``map.frame_scale`` times it).
         pred_mask: (N, H, W) bool, ``anomaly_map > pixel_threshold`` (None when there is no pixel threshold).
         pred_label: (N,) bool, ``pred_score > image_threshold`` (None when there is no image threshold).
             A NaN score or map pixel (a model that broke on that image) counts as above the threshold: anomalous,
