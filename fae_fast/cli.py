@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _atomic
-from .config import PRESETS, FAEConfig, parse_size, preset, resolve_preset
+from .config import PRESETS, FAEConfig, frame_size, parse_size, preset, resolve_preset
 
 try:
     import fcntl
@@ -240,6 +240,8 @@ def cmd_train(args) -> int:
                                     if args.preset == "auto" else "")
               + (f" + {args.config}" if args.config else ""))
     crop = "" if t.crop_size is None else f", crops {t.crop_size[0]}x{t.crop_size[1]}"
+    fh, fw = frame_size(cfg.map, (h, w))  # map.frame_scale: the frames are read finer than the network's size
+    crop = (f", frames {fh}x{fw} (the template's)" if (fh, fw) != (h, w) else "") + crop
     nz = cfg.noise
     noise = nz.mode if nz.mode == "none" else f"{nz.mode} (sigma_max {nz.sigma_max:g} {nz.sigma_reference})"
     world = f"{distributed.describe(dist, dev, cfg.model.norm)}, " if dist.active else ""

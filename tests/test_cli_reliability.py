@@ -270,16 +270,21 @@ def test_config_file_layers_on_the_preset_and_flags_win(tiny, tmp_path, capsys, 
     root, data, model = tiny
     out = tmp_path / "m.fae"
     partial = cfg_file({"noise": {"mode": "input"}, "train": {"steps": 50, "lr": 0.01, "loss": "squared+ssim",
-                                                               "ssim_weight": 0.5}, "model": {"hide_cell": 8}})
+                                                               "ssim_weight": 0.5}, "model": {"hide_cell": 8},
+                       "map": {"image_score": "max+template", "frame_scale": 2}})
     assert main(["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--config", partial,
                  "--steps", "2", "--size", "32x48", "--batch-size", "4", "--quiet", "--device", "cpu"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     for s in ("preset tiny", partial, "size 32x48", "2 steps", "noise input", "(16, 32, 64, 128)", "lr 0.01",
-              "8 px cells inpainted", "squared+ssim (1 - SSIM x0.5) loss"):
+              "8 px cells inpainted", "squared+ssim (1 - SSIM x0.5) loss", "frames 64x96 (the template's)",
+              "frames at 2x"):
         assert s in first, (s, first)
     cfg = Detector.load(out, device="cpu").config
     assert cfg.model.widths == (16, 32, 64, 128) and cfg.noise.mode == "input"  # preset kept, file applied
     assert cfg.model.hide_cell == 8
+    # this tiny set holds out too few images for the statistics: the score falls back to the map's max (warned), and
+    # with it the frames to the network's size
+    assert (cfg.map.image_score, cfg.map.frame_scale, cfg.map.normalize) == ("max", 1, "none")
     assert cfg.train.steps == 2 and cfg.train.lr == 0.01 and cfg.train.image_size == (32, 48)  # flags win
 
 
