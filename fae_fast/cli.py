@@ -241,11 +241,11 @@ def cmd_train(args) -> int:
               + (f" + {args.config}" if args.config else ""))
     crop = "" if t.crop_size is None else f", crops {t.crop_size[0]}x{t.crop_size[1]}"
     fh, fw = frame_size(cfg.map, (h, w))  # map.frame_scale: the frames are read finer than the network's size
-    crop = (f", frames {fh}x{fw} (the template's)" if (fh, fw) != (h, w) else "") + crop
+    frames = f", frames {fh}x{fw} (the template's)" if (fh, fw) != (h, w) else ""
     nz = cfg.noise
     noise = nz.mode if nz.mode == "none" else f"{nz.mode} (sigma_max {nz.sigma_max:g} {nz.sigma_reference})"
     world = f"{distributed.describe(dist, dev, cfg.model.norm)}, " if dist.active else ""
-    say(f"train: {world}{source}, size {h}x{w} (HxW){crop}, {t.steps} steps, batch {t.batch_size}"
+    say(f"train: {world}{source}, size {h}x{w} (HxW){frames}{crop}, {t.steps} steps, batch {t.batch_size}"
         f"{' (global)' if dist.world_size > 1 else ''}, lr {t.lr:g}, noise {noise}, {t.loss_label()}, "
         f"map {cfg.map.error} error, {cfg.map.normalization_label()}, {cfg.map.image_score_label()}, "
         f"widths {tuple(cfg.model.widths)}"

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops, reference
-from .config import IMAGE_SCORES, template_passes
+from .config import IMAGE_SCORES, frame_size, template_passes
 
 __all__ = ["resolve_device", "autocast_dtype", "compute_maps", "network_view", "frame_map",
            "thresholds_from_holdout", "check_threshold", "MapNormalizer",
@@ -269,8 +269,6 @@ def stored_map_statistics(model_file, path) -> dict[str, torch.Tensor] | None:
     """The per-pixel statistics a model file (:class:`fae_fast.checkpoint.ModelFile`) carries for its
     ``map.normalize`` (None for "none"), checked against its frame size (``map.frame_scale`` x its image size);
     ``ValueError`` naming ``path``."""
-    from .config import frame_size
-
     mode = model_file.config.map.normalize
     if mode == "none":
         return None

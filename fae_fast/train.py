@@ -561,8 +561,8 @@ def _check_train_args(cfg: FAEConfig, images, holdout, log_every: int) -> None:
                          f"of shape {tuple(images.shape)}")
     H, W = int(images.shape[2]), int(images.shape[3])
     if frame_size(cfg.map, tc.image_size) != (H, W):
-        finer = "" if frame_size(cfg.map, tc.image_size) == tuple(tc.image_size) else \
-            f" times map.frame_scale {cfg.map.frame_scale}"
+        scale = frame_scale_of(cfg.map)
+        finer = f" times map.frame_scale {scale}" if scale != 1 else ""
         raise ValueError(f"images are {H}x{W} but cfg.train.image_size is {tuple(tc.image_size)}{finer}; resize "
                          "them (fae_fast.data.load_images) or set the image size")
     if holdout is not None and (not isinstance(holdout, torch.Tensor) or holdout.dtype != torch.uint8
@@ -745,8 +745,8 @@ def train(cfg: FAEConfig, images: torch.Tensor, *, holdout: torch.Tensor | None 
     hold_idx, train_images, hold_images = _split_images(images, holdout, tc)
     # map.frame_scale: the images are frames finer than the network; it trains on their area mean, the view
     # it scores (the frames themselves give the statistics and the template)
-    scale = frame_scale_of(cfg.map)
-    trainer = _Trainer(cfg, network_view(train_images.to(dev), scale).contiguous(), dev, dist)
+    train_images = train_images.to(dev)
+    trainer = _Trainer(cfg, network_view(train_images, frame_scale_of(cfg.map)).contiguous(), dev, dist)
     if not dist.is_main:
         checkpoint = None  # rank 0 writes the (rank-independent) training state
     start, history = (0, []) if resume is None else trainer.load_state(resume)
