@@ -86,18 +86,13 @@ class ReferenceGraph(nn.Module):
     def forward(self, x: torch.Tensor):
         from ..scoring import frame_map, network_view
 
-        frame = _unit_float(x)
+        frame = reference._as_float(x).to(torch.float32)  # uint8 / 255, float32 in [0, 1]
         xv = network_view(x, self.frame_scale)
-        xf = frame if xv is x else _unit_float(xv)  # frame_scale 1: the frame is the network's input
+        xf = frame if xv is x else reference._as_float(xv).to(torch.float32)  # scale 1: the frame itself
         recon = self.model(xf)
         amap, score = reference.anomaly_map(xf, recon, n=self.n, k=self.k, error=self.error)
         amap = frame_map(amap, self.frame_scale)
         return (amap, score) if self.normalizer is None else self.normalizer(amap, score, frame)
-
-
-def _unit_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (0..255) or float images as float32 in [0, 1]."""
-    return x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
 
 
 def _example(image_size, in_channels, input_dtype, device, batch=2):
