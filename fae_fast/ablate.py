@@ -213,31 +213,33 @@ class _Scorer:
     them."""
 
     def __init__(self, test, hold_images: torch.Tensor, device, spread_window: int = 1, image_score: str = "max",
-                 template_n: int | None = None, pool_images: torch.Tensor | None = None, frame_scale: int = 1):
+                 template_n: int | None = None, pool_images: torch.Tensor | None = None, frame_scale: int = 1,
+                 template_weight: float = 0.0):
         self.test, self.hold, self.device, self.window = test, hold_images, device, int(spread_window)
         self.frame_scale = int(frame_scale)  # the images are frames at this many times the network's size
         self.pool = pool_images
         self.labels, self.masks = test.labels.numpy(), test.masks[:, 0].numpy()
-        self.image_score, self.template_n = image_score, template_n
+        self.image_score, self.template_n, self.template_weight = image_score, template_n, template_weight
         self._templates: dict = {}  # setting -> (test, held-out) template maps: no network in them, so every model
         # this scorer sees (seeds' checkpoints, learning-curve points) shares them
 
-    def _scores(self, maps, s, mode, hold_maps, pool_maps) -> torch.Tensor:
-        """The test images' scores: the normalised map's max, or fused with the template's (``map.image_score``)."""
-        from .scoring import leave_one_out_normalized, template_fused_scores, template_maps, template_statistics
+    def _scored(self, maps, s, mode, hold_maps, pool_maps) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test images' (maps, scores): the normalised map and its max, or both with the template's
+        (``map.image_score``: the fused score; ``map.template_weight``: its share of the map)."""
+        from .scoring import leave_one_out_normalized, template_fused, template_maps, template_statistics
 
         scores = maps.amax(dim=(1, 2, 3))
         if self.image_score == "max" or mode == "none":
-            return scores
+            return maps, scores
         t = (template_passes(self.template_n, s[0]), *s[1:3])  # the template's (passes, k, error)
         if t not in self._templates:
             self._templates[t] = tuple(template_maps(imgs, n=t[0], k=t[1], error=t[2])
                                        for imgs in (self.test.images, self.hold))
         test_t, hold_t = self._templates[t]
         loo = leave_one_out_normalized(hold_maps, mode, self.window, pool=pool_maps).amax(dim=(1, 2, 3))
-        extra, _ = template_statistics(self.hold, loo, n=t[0], k=t[1], error=t[2], mode=mode, window=self.window,
-                                       hold_templates=hold_t)
-        return template_fused_scores(scores, test_t, extra, mode)
+        extra, _, _ = template_statistics(self.hold, loo, n=t[0], k=t[1], error=t[2], mode=mode, window=self.window,
+                                          hold_templates=hold_t)
+        return template_fused(maps, scores, test_t, extra, mode, self.template_weight)
 
     def __call__(self, model, settings, modes) -> dict:
         """{(n, k, error, mode): evaluate() result, with the edge diagnostic as ``edge_max_fraction_good``}."""
@@ -258,8 +260,8 @@ class _Scorer:
             for mode in modes:
                 if mode != "none" and stats is None:
                     continue
-                maps = normalize_maps(test[s][0], stats, mode)
-                scores = self._scores(maps, s, mode, hold[s][0] if s in hold else None, pool_maps)
+                maps, scores = self._scored(normalize_maps(test[s][0], stats, mode), s, mode,
+                                            hold[s][0] if s in hold else None, pool_maps)
                 res = evaluate(scores.numpy(), maps[:, 0].numpy(), self.labels, self.masks, self.test.defect_types)
                 res["edge_max_fraction_good"] = edge_max_fraction(maps[good]) if good.any() else float("nan")
                 out[(*s, mode)] = res
@@ -442,7 +444,8 @@ def _run_scorer(cfg: FAEConfig, train_images: torch.Tensor, test, device) -> _Sc
     train_idx, hold_idx = _holdout_split(cfg, train_images)
     pool = train_images[train_idx] if cfg.map.statistics == "all" and len(hold_idx) else None
     return _Scorer(test, train_images[hold_idx], device, cfg.map.spread_window, cfg.map.image_score,
-                   cfg.map.template_n, pool_images=pool, frame_scale=frame_scale_of(cfg.map))
+                   cfg.map.template_n, pool_images=pool, frame_scale=frame_scale_of(cfg.map),
+                   template_weight=cfg.map.template_weight)
 
 
 def load_data(data, base: FAEConfig, log=print):

@@ -441,6 +441,7 @@ class Detector:
                                         amp=self.config.train.amp, normalize=self.config.map.normalize,
                                         stats=self.map_stats, image_score=self.config.map.image_score,
                                         template_n=self.config.map.template_n,
+                                        template_weight=self.config.map.template_weight,
                                         frame_scale=frame_scale_of(self.config.map))
         else:
             maps, scores = _engine_maps(engine, batch, batch_size)
@@ -473,6 +474,7 @@ class Detector:
         n, k = self.smoothing
         signature = (tuple(map(id, objects)), tuple(map(id, tensors)), versions, self.input_size, n, k,
                      self.config.map.error, mode, image_score, self.config.map.template_n,
+                     self.config.map.template_weight, frame_scale_of(self.config.map),
                      self.config.model.in_channels, self.engine_backend, self.threads)
         cached = self._engine
         # the cache holds the objects themselves, so their ids cannot be reused by others while it lives
@@ -484,6 +486,7 @@ class Detector:
                         device="cpu",
                         backend=self.engine_backend, threads=self.threads, normalize=mode, map_stats=stats,
                         image_score=image_score, template_n=self.config.map.template_n,
+                        template_weight=self.config.map.template_weight,
                         frame_scale=frame_scale_of(self.config.map),
                         in_channels=self.config.model.in_channels)
         self._engine = (signature, (objects, tensors), engine)

@@ -27,7 +27,7 @@ __all__ = ["resolve_device", "autocast_dtype", "compute_maps", "network_view", "
            "thresholds_from_holdout", "check_threshold", "MapNormalizer",
            "map_statistics", "normalize_maps", "check_map_statistics", "stored_map_statistics",
            "leave_one_out_normalized", "template_maps", "template_statistics", "fuse_scores",
-           "template_fused_scores",
+           "template_fused", "mix_template", "check_template_weight",
            "NORMALIZE_MODES", "IMAGE_SCORES", "TEMPLATE_KEYS"]
 
 _AMP = ("auto", "bf16", "fp16", "fp32")
@@ -92,7 +92,8 @@ def frame_map(maps: torch.Tensor, scale: int) -> torch.Tensor:
 def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int, error: str | None = None,
                  batch_size: int = 32, device=None, amp: str = "auto", normalize: str = "none",
                  stats: dict[str, torch.Tensor] | None = None, image_score: str = "max",
-                 template_n: int | None = None, frame_scale: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                 template_n: int | None = None, frame_scale: int = 1, template_weight: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Anomaly maps and image scores of ``images``.
 
     Args:
@@ -109,6 +110,7 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
             of the normalised map.
         image_score: "max" | "max+template" (:class:`MapNormalizer`; ``stats`` must then hold the template's).
         template_n: the template's box-filter passes (``map.template_n``); None: ``n``.
+        template_weight: the template's share of the pixel map (``map.template_weight``; "max+template" only).
         frame_scale: ``images`` are frames at this many times the network's size (``map.frame_scale``):
             the network maps :func:`network_view` of them (``n``, ``k`` are its own), the maps come back on the
             frame's pixels (:func:`frame_map`) and the template reads the frames.
@@ -135,7 +137,7 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
     if scale < 1 or H % scale or W % scale:
         raise ValueError(f"frames of {H}x{W} are not {scale} x the network's size (frame_scale {frame_scale!r})")
     normalizer = MapNormalizer(normalize, stats, (H, W), image_score=image_score, n=n, k=k, error=error,
-                               template_n=template_n).to(dev)
+                               template_n=template_n, template_weight=template_weight).to(dev)
     maps = torch.empty((N, 1, H, W), dtype=torch.float32)
     scores = torch.empty((N,), dtype=torch.float32)
     # pinned host buffers let the device->host copies overlap the next batch (CUDA only)
@@ -363,17 +365,27 @@ def fuse_scores(score: torch.Tensor, template_score: torch.Tensor, stats: dict[s
                   + (template_score - stats["template_center"]) / stats["template_spread"])
 
 
-def template_fused_scores(score: torch.Tensor, template_map: torch.Tensor, stats: dict[str, torch.Tensor],
-                          mode: str) -> torch.Tensor:
-    """:func:`fuse_scores` of ``score`` and the template's score: the max of ``template_map`` (raw, as
-    :func:`template_maps` gives it) normalised by the template's statistics in ``stats``."""
+def template_fused(amap: torch.Tensor, score: torch.Tensor, template_map: torch.Tensor,
+                   stats: dict[str, torch.Tensor], mode: str, weight: float = 0.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised map ``amap`` and its ``score`` with the template's: ``template_map`` (raw, as
+    :func:`template_maps` gives it) normalised by the template's statistics in ``stats``; the score
+    :func:`fuse_scores` of both maxima, the map :func:`mix_template` of both maps by ``weight``
+    (``map.template_weight``)."""
     t = normalize_maps(template_map, {"mean": stats["template_mean"], "scale": stats["template_scale"]}, mode)
-    return fuse_scores(score, t.amax(dim=(1, 2, 3)), stats)
+    return mix_template(amap, t, weight), fuse_scores(score, t.amax(dim=(1, 2, 3)), stats)
+
+
+def mix_template(amap: torch.Tensor, template_map: torch.Tensor, weight: float) -> torch.Tensor:
+    """``map.template_weight`` w: the pixel map ``(1 - w) amap + w template_map``, both normalised maps of one
+    size; ``amap`` itself for w = 0."""
+    w = float(weight)
+    return amap if w == 0 else amap * (1.0 - w) + template_map * w
 
 
 def template_statistics(hold_images: torch.Tensor, loo_scores: torch.Tensor, *, n: int, k: int, error: str,
                         mode: str, window: int = 1, hold_templates: torch.Tensor | None = None
-                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """What ``map.image_score`` "max+template" adds to the map statistics, from the held-out normal images.
 
     Args:
@@ -383,7 +395,8 @@ def template_statistics(hold_images: torch.Tensor, loo_scores: torch.Tensor, *, 
 
     Returns:
         ({TEMPLATE_KEYS: tensors}, the held-out images' fused scores, leave-one-out as well: the image threshold
-        is read off them).
+        is read off them, and their leave-one-out normalised template maps (N, 1, H, W): ``map.template_weight``
+        mixes them into the held-out maps the pixel threshold is read off).
     """
     if mode == "none":
         raise ValueError("image score 'max+template' needs a map normalisation ('mean' or 'zscore')")
@@ -392,12 +405,13 @@ def template_statistics(hold_images: torch.Tensor, loo_scores: torch.Tensor, *, 
                          f"{hold_images.shape[0]} images and {loo_scores.shape[0]} scores")
     t = (template_maps(hold_images, n=n, k=k, error=error) if hold_templates is None else hold_templates).cpu()
     tstats = map_statistics(t, window)
-    t_loo = leave_one_out_normalized(t, mode, window).amax(dim=(1, 2, 3))
+    t_maps = leave_one_out_normalized(t, mode, window)
+    t_loo = t_maps.amax(dim=(1, 2, 3))
     s = loo_scores.detach().float().cpu()
     extra = {"template_mean": tstats["mean"], "template_scale": tstats["scale"],
              "score_center": s.mean(), "score_spread": s.std().clamp_min(1e-12),
              "template_center": t_loo.mean(), "template_spread": t_loo.std().clamp_min(1e-12)}
-    return extra, fuse_scores(s, t_loo, extra)
+    return extra, fuse_scores(s, t_loo, extra), t_maps
 
 
 def normalize_maps(maps: torch.Tensor, stats: dict[str, torch.Tensor] | None, mode: str) -> torch.Tensor:
@@ -425,9 +439,10 @@ class MapNormalizer(torch.nn.Module):
 
     def __init__(self, mode: str = "none", stats: dict[str, torch.Tensor] | None = None,
                  size: tuple[int, int] | None = None, *, image_score: str = "max", n: int = 4, k: int = 7,
-                 error: str = "squared", template_n: int | None = None):
+                 error: str = "squared", template_n: int | None = None, template_weight: float = 0.0):
         super().__init__()
         self.mode, self.image_score = mode, image_score
+        self.template_weight = check_template_weight(template_weight)
         # the template's smoothing: template_n passes (None: n, the map's) of the map's window k
         self.n, self.k, self.error = template_passes(template_n, n), int(k), error
         if mode == "none" and image_score == "max":
@@ -449,8 +464,15 @@ class MapNormalizer(torch.nn.Module):
             return out, score
         if x is None:
             raise ValueError(f"image score {self.image_score!r} needs the images (x) the maps came from")
-        return out, template_fused_scores(score, _template_map(x, self.n, self.k, self.error, map_fn),
-                                          {key: getattr(self, key) for key in TEMPLATE_KEYS}, self.mode)
+        return template_fused(out, score, _template_map(x, self.n, self.k, self.error, map_fn),
+                              {key: getattr(self, key) for key in TEMPLATE_KEYS}, self.mode, self.template_weight)
+
+
+def check_template_weight(value) -> float:
+    """``map.template_weight`` as a float in [0, 1] (used with ``image_score`` "max+template" only)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"template_weight (the template's share of the pixel map) must be in [0, 1], got {value!r}")
+    return float(value)
 
 
 def check_threshold(value, name: str) -> float | None:

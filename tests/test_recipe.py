@@ -733,10 +733,10 @@ def test_template_fused_image_score_from_holdout_to_engine(tmp_path, monkeypatch
     assert thresholds == pytest.approx(thresholds_from_holdout(fused, net, cfg.train.threshold_quantile,
                                                                cfg.train.pixel_threshold_quantile), rel=1e-5)
     # template maps the caller already has (ablate: one setting, several normalisations) are used as given
-    _, again = template_statistics(hold, a, n=tn, k=k, error=cfg.map.error, mode="zscore", hold_templates=tm)
+    _, again, _ = template_statistics(hold, a, n=tn, k=k, error=cfg.map.error, mode="zscore", hold_templates=tm)
     torch.testing.assert_close(again, fused, rtol=1e-5, atol=1e-5)
-    _, shuffled = template_statistics(hold, a, n=tn, k=k, error=cfg.map.error, mode="zscore",
-                                      hold_templates=tm.roll(1, 0))
+    _, shuffled, _ = template_statistics(hold, a, n=tn, k=k, error=cfg.map.error, mode="zscore",
+                                         hold_templates=tm.roll(1, 0))
     assert not torch.allclose(shuffled, fused, rtol=1e-3, atol=1e-3)
     # new images: the network's map, the fused score
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
@@ -805,6 +805,73 @@ def test_template_fused_image_score_from_holdout_to_engine(tmp_path, monkeypatch
     bad_cfg.map.image_score = "mean"
     with pytest.raises(ValueError, match="map.image_score must be one of"):
         bad_cfg.validate()
+
+
+def test_template_weight_mixes_the_template_into_the_pixel_map(tmp_path):
+    """``map.template_weight`` w: the pixel map is (1 - w) x the network's z-map + w x the template's (normalised by
+    its own statistics), the pixel threshold is read off the held-out images' leave-one-out maps mixed alike, the
+    image score is the fused one of w = 0, and the detector, the saved file and the engines (PyTorch and ONNX
+    Runtime) give the same maps."""
+    from fae_fast import Detector
+    from fae_fast.inference import Engine, ort
+    from fae_fast.scoring import (compute_maps, leave_one_out_normalized, template_maps, template_statistics,
+                                  thresholds_from_holdout)
+    from fae_fast.synthetic import make_dataset
+    from fae_fast.train import holdout_thresholds
+
+    data = make_dataset(tmp_path / "d", n_train=16, n_test_good=2, n_test_defect=1, size=(32, 32), seed=1)
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.batch_size, cfg.train.holdout_fraction = (32, 32), 4, 0.25
+    cfg.map.normalize, cfg.map.image_score, cfg.model.residual = "zscore", "max+template", False
+    cfg.map.scale_with_size, cfg.map.k, cfg.map.template_n, cfg.map.template_weight = False, 3, 1, 0.25
+    assert "0.25 of the pixel map" in cfg.map.image_score_label()
+    det = Detector(cfg, device="cpu").fit(data, steps=2, progress=False)
+    (n, k), st, err = det.smoothing, det.map_stats, cfg.map.error
+    # the holdout: the image threshold off the fused scores, the pixel threshold off the mixed maps
+    hold = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    thresholds, scores, _ = holdout_thresholds(det.model, det.config, hold, torch.device("cpu"))
+    net = leave_one_out_normalized(compute_maps(det.model, hold, n=n, k=k, error=err)[0], "zscore")
+    tm = template_maps(hold, n=1, k=k, error=err)
+    _, fused, t_loo = template_statistics(hold, net.amax(dim=(1, 2, 3)), n=1, k=k, error=err, mode="zscore")
+    torch.testing.assert_close(t_loo, leave_one_out_normalized(tm, "zscore"))
+    torch.testing.assert_close(scores, fused, rtol=1e-5, atol=1e-5)
+    mixed = 0.75 * net + 0.25 * t_loo
+    assert thresholds == pytest.approx(thresholds_from_holdout(fused, mixed, cfg.train.threshold_quantile,
+                                                               cfg.train.pixel_threshold_quantile), rel=1e-5)
+    assert thresholds["pixel"] != pytest.approx(thresholds_from_holdout(
+        fused, net, cfg.train.threshold_quantile, cfg.train.pixel_threshold_quantile)["pixel"], rel=1e-3)
+    # new images: the mixed map, the score of w = 0
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    res = det.predict(images)
+    z_net = normalize_maps(compute_maps(det.model, images, n=n, k=k, error=err)[0], st, "zscore")
+    z_t = normalize_maps(template_maps(images, n=1, k=k, error=err),
+                         {"mean": st["template_mean"], "scale": st["template_scale"]}, "zscore")
+    amap = torch.as_tensor(np.asarray(res.anomaly_map))
+    torch.testing.assert_close(amap, (0.75 * z_net + 0.25 * z_t)[:, 0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(amap, z_net[:, 0], rtol=1e-2, atol=1e-3)
+    unmixed = compute_maps(det.model, images, n=n, k=k, error=err, normalize="zscore", stats=st,
+                           image_score="max+template", template_n=1)
+    torch.testing.assert_close(torch.as_tensor(np.asarray(res.pred_score)), unmixed[1], rtol=1e-4, atol=1e-5)
+    det.save(tmp_path / "m.fae")
+    assert Detector.load(tmp_path / "m.fae").config.map.template_weight == 0.25
+    for backend in ["torch"] + (["onnxruntime"] if ort.available() else []):
+        got = Engine.from_model_file(tmp_path / "m.fae", device="cpu", backend=backend).predict(images)
+        torch.testing.assert_close(torch.as_tensor(np.asarray(got.anomaly_map)), amap, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.as_tensor(np.asarray(got.pred_score)), unmixed[1], rtol=1e-4, atol=1e-5)
+    # the image score "max" has no template: the weight is unused, the map the network's (as at w = 0)
+    plain = Detector(cfg, device="cpu")
+    plain.model, plain.map_stats = det.model, det.map_stats
+    plain.config = FAEConfig.from_dict({**cfg.to_dict(), "map": {**cfg.to_dict()["map"], "image_score": "max"}})
+    assert "pixel map" not in plain.config.map.image_score_label()
+    torch.testing.assert_close(torch.as_tensor(np.asarray(plain.predict(images).anomaly_map)), z_net[:, 0],
+                               rtol=1e-4, atol=1e-5)
+    # w in [0, 1]
+    bad = preset("tiny")
+    bad.map.template_weight = 1.5
+    with pytest.raises(ValueError, match=r"map\.template_weight must be in \[0, 1\], got 1.5"):
+        bad.validate()
+    with pytest.raises(ValueError, match=r"template_weight .* must be in \[0, 1\], got -0.1"):
+        Engine(det.model, image_size=(32, 32), device="cpu", template_weight=-0.1)
 
 
 def test_training_passes_the_spread_window_to_the_statistics_and_thresholds(monkeypatch):

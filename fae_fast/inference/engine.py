@@ -262,6 +262,7 @@ class Engine:
             (:class:`fae_fast.scoring.MapNormalizer`; a model file trained with ``map.normalize`` brings both).
         image_score: "max" | "max+template" (``map.image_score``; ``map_stats`` then holds the template's too).
         template_n: the template's box-filter passes for "max+template" (``map.template_n``); None: ``n``.
+        template_weight: the template's share of the pixel map ("max+template" only, ``map.template_weight``).
         frame_scale: ``image_size`` is the frames' size, this many times the network's (``map.frame_scale``,
             "max+template" only): the network maps their area mean at its own size (``n``, ``k`` are its
             smoothing), the map comes back on the frame's pixels and the template reads the frame.
@@ -277,7 +278,7 @@ class Engine:
                  in_channels: int = 3, cudnn_benchmark: bool = True, compile_dynamic: bool | None = None,
                  backend: str = "auto", threads: int | None = None, normalize: str = "none",
                  map_stats: dict | None = None, image_score: str = "max", template_n: int | None = None,
-                 frame_scale: int = 1):
+                 frame_scale: int = 1, template_weight: float = 0.0):
         from .. import _backend
         from ..config import MapConfig, smoothing_for_size
 
@@ -363,7 +364,8 @@ class Engine:
         if residual:
             net.residual = False
         self.normalizer = MapNormalizer(normalize, map_stats, self.image_size, image_score=image_score, n=self.n,
-                                        k=self.k, error=self.error, template_n=template_n).to(self.device)
+                                        k=self.k, error=self.error, template_n=template_n,
+                                        template_weight=template_weight).to(self.device)
         self._pipeline = _Pipeline(net, self.dtype, self.n, self.k, map_fn, residual=residual,
                                    normalizer=self.normalizer, error=self.error,
                                    frame_scale=frame_scale).eval()
@@ -484,6 +486,7 @@ class Engine:
             kwargs.setdefault("map_stats", stats)
             kwargs.setdefault("image_score", mf.config.map.image_score)
             kwargs.setdefault("template_n", mf.config.map.template_n)
+            kwargs.setdefault("template_weight", mf.config.map.template_weight)
             if kwargs["image_score"] != "max":
                 kwargs.setdefault("frame_scale", int(mf.config.map.frame_scale))
         return cls(model.eval(), image_size=frame_size(mf.config.map, mf.image_size), **kwargs)

@@ -143,6 +143,7 @@ def export_triton_repo(model_file, repo, *, name: str = "fae", max_batch: int = 
     if meta["image_score"] != "max":  # the template's smoothing (map.template_n): its passes of the map's window
         meta["template_passes"] = str(eng.normalizer.n)
         meta["frame_scale"] = str(eng.frame_scale)  # frames at this many times the network's size
+        meta["template_weight"] = f"{eng.normalizer.template_weight:g}"  # its share of the pixel map
     del m.metadata_props[:]
     for key, value in meta.items():
         prop = m.metadata_props.add()
