@@ -141,7 +141,7 @@ class MapConfig:
     # the thresholds' quantiles are unchanged (the pixel threshold is read off the held-out images' mixed maps).
     # A crack the network repaired stays dark against where normal parts put their brightness: a tenth of the
     # template lifted KolektorSDD's pixel metrics on every seed at no cost to BSData's (docs/RESULTS.md). 0: the
-    # network's map alone (DESIGN.md)
+    # network's map alone (DESIGN.md); the CPU recipe's 0.1
     template_weight: float = 0.0
     # which normal images give the per-pixel statistics of the network's map (normalize): "holdout" (the held-out
     # ones) | "all" (the training images as well). The thresholds, the image scores' standardisation and the
@@ -509,6 +509,9 @@ def _cpu_recipe(cfg: FAEConfig) -> None:
     # models: BSData I-AUROC +1.9, every metric of every seed up; KolektorSDD +0.4, P-AUROC up on every seed,
     # AU-PRO down on one; the synthetic grey data's faint stains -0.9: docs/RESULTS.md)
     cfg.map.statistics = "all"
+    # a tenth of the template's z-map in the pixel map (the same models: KolektorSDD's P-AUROC +2.5 and AU-PRO +5.1,
+    # every seed up; BSData's and the synthetic grey data's faint stains level: docs/RESULTS.md)
+    cfg.map.template_weight = 0.1
 
 
 def frame_scale_of(cfg: MapConfig) -> int:
