@@ -136,9 +136,10 @@ class MapConfig:
     # synthetic grey data's large faint stains (-1.5, -4.0, -1.0), so it is not a preset's (docs/RESULTS.md). 1: the
     # network's size
     frame_scale: int = 1
-    # "max+template" only (ignored with "max"): the template's share w of the pixel map, (1 - w) x the network's normalised map + w x
-    # the template's (its map normalised by its own statistics, as the image score reads it); the image score and
-    # the thresholds' quantiles are unchanged (the pixel threshold is read off the held-out images' mixed maps).
+    # "max+template" only (ignored with "max"): the template's share w of the pixel map, (1 - w) x the network's
+    # normalised map + w x the template's (its map normalised by its own statistics, as the image score reads it);
+    # the image score and the thresholds' quantiles are unchanged (the pixel threshold is read off the held-out
+    # images' mixed maps).
     # A crack the network repaired stays dark against where normal parts put their brightness: a tenth of the
     # template lifted KolektorSDD's pixel metrics on every seed at no cost to BSData's (docs/RESULTS.md). 0: the
     # network's map alone (DESIGN.md); the CPU recipe's 0.1
