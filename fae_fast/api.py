@@ -474,7 +474,7 @@ class Detector:
         n, k = self.smoothing
         signature = (tuple(map(id, objects)), tuple(map(id, tensors)), versions, self.input_size, n, k,
                      self.config.map.error, mode, image_score, self.config.map.template_n,
-                     self.config.map.template_weight, frame_scale_of(self.config.map),
+                     self.config.map.template_weight,
                      self.config.model.in_channels, self.engine_backend, self.threads)
         cached = self._engine
         # the cache holds the objects themselves, so their ids cannot be reused by others while it lives
