@@ -2,44 +2,17 @@
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
 
 import torch
 
-from fae_fast.ablate import cpu_model
-
-
-def git_sha() -> str:
-    """The checkout's short commit; ``$FAE_FAST_COMMIT`` where the copy has no .git (the lent GPU machine)."""
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__),
-                                       stderr=subprocess.DEVNULL, text=True).strip()
-    except Exception:
-        return os.environ.get("FAE_FAST_COMMIT", "unknown")
+from fae_fast.inference.bench import machine_info as engine_machine_info
 
 
 def machine_info() -> dict:
-    """Names the machine: GPU (or CPU model and core count), torch/triton/CUDA versions, git sha."""
-    info = {
-        "machine": platform.node(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "git_sha": git_sha(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    else:
-        info["gpu"] = None
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-        info["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0")
-    except Exception:
-        info["triton"] = None
+    """Names the machine: the engine benchmark's record (host, CPU model and cores, GPU, versions, git commit)
+    plus whether Triton runs through its interpreter."""
+    info = engine_machine_info("cuda" if torch.cuda.is_available() else "cpu")
+    info["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0")
     return info
 
 

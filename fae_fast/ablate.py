@@ -306,8 +306,8 @@ def cpu_model() -> str:
 def machine_info(device="auto") -> dict:
     """The machine a result was measured on (name it in every result file): two VMs both called ``vm`` with the
     same core count trained the same recipe to different digits, so the CPU model is named too."""
-    return {"node": platform.node(), "processor": platform.processor() or platform.machine(), "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"node": platform.node(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
 
