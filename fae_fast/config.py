@@ -132,8 +132,8 @@ class MapConfig:
     # network its scale x scale area mean (rounded to uint8, so its map is exactly the usual one of that view),
     # and the network's map is replicated to the frame's pixels: frames, maps and masks are at scale x the
     # network's size. The template costs no training, and a thin crack or a pit of a few pixels is diluted less
-    # in a finer frame: 2 lifted both real sets' I-AUROC on every seed (BSData +0.9, KolektorSDD +0.8) and cost the
-    # synthetic grey data's large faint stains (-1.5, -4.0, -1.0), so it is not a preset's (docs/RESULTS.md). 1: the
+    # in a finer frame: 2 lifted both real sets' I-AUROC on every seed and cost the synthetic grey data's large
+    # faint stains less than that on one machine, more on another (docs/RESULTS.md); the CPU recipe's 2. 1: the
     # network's size
     frame_scale: int = 1
     # "max+template" only (ignored with "max"): the template's share w of the pixel map, (1 - w) x the network's
@@ -513,6 +513,10 @@ def _cpu_recipe(cfg: FAEConfig) -> None:
     # a tenth of the template's z-map in the pixel map (the same models: KolektorSDD's P-AUROC +2.5 and AU-PRO +5.1,
     # every seed up; BSData's and the synthetic grey data's faint stains level: docs/RESULTS.md)
     cfg.map.template_weight = 0.1
+    # the template reads frames at twice the network's size (I-AUROC up on every seed of both real sets, BSData
+    # +0.9, KolektorSDD +0.7, KolektorSDD's AU-PRO +2.0; the synthetic grey data's large faint stains -0.7, -0.5,
+    # -0.1, -1.6 by seed; +25% per batch in the CPU engine: docs/RESULTS.md)
+    cfg.map.frame_scale = 2
 
 
 def frame_scale_of(cfg: MapConfig) -> int:

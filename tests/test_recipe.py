@@ -411,6 +411,8 @@ def test_auto_preset_follows_the_device():
     assert preset("cpu").map.template_n == 1 and preset("default").map.template_n is None
     # and mixes a tenth of the template's z-map into its pixel map; the GPU recipe's map stays the network's
     assert preset("cpu").map.template_weight == 0.1 and preset("default").map.template_weight == 0
+    # and reads the template off frames at twice the network's size; the GPU recipe's frames are the network's
+    assert preset("cpu").map.frame_scale == 2 and preset("default").map.frame_scale == 1
     assert preset("default").train.loss == "squared"
 
 
@@ -430,8 +432,8 @@ def test_train_cli_names_the_chosen_recipe_and_threads_in_its_first_line(tmp_pat
     assert rc == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("train: preset cpu (auto: no GPU)") and "1 CPU threads" in first
-    assert ("zscore normalisation (all normal images), image score max+template (template 1 pass, 0.1 of the pixel "
-            "map)") in first
+    assert ("zscore normalisation (all normal images), image score max+template (template 1 pass, frames at 2x, 0.1 "
+            "of the pixel map)") in first
     assert "squared+ssim (1 - SSIM x0.01) loss" in first
     assert "2 steps" in first and "size 32x48" in first
 
