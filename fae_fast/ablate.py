@@ -533,14 +533,28 @@ def summarise(result: dict) -> dict:
     return result
 
 
+def _without_seed(config: dict | None) -> dict | None:
+    """``config`` without ``train.seed``."""
+    if not config or "seed" not in config.get("train", {}):
+        return config
+    return {**config, "train": {k: v for k, v in config["train"].items() if k != "seed"}}
+
+
 def merge_results(parts: list[dict]) -> dict:
     """One result from ablations run in parts (e.g. in parallel processes) on the same data and recipe."""
     if not parts:
         raise ValueError("nothing to merge")
     keys = ("dataset", "image_size", "steps", "smoothing_default", "config", "commit")
+
+    def same(key, part):
+        if key != "config":
+            return part.get(key) == parts[0].get(key)
+        # each run names its seed; a --score-models part's config is its first model's, training seed included
+        return _without_seed(part.get(key)) == _without_seed(parts[0].get(key))
+
     for part in parts[1:]:
         for key in keys:
-            if part.get(key) != parts[0].get(key):
+            if not same(key, part):
                 raise ValueError(f"cannot merge ablations with different {key}"
                                  + ("" if key == "config" else f": {parts[0].get(key)!r} vs {part.get(key)!r}"))
     out = copy.deepcopy(parts[0])

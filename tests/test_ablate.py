@@ -182,6 +182,13 @@ def test_merge_recomputes_mean_and_std_over_all_parts():
     d["config"] = {"model": {"widths": [8, 16]}}
     with pytest.raises(ValueError, match="different config"):
         merge_results([a, d])
+    # parts of `--score-models` carry their first model's config, its training seed included: runs name theirs
+    f, g = _part("fae", [1]), _part("fae", [2])
+    f["config"]["train"], g["config"]["train"] = {"seed": 1, "steps": 5}, {"seed": 2, "steps": 5}
+    assert [r["seed"] for r in merge_results([f, g])["runs"]] == [1, 2]
+    g["config"]["train"]["steps"] = 6
+    with pytest.raises(ValueError, match="different config"):
+        merge_results([f, g])
     e = _part("opaque", [0])
     e["commit"] = "def"
     with pytest.raises(ValueError, match="different commit"):  # comparisons run on one commit
