@@ -514,8 +514,8 @@ def _cpu_recipe(cfg: FAEConfig) -> None:
     # every seed up; BSData's and the synthetic grey data's faint stains level: docs/RESULTS.md)
     cfg.map.template_weight = 0.1
     # the template reads frames at twice the network's size (I-AUROC up on every seed of both real sets, BSData
-    # +0.9, KolektorSDD +0.7, KolektorSDD's AU-PRO +2.0; the synthetic grey data's large faint stains -0.7, -0.5,
-    # -0.1, -1.6 by seed; +25% per batch in the CPU engine: docs/RESULTS.md)
+    # +0.9, KolektorSDD +0.7, KolektorSDD's AU-PRO +2.0; the synthetic grey data's large faint stains -0.5, -0.1,
+    # -1.6 by seed, their AU-PRO up; +25% per batch in the CPU engine: docs/RESULTS.md)
     cfg.map.frame_scale = 2
 
 
