@@ -27,10 +27,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
 
 
+@pytest.fixture(scope="session")
+def machine():
+    """The machine and versions, read once per session (the commit takes two git calls)."""
+    return machine_info()
+
+
 @pytest.fixture
-def bench_info(benchmark):
+def bench_info(benchmark, machine):
     """Fills benchmark.extra_info with the machine and versions; returns the dict for op-specific keys."""
-    benchmark.extra_info.update(machine_info())
+    benchmark.extra_info.update(machine)
     return benchmark.extra_info
 
 
