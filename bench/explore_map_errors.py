@@ -56,7 +56,8 @@ def score_model(path: Path, data: Path, weights) -> list[dict]:
     rows = []
     for kind, maps in test_maps.items():
         z = normalize_maps(maps, map_statistics(hold_maps[kind]), "zscore")
-        res = evaluate(z.amax(dim=(1, 2, 3)).numpy(), z[:, 0].numpy(), labels, masks, test.defect_types)
+        res = evaluate(z.amax(dim=(1, 2, 3)).numpy(), z[:, 0].numpy(), labels, masks, test.defect_types,
+                       regions=test.regions[:, 0].numpy())
         rows.append({"model": str(path), "seed": int(cfg.train.seed), "kind": kind, "n": n, "k": k,
                      **{m: float(res["overall"][m]) for m in METRICS},
                      "per_defect": {t: {m: float(v[m]) for m in METRICS} for t, v in res["per_defect"].items()}})

@@ -219,6 +219,7 @@ class _Scorer:
         self.frame_scale = int(frame_scale)  # the images are frames at this many times the network's size
         self.pool = pool_images
         self.labels, self.masks = test.labels.numpy(), test.masks[:, 0].numpy()
+        self.regions = test.regions[:, 0].numpy()
         self.image_score, self.template_n, self.template_weight = image_score, template_n, template_weight
         self._templates: dict = {}  # setting -> (test, held-out) template maps: no network in them, so every model
         # this scorer sees (seeds' checkpoints, learning-curve points) shares them
@@ -262,7 +263,8 @@ class _Scorer:
                     continue
                 maps, scores = self._scored(normalize_maps(test[s][0], stats, mode), s, mode,
                                             hold[s][0] if s in hold else None, pool_maps)
-                res = evaluate(scores.numpy(), maps[:, 0].numpy(), self.labels, self.masks, self.test.defect_types)
+                res = evaluate(scores.numpy(), maps[:, 0].numpy(), self.labels, self.masks, self.test.defect_types,
+                               regions=self.regions)
                 res["edge_max_fraction_good"] = edge_max_fraction(maps[good]) if good.any() else float("nan")
                 out[(*s, mode)] = res
         return out

@@ -536,13 +536,14 @@ class Detector:
         test = load_test_set(Path(root), self.input_size, keep_aspect=self.config.train.keep_aspect)
         _, maps, scores = self.anomaly_maps(test.images, batch_size=batch_size)
         result = evaluate(scores.numpy(), maps[:, 0].numpy(), test.labels.numpy(), test.masks[:, 0].numpy(),
-                          test.defect_types)
+                          test.defect_types, regions=test.regions[:, 0].numpy())
         result["thresholds"] = dict(self.thresholds)
         if report is not None:
             from .report import write_report
 
             write_report(report, result, scores=scores.numpy(), labels=test.labels.numpy(),
                          maps=maps[:, 0].numpy(), masks=test.masks[:, 0].numpy(),
+                         regions=test.regions[:, 0].numpy(),
                          images=test.images.permute(0, 2, 3, 1).numpy(), defect_types=test.defect_types,
                          paths=[str(p) for p in test.paths], image_threshold=self.thresholds["image"],
                          pixel_threshold=self.thresholds["pixel"], title=f"fae_fast report: {Path(root).name}")

@@ -302,7 +302,8 @@ def cmd_eval(args) -> int:
         return 0
     scores, maps = scores.numpy(), maps[:, 0].numpy()
     labels, masks = test.labels.numpy(), test.masks[:, 0].numpy()
-    result = evaluate(scores, maps, labels, masks, test.defect_types)
+    regions = test.regions[:, 0].numpy()
+    result = evaluate(scores, maps, labels, masks, test.defect_types, regions=regions)
     result["thresholds"] = dict(det.thresholds)
     print(format_table(result), flush=True)
     if args.json:
@@ -311,7 +312,7 @@ def cmd_eval(args) -> int:
     if args.report:
         from .report import write_report
 
-        write_report(args.report, result, scores=scores, labels=labels, maps=maps, masks=masks,
+        write_report(args.report, result, scores=scores, labels=labels, maps=maps, masks=masks, regions=regions,
                      images=test.images.permute(0, 2, 3, 1).numpy(), defect_types=test.defect_types,
                      paths=[str(p) for p in test.paths], image_threshold=det.thresholds["image"],
                      pixel_threshold=det.thresholds["pixel"], title=f"fae_fast report: {Path(args.data).name}")

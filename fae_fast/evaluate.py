@@ -9,7 +9,10 @@ distinct score value, and the AUROC equals the trapezoidal area of that curve (t
 half credit for ties).
 
 AU-PRO follows the MVTec AD reference (``evaluate_experiment.py`` / ``pro_curve_util.py``): ground-truth regions
-are the 8-connected components of each mask (``cv2.connectedComponents``); at every distinct threshold t the
+are the 8-connected components of each mask (``cv2.connectedComponents``) -- or, with ``regions``, the region ids
+the caller found where the mask was drawn: the reference scores maps at the masks' native size, and a thin
+defect whose mask is shrunk to the maps' size falls apart into slivers that would each count as much as a whole
+defect (:func:`fae_fast.data.io.resize_regions`); at every distinct threshold t the
 PRO is the mean over *all* regions of the data set of the fraction of the region with score >= t, the FPR is the
 fraction of normal pixels (of good and defective images) with score >= t; the curve starts at (0, 0), is
 integrated with the trapezoidal rule up to ``fpr_limit`` -- interpolating linearly on the segment that crosses
@@ -146,6 +149,23 @@ def _pixel_inputs(maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
     return m, k
 
 
+def _region_inputs(regions: Any, masks: np.ndarray) -> np.ndarray | None:
+    """Integer region ids (N, H, W) that are > 0 exactly where ``masks`` is True; None stays None."""
+    if regions is None:
+        return None
+    a = _squeeze_maps(_to_numpy(regions, "regions"), "regions")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"regions must hold integer region ids, got dtype {a.dtype}")
+    if a.shape != masks.shape:
+        raise ValueError(f"regions {a.shape} and masks {masks.shape} must have the same (N, H, W) shape")
+    bad = (a > 0) != masks
+    if bad.any():
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), a.shape))
+        raise ValueError(f"regions must be > 0 exactly where masks is True; {int(bad.sum())} pixel(s) differ, "
+                         f"the first at index {first}")
+    return a
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the ranked representation every metric is computed from
 # ----------------------------------------------------------------------------------------------------------
@@ -239,9 +259,11 @@ def _rank_images(scores: np.ndarray, labels: np.ndarray) -> _Ranked:
     return _Ranked([np.sort(scores[~labels])], np.sort(scores[labels]))
 
 
-def _rank_pixels(maps: np.ndarray, masks: np.ndarray, idx: np.ndarray | None = None) -> _Ranked:
+def _rank_pixels(maps: np.ndarray, masks: np.ndarray, idx: np.ndarray | None = None,
+                 regions: np.ndarray | None = None) -> _Ranked:
     """Collect the normal and defective pixels of images ``idx`` into preallocated arrays (peak memory: one
-    copy of the selected pixels), sort them, and weight each defective pixel by 1 / its region size."""
+    copy of the selected pixels), sort them, and weight each defective pixel by 1 / its region size (regions:
+    each image's ``regions`` ids, else the 8-connected components of its mask)."""
     import cv2
 
     idx = np.arange(maps.shape[0]) if idx is None else np.asarray(idx)
@@ -261,10 +283,14 @@ def _rank_pixels(maps: np.ndarray, masks: np.ndarray, idx: np.ndarray | None = N
             continue
         neg[o_neg:o_neg + n_px - nd] = m[~k]
         pos[o_pos:o_pos + nd] = m[k]
-        n_lab, lab = cv2.connectedComponents(k.astype(np.uint8), connectivity=8)
-        sizes = np.bincount(lab.ravel(), minlength=n_lab)
-        w[o_pos:o_pos + nd] = 1.0 / sizes[lab[k]]
-        n_regions += n_lab - 1
+        if regions is None:
+            lab = cv2.connectedComponents(k.astype(np.uint8), connectivity=8)[1]
+        else:
+            lab = regions[i]
+        ids = lab[k]
+        sizes = np.bincount(ids)
+        w[o_pos:o_pos + nd] = 1.0 / sizes[ids]
+        n_regions += int(np.count_nonzero(sizes))
         o_neg += n_px - nd
         o_pos += nd
     neg.sort()
@@ -463,10 +489,10 @@ def pixel_f1max(maps: Any, masks: Any) -> tuple[float, float]:
     return _f1max(_rank_pixels(m, k), "pixel_f1max", "pixels")
 
 
-def pixel_aupro(maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
+def pixel_aupro(maps: Any, masks: Any, fpr_limit: float = 0.3, *, regions: Any = None) -> float:
     """Normalised area under the per-region-overlap curve up to ``fpr_limit`` (MVTec AD's AU-PRO).
 
-    Regions are the 8-connected components of each image's mask; PRO(t) is the mean over all regions of the
+    Regions are the 8-connected components of each image's mask (or its ``regions`` ids); PRO(t) is the mean over all regions of the
     fraction of the region with map >= t; FPR(t) the fraction of normal pixels with map >= t. The curve through
     (0, 0) and one point per distinct map value is integrated with the trapezoidal rule up to ``fpr_limit``
     (the crossing segment linearly interpolated) and divided by ``fpr_limit``: a perfect map gives 1.0, a
@@ -476,13 +502,15 @@ def pixel_aupro(maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
         maps: (N, H, W) or (N, 1, H, W) float anomaly maps.
         masks: same shape, bool ground truth.
         fpr_limit: upper integration limit in (0, 1]; 0.3 in the MVTec AD papers.
+        regions: None, or integer (N, H, W) region ids, > 0 exactly where ``masks`` is True (ids count per image):
+            the defects as they were drawn, e.g. :func:`fae_fast.data.io.resize_regions`.
 
     Returns:
         AU-PRO in [0, 1]; nan with a warning when there is no defective or no normal pixel.
     """
     fpr_limit = _check_limit(fpr_limit)
     m, k = _pixel_inputs(maps, masks)
-    return _aupro(_rank_pixels(m, k), fpr_limit)
+    return _aupro(_rank_pixels(m, k, regions=_region_inputs(regions, k)), fpr_limit)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -545,8 +573,8 @@ def pr_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarr
             t[::-1].astype(np.float64))
 
 
-def pro_curve(maps: Any, masks: Any, fpr_limit: float = 0.3,
-              max_points: int | None = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pro_curve(maps: Any, masks: Any, fpr_limit: float = 0.3, max_points: int | None = 1000, *,
+              regions: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-region-overlap curve up to ``fpr_limit`` (the curve that :func:`pixel_aupro` integrates).
 
     Args:
@@ -557,6 +585,7 @@ def pro_curve(maps: Any, masks: Any, fpr_limit: float = 0.3,
             with FPR(t) < fpr_limit, in decreasing t; memory grows with the number of distinct values). An int
             samples that many normal-pixel thresholds evenly by rank, each giving the two exact curve vertices
             just above and at it: the polyline is exact at its vertices and fine for plotting.
+        regions: as in :func:`pixel_aupro`.
 
     Returns:
         (fpr, pro, thresholds), each (P,), fpr non-decreasing from 0 to ``fpr_limit``; the point at threshold t
@@ -564,7 +593,7 @@ def pro_curve(maps: Any, masks: Any, fpr_limit: float = 0.3,
     """
     fpr_limit = _check_limit(fpr_limit)
     m, k = _pixel_inputs(maps, masks)
-    r = _rank_pixels(m, k)
+    r = _rank_pixels(m, k, regions=_region_inputs(regions, k))
     neg = r.negs[0]  # a single sorted part here
     if r.n_regions == 0 or r.n_pos == 0 or r.n_neg == 0:
         _warn("pro_curve: no defective or no normal pixel, the PRO curve is undefined")
@@ -628,7 +657,7 @@ def _metrics(ri: _Ranked, rp: _Ranked | None, fpr_limit: float, n_pixels: int) -
 
 
 def evaluate(scores: Any, maps: Any, labels: Any, masks: Any, defect_types: Sequence[str] | None = None, *,
-             fpr_limit: float = 0.3) -> dict[str, Any]:
+             fpr_limit: float = 0.3, regions: Any = None) -> dict[str, Any]:
     """All metrics of DESIGN.md section 1.7, overall and per defect type (the MVTec AD convention).
 
     Per defect type, the metrics are computed on that type's defective images plus *all* good images. Each
@@ -645,6 +674,8 @@ def evaluate(scores: Any, maps: Any, labels: Any, masks: Any, defect_types: Sequ
         defect_types: (N,) names such as "crack"; good images' names are ignored (e.g. "good"). None: only
             ``overall``.
         fpr_limit: integration limit of AU-PRO.
+        regions: AU-PRO's regions, as in :func:`pixel_aupro` (:class:`fae_fast.data.TestSet` ``.regions``);
+            None: the 8-connected components of each mask.
 
     Returns:
         ``{"overall": m, "per_defect": {type: m, ...}, "fpr_limit": float}`` where each ``m`` has the fractions
@@ -661,8 +692,11 @@ def evaluate(scores: Any, maps: Any, labels: Any, masks: Any, defect_types: Sequ
     m = k = None
     if (maps is None) != (masks is None):
         raise ValueError("maps and masks must be given together (or both None)")
+    if maps is None and regions is not None:
+        raise ValueError("regions needs maps and masks")
     if maps is not None:
         m, k = _pixel_inputs(maps, masks)
+        regions = _region_inputs(regions, k)
         if m.shape[0] != n:
             raise ValueError(f"maps has {m.shape[0]} images but scores has {n}")
         bad = np.flatnonzero(~y & k.any(axis=(1, 2)))
@@ -680,7 +714,7 @@ def evaluate(scores: Any, maps: Any, labels: Any, masks: Any, defect_types: Sequ
     good = np.flatnonzero(~y)
     n_px = 0 if m is None else m.shape[1] * m.shape[2]
     ri_good = _Ranked([np.sort(s[good])], s[:0])
-    rp_good = _rank_pixels(m, k, good) if m is not None else None
+    rp_good = _rank_pixels(m, k, good, regions) if m is not None else None
 
     per_defect: dict[str, Any] = {}
     ri_all, rp_all = ri_good, rp_good
@@ -690,7 +724,7 @@ def evaluate(scores: Any, maps: Any, labels: Any, masks: Any, defect_types: Sequ
         ri = ri_good.merged(ri_t)
         rp = None
         if m is not None:
-            rp_t = _rank_pixels(m, k, idx)
+            rp_t = _rank_pixels(m, k, idx, regions)
             rp = rp_good.merged(rp_t)
             rp_all = rp_all.merged(rp_t)
             del rp_t
@@ -702,7 +736,7 @@ def evaluate(scores: Any, maps: Any, labels: Any, masks: Any, defect_types: Sequ
         idx = np.flatnonzero(y)
         ri_all = _Ranked([np.sort(s[good])], np.sort(s[idx]))
         if m is not None and idx.size:
-            rp_all = rp_good.merged(_rank_pixels(m, k, idx))
+            rp_all = rp_good.merged(_rank_pixels(m, k, idx, regions))
     overall = _metrics(ri_all, rp_all, fpr_limit, n * n_px)
     return {"overall": overall, "per_defect": per_defect, "fpr_limit": fpr_limit}
 

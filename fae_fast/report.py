@@ -369,11 +369,11 @@ def _pr_svg(scores, labels, f1, thr) -> str:
     return p.svg()
 
 
-def _pro_svg(maps, masks, fpr_limit, aupro) -> str:
+def _pro_svg(maps, masks, fpr_limit, aupro, regions=None) -> str:
     p = _Plot(f"PRO curve (FPR <= {fpr_limit:g})", (0, fpr_limit), (0, 1), "false positive rate (pixels)",
               "per-region overlap", legend_at="br")
     if maps is not None and masks is not None and np.any(masks):
-        fpr, pro, _ = pro_curve(maps, masks, fpr_limit=fpr_limit, max_points=500)
+        fpr, pro, _ = pro_curve(maps, masks, fpr_limit=fpr_limit, max_points=500, regions=regions)
         p.line(fpr, pro, _DEFECT, f"PRO, AU-PRO {_pct(aupro)}%")
     return p.svg()
 
@@ -457,7 +457,8 @@ figcaption { font-size: 12px; } .path { color: #666; word-break: break-all; }
 def write_report(out_dir: str | os.PathLike, result: dict, *, scores: Any, labels: Any, maps: Any = None,
                  masks: Any = None, images: Any = None, defect_types: Sequence[str] | None = None,
                  paths: Sequence[str] | None = None, image_threshold: float | None = None,
-                 pixel_threshold: float | None = None, title: str = "fae_fast report", n_worst: int = 8) -> Path:
+                 pixel_threshold: float | None = None, title: str = "fae_fast report", n_worst: int = 8,
+                 regions: Any = None) -> Path:
     """Write ``out_dir/report.html``, a single self-contained page (atomically: temp file + ``os.replace``).
 
     Args:
@@ -466,6 +467,7 @@ def write_report(out_dir: str | os.PathLike, result: dict, *, scores: Any, label
         scores: (N,) image scores; labels: (N,) bool/0-1, True = defective.
         maps: (N, H, W) or (N, 1, H, W) float anomaly maps (None: no PRO curve and no overlays).
         masks: maps-shaped bool ground truth (its contour is drawn in green), or None.
+        regions: AU-PRO's regions for the PRO curve, as in :func:`fae_fast.evaluate.evaluate` (give the same).
         images: (N, H, W, 3) RGB uint8 array, or a sequence of per-image arrays (any size, also
             (3, H, W) or float in [0, 1]) or file paths; None draws the maps on black.
         defect_types: (N,) names shown in the captions; paths: (N,) file names shown in the captions.
@@ -535,7 +537,7 @@ def write_report(out_dir: str | os.PathLike, result: dict, *, scores: Any, label
         "<h2>Curves</h2>", '<div class="plots">',
         _roc_svg(s, y, overall.get("image_auroc")),
         _pr_svg(s, y, overall.get("image_f1max"), overall.get("image_f1_threshold", float("nan"))),
-        _pro_svg(m, k, fpr_limit, overall.get("pixel_aupro")),
+        _pro_svg(m, k, fpr_limit, overall.get("pixel_aupro"), regions if k is not None else None),
         _hist_svg(s, y, image_threshold),
         "</div>",
         f'<h2>Worst false positives: highest-scoring good images</h2>'

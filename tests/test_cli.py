@@ -24,6 +24,12 @@ def test_eval_writes_the_metrics_json(tiny, capsys):
         v = res["overall"][key]
         assert v is None or 0.0 <= v <= 1.0
     assert set(res["per_defect"]) == {p.name for p in (data / "test").iterdir() if p.name != "good"}
+    # AU-PRO's regions are the defects as drawn: the components of each mask at its native size
+    import cv2
+
+    drawn = sum(cv2.connectedComponents((cv2.imread(str(p), 0) > 127).astype(np.uint8), connectivity=8)[0] - 1
+                for p in (data / "ground_truth").rglob("*_mask.png"))
+    assert res["overall"]["n_regions"] == drawn > 0
 
 
 def test_predict_writes_overlays_masks_csv_and_json(tiny):

@@ -139,6 +139,32 @@ def test_read_mask_threshold_and_resize(tmp_path):
         read_mask(tmp_path / "nope_mask.png", (4, 4))
 
 
+def test_resize_regions_keeps_a_thin_defect_whole():
+    # a diagonal crack one to two pixels wide: shrunk 2.2x, the mask rule keeps only part of it, and the kept
+    # pixels fall apart into pieces; as regions found at the native size they stay one defect
+    m = np.zeros((40, 40), bool)
+    for y in range(2, 38):
+        m[y, y] = True
+        if y % 3:
+            m[y, y + 1] = True
+    m[30:34, 4:8] = True  # a second defect
+    small = io.resize_mask(m, (18, 18))
+    n_pieces = cv2.connectedComponents(small.astype(np.uint8), connectivity=8)[0] - 1
+    reg = io.resize_regions(m, (18, 18))
+    assert reg.dtype == np.int32 and reg.shape == (18, 18)
+    np.testing.assert_array_equal(reg > 0, small)  # the same pixels as the mask rule
+    assert n_pieces == 5 and sorted(np.unique(reg[reg > 0]).tolist()) == [1, 2]
+    assert reg[14, 2] == 2 and (reg[small][reg[small] != 2] == 1).all()  # the square keeps its own id
+    # unchanged size: the components themselves; keep_aspect pads the ids like the mask
+    np.testing.assert_array_equal(io.resize_regions(m, (40, 40)),
+                                  cv2.connectedComponents(m.astype(np.uint8), connectivity=8)[1])
+    wide = io.resize_regions(m, (20, 30), keep_aspect=True)
+    np.testing.assert_array_equal(wide > 0, io.resize_mask(m, (20, 30), keep_aspect=True))
+    assert set(np.unique(wide).tolist()) == {0, 1, 2}
+    assert not io.resize_regions(np.zeros((8, 8), bool), (4, 4)).any()
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
 # ------------------------------------------------------------------------------------------------ bad inputs
 
 
@@ -255,6 +281,8 @@ def test_load_test_set(tmp_path):
     assert ts.labels.tolist() == [1, 1, 0, 1, 1] and ts.labels.dtype == torch.int64
     assert ts.defect_types == ["crack", "crack", "good", "scratch", "scratch"]
     assert not ts.masks[2].any()
+    assert ts.regions.shape == (5, 1, 8, 10) and ts.regions.dtype == torch.int32
+    torch.testing.assert_close(ts.regions > 0, ts.masks)
     # rows 4:8, cols 5:10 of 16x20 -> rows 2:4, cols 2.5:5 of 8x10; column 2 is half covered and kept
     expect = np.zeros((8, 10), bool)
     expect[2:4, 2:5] = True

@@ -266,6 +266,52 @@ def test_aupro_uses_8_connectivity():
     assert res["overall"]["n_regions"] == 2
 
 
+def test_aupro_regions_given_by_the_caller():
+    # _MASK_AB's pixels as ONE defect (ids 1, 1, 1): the regions the caller found where the mask was drawn
+    # replace the components of the mask. Sweep: t=.9 -> (0, 1/3); .8 -> (1/7, 1/3); .7 -> (1/7, 2/3); .6 ->
+    # (2/7, 2/3); .5 -> (2/7, 1). Area to 0.3: 1/3 * 1/7 + 2/3 * 1/7 + 1 * (0.3 - 2/7) = 0.3 - 1/7; as two regions
+    # the same map gives 11/21 (test_aupro_hand_worked_two_regions), as one it is the pixel-weighted PRO
+    m = np.array([[0.9, 0.5, 0.8, 0.6, 0.4, 0.7, 0.3, 0.2, 0.1, 0.0]])[None]
+    one = _MASK_AB.astype(np.int32)[None]
+    assert ev.pixel_aupro(m, _MASK_AB[None], regions=one) == pytest.approx((0.3 - 1 / 7) / 0.3, abs=1e-12)
+    # the components themselves as ids give the components' result, also in evaluate() and the curve
+    two = one.copy()
+    two[0, 0, 5] = 7
+    assert ev.pixel_aupro(m, _MASK_AB[None], regions=two) == pytest.approx(11 / 21, abs=1e-12)
+    maps, masks = _random_pixels(4)
+    import cv2
+    comps = np.stack([cv2.connectedComponents(k.astype(np.uint8), connectivity=8)[1] for k in masks])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)
+        labels = masks.any(axis=(1, 2))
+        scores = maps.max(axis=(1, 2))
+        a = ev.evaluate(scores, maps, labels, masks, ["d"] * len(maps))
+        b = ev.evaluate(scores, maps, labels, masks, ["d"] * len(maps), regions=comps)
+        merged = ev.evaluate(scores, maps, labels, masks, ["d"] * len(maps), regions=masks.astype(np.uint8))
+    assert a == b
+    # one region per image: as many regions as defective images, and AU-PRO moves
+    assert merged["overall"]["n_regions"] == int(labels.sum()) < a["overall"]["n_regions"]
+    assert merged["overall"]["pixel_aupro"] != a["overall"]["pixel_aupro"]
+    assert merged["per_defect"]["d"]["pixel_aupro"] == merged["overall"]["pixel_aupro"]
+    f, p, _ = ev.pro_curve(maps, masks, max_points=None, regions=masks.astype(np.uint8))
+    assert np.sum(0.5 * (p[1:] + p[:-1]) * np.diff(f)) / 0.3 == pytest.approx(merged["overall"]["pixel_aupro"])
+
+
+def test_aupro_regions_must_match_the_masks():
+    m, k = np.zeros((1, 1, 10)), _MASK_AB[None]
+    bad = k.astype(np.int32)
+    bad[0, 0, 9] = 2  # a region id on a normal pixel
+    with pytest.raises(ValueError, match=r"regions must be > 0 exactly where masks is True; 1 pixel\(s\) differ, "
+                                         r"the first at index \(0, 0, 9\)"):
+        ev.pixel_aupro(m, k, regions=bad)
+    with pytest.raises(TypeError, match="integer region ids"):
+        ev.pixel_aupro(m, k, regions=k.astype(np.float32))
+    with pytest.raises(ValueError, match="regions"):
+        ev.evaluate([0.0], m, [1], k, regions=k.astype(np.int32)[:, :, :5])
+    with pytest.raises(ValueError, match="regions needs maps and masks"):
+        ev.evaluate([0.0, 1.0], None, [0, 1], None, regions=k.astype(np.int32))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # degenerate inputs and evaluate()
 # ------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch
 
 from .. import _atomic
 from .io import (IMAGE_EXTS, check_image_size, list_images, read_image, read_mask, resize_image,
-                 resize_mask)
+                 resize_regions)
 
 __all__ = ["TestItem", "MVTecCategory", "is_mvtec", "normal_image_paths", "load_images", "TestSet",
            "load_test_set", "TrainSampler", "default_workers", "parallel_map"]
@@ -298,6 +298,8 @@ class TestSet:
     Attributes:
         images: ``uint8 (N, 3, H, W)``.
         masks: ``bool (N, 1, H, W)``, all False for normal images.
+        regions: ``int32 (N, 1, H, W)``, each mask's defects as region ids (> 0 exactly where ``masks`` is True),
+            found at the mask's native size (:func:`fae_fast.data.io.resize_regions`): AU-PRO's regions.
         labels: ``int64 (N,)``, 0 normal, 1 defective.
         defect_types: ``list[str]`` of length N.
         paths: ``list[Path]`` of length N.
@@ -310,6 +312,7 @@ class TestSet:
     labels: torch.Tensor
     defect_types: list[str]
     paths: list[pathlib.Path]
+    regions: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -320,7 +323,8 @@ def load_test_set(root: PathLike, size: Sequence[int], keep_aspect: bool = False
     """Decodes the test split of an MVTec category with its masks.
 
     Masks are read at their native size and compared with their image's native size first (a mismatch is a
-    labelling error that a resize would hide), then resized with the mask rule of :mod:`fae_fast.data.io`.
+    labelling error that a resize would hide), then resized with the mask rule of :mod:`fae_fast.data.io`; their
+    defects are labelled as regions before the resize (``TestSet.regions``).
 
     Args:
         root: the category folder.
@@ -340,6 +344,7 @@ def load_test_set(root: PathLike, size: Sequence[int], keep_aspect: bool = False
     n = len(items)
     images = np.empty((n, 3, H, W), dtype=np.uint8)
     masks = np.zeros((n, 1, H, W), dtype=bool)
+    regions = np.zeros((n, 1, H, W), dtype=np.int32)
 
     def _one(i: int) -> None:
         it = items[i]
@@ -349,13 +354,15 @@ def load_test_set(root: PathLike, size: Sequence[int], keep_aspect: bool = False
             if m.shape != img.shape[:2]:
                 raise ValueError(f"mask {it.mask_path} is {m.shape[1]}x{m.shape[0]} (WxH) but its image "
                                  f"{it.path} is {img.shape[1]}x{img.shape[0]}")
-            masks[i, 0] = resize_mask(m, (H, W), keep_aspect)
+            regions[i, 0] = resize_regions(m, (H, W), keep_aspect)
+            masks[i, 0] = regions[i, 0] > 0
         images[i] = resize_image(img, (H, W), keep_aspect).transpose(2, 0, 1)
 
     parallel_map(_one, range(n), workers)
     return TestSet(images=torch.from_numpy(images), masks=torch.from_numpy(masks),
                    labels=torch.tensor([it.label for it in items], dtype=torch.int64),
-                   defect_types=[it.defect_type for it in items], paths=[it.path for it in items])
+                   defect_types=[it.defect_type for it in items], paths=[it.path for it in items],
+                   regions=torch.from_numpy(regions))
 
 
 # ----------------------------------------------------------------------------------------------------------------
