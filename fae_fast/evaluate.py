@@ -287,10 +287,9 @@ def _rank_pixels(maps: np.ndarray, masks: np.ndarray, idx: np.ndarray | None = N
             lab = cv2.connectedComponents(k.astype(np.uint8), connectivity=8)[1]
         else:
             lab = regions[i]
-        ids = lab[k]
-        sizes = np.bincount(ids)
-        w[o_pos:o_pos + nd] = 1.0 / sizes[ids]
-        n_regions += int(np.count_nonzero(sizes))
+        _, which, sizes = np.unique(lab[k], return_inverse=True, return_counts=True)  # any ids, per image
+        w[o_pos:o_pos + nd] = 1.0 / sizes[which]
+        n_regions += sizes.size
         o_neg += n_px - nd
         o_pos += nd
     neg.sort()
@@ -492,8 +491,8 @@ def pixel_f1max(maps: Any, masks: Any) -> tuple[float, float]:
 def pixel_aupro(maps: Any, masks: Any, fpr_limit: float = 0.3, *, regions: Any = None) -> float:
     """Normalised area under the per-region-overlap curve up to ``fpr_limit`` (MVTec AD's AU-PRO).
 
-    Regions are the 8-connected components of each image's mask (or its ``regions`` ids); PRO(t) is the mean over all regions of the
-    fraction of the region with map >= t; FPR(t) the fraction of normal pixels with map >= t. The curve through
+    Regions are the 8-connected components of each image's mask (or its ``regions`` ids); PRO(t) is the mean over
+    all regions of the fraction of the region with map >= t; FPR(t) the fraction of normal pixels with map >= t. The curve through
     (0, 0) and one point per distinct map value is integrated with the trapezoidal rule up to ``fpr_limit``
     (the crossing segment linearly interpolated) and divided by ``fpr_limit``: a perfect map gives 1.0, a
     constant map ``fpr_limit / 2``.

@@ -48,8 +48,8 @@ from ..config import check_image_size
 __all__ = [
     "map_to_original",
     "IMAGE_EXTS", "ImageList", "list_images", "read_image", "read_mask", "decode_image", "resize_image",
-    "resize_mask", "resize_regions", "fit_inside", "reflect_indices", "check_image_file", "sniff_format", "header_size",
-    "image_size_of", "max_image_pixels", "DEFAULT_MAX_IMAGE_PIXELS", "open_regular_file",
+    "resize_mask", "resize_regions", "fit_inside", "reflect_indices", "check_image_file", "sniff_format",
+    "header_size", "image_size_of", "max_image_pixels", "DEFAULT_MAX_IMAGE_PIXELS", "open_regular_file",
 ]
 
 log = logging.getLogger(__name__)
