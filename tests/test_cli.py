@@ -24,12 +24,35 @@ def test_eval_writes_the_metrics_json(tiny, capsys):
         v = res["overall"][key]
         assert v is None or 0.0 <= v <= 1.0
     assert set(res["per_defect"]) == {p.name for p in (data / "test").iterdir() if p.name != "good"}
-    # AU-PRO's regions are the defects as drawn: the components of each mask at its native size
+
+
+def test_eval_counts_a_thin_crack_shrunk_to_the_model_as_one_region(tiny, tmp_path):
+    # AU-PRO's regions are the defects as drawn: a 1-2 px diagonal crack drawn at 72 x 72, shrunk to the
+    # model's 32 x 32, breaks into pieces, yet eval counts it as one region
+    import shutil
+
     import cv2
 
+    from fae_fast.data.io import resize_mask
+
+    _, data, model = tiny
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    img = next((copy / "test" / "scratch").glob("*.png"))
+    cv2.imwrite(str(img), cv2.resize(cv2.imread(str(img)), (72, 72)))
+    crack = np.zeros((72, 72), np.uint8)
+    for y in range(4, 68):
+        crack[y, y] = 255
+        if y % 3:
+            crack[y, y + 1] = 255
+    cv2.imwrite(str(copy / "ground_truth" / "scratch" / f"{img.stem}_mask.png"), crack)
+    pieces = cv2.connectedComponents(resize_mask(crack > 127, (32, 32)).astype(np.uint8), connectivity=8)[0] - 1
+    assert pieces > 1  # the case this test is about
     drawn = sum(cv2.connectedComponents((cv2.imread(str(p), 0) > 127).astype(np.uint8), connectivity=8)[0] - 1
-                for p in (data / "ground_truth").rglob("*_mask.png"))
-    assert res["overall"]["n_regions"] == drawn > 0
+                for p in (copy / "ground_truth").rglob("*_mask.png"))
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--model", str(model), "--data", str(copy), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["overall"]["n_regions"] == drawn
 
 
 def test_predict_writes_overlays_masks_csv_and_json(tiny):
