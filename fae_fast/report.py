@@ -537,7 +537,7 @@ def write_report(out_dir: str | os.PathLike, result: dict, *, scores: Any, label
         "<h2>Curves</h2>", '<div class="plots">',
         _roc_svg(s, y, overall.get("image_auroc")),
         _pr_svg(s, y, overall.get("image_f1max"), overall.get("image_f1_threshold", float("nan"))),
-        _pro_svg(m, k, fpr_limit, overall.get("pixel_aupro"), regions if k is not None else None),
+        _pro_svg(m, k, fpr_limit, overall.get("pixel_aupro"), regions),
         _hist_svg(s, y, image_threshold),
         "</div>",
         f'<h2>Worst false positives: highest-scoring good images</h2>'

@@ -398,8 +398,6 @@ def resize_regions(mask: np.ndarray, size: Sequence[int], keep_aspect: bool = Fa
     pixels wide, shrunk 2x, breaks into slivers: as components of the resized mask each would weigh as much as
     the whole crack in AU-PRO; here they stay one defect, as in MVTec AD's evaluation at the native size.
     """
-    import cv2
-
     keep = resize_mask(mask, size, keep_aspect)
     n, lab = cv2.connectedComponents(np.ascontiguousarray(mask, dtype=np.uint8), connectivity=8)
     out = keep.astype(np.int32)
