@@ -1,0 +1,130 @@
+"""Score saved models again with a scoring *probe*: a variant of the product's map or image score that is not a
+config knob, measured before anyone builds it (no retraining).
+
+The probe replaces one function of :mod:`fae_fast.reference` or :mod:`fae_fast.scoring` in this process, then
+``fae-fast ablate --score-models ... --no-sweep`` scores the models exactly as the product does (the baseline,
+``--probe none``, gives the product's digits to the last place). The JSON is ablate's, with the probe's name and
+definition added under ``"probe"``: its ``config`` still names the product's map, which the probe changed.
+
+Probes:
+
+* ``multiscale:S1,S2,...``: the map's per-pixel error summed over scales: at scale s the error kind of
+  ``map.error`` is computed on the s x s area means of the image and of its reconstruction (the template's too)
+  and brought back to full size bilinearly (RIAD's multi-scale error; s = 1 is the product's error).
+* ``template_gain``: the template on each image with its contrast normalised (its deviation from its own mean
+  divided by its own std): differences of exposure between parts stop counting.
+* ``fusion:W``: the fused image score ``(1 - W) z_network + W z_template`` instead of the mean (W = 0.5).
+* ``fusion:max``: the larger of the two standardised scores instead of their mean.
+
+Run::
+
+    python -m bench.explore_scoring --probe multiscale:1,2,4 --data ../shared/data/ksdd/kolektorsdd \\
+        --models runs/m_ksdd_s0/fae_seed0.fae --json out.json --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fae_fast import reference, scoring
+
+
+def _multiscale(scales: list[int]):
+    product = reference.error_image
+
+    def error_image(x, recon, error="squared"):
+        xf, r = reference._as_float(x).float(), recon.float()
+        out = 0
+        for s in scales:
+            if s == 1:
+                out = out + product(xf, r, error)
+            else:
+                e = product(F.avg_pool2d(xf, s, ceil_mode=True), F.avg_pool2d(r, s, ceil_mode=True), error)
+                out = out + F.interpolate(e, size=xf.shape[-2:], mode="bilinear", align_corners=False)
+        return out
+
+    reference.error_image = error_image
+
+
+def _template_gain():
+    def template_map(x, n, k, error, map_fn=None):
+        xf = x.to(torch.float32) / (255.0 if x.dtype == torch.uint8 else 1.0)
+        mean, std = xf.mean(dim=(2, 3), keepdim=True), xf.std(dim=(2, 3), keepdim=True).clamp_min(1e-4)
+        xn = (xf - mean) / std * 0.1 + 0.5         # every image at one contrast (std 0.1), about mid-grey
+        return reference.anomaly_map(xn, torch.full_like(xn, 0.5), n=n, k=k, error=error)[0]
+
+    scoring._template_map = template_map
+
+
+def _fusion(how: str):
+    def fuse_scores(score, template_score, stats):
+        zn = (score - stats["score_center"]) / stats["score_spread"]
+        zt = (template_score - stats["template_center"]) / stats["template_spread"]
+        if how == "max":
+            return torch.maximum(zn, zt)
+        w = float(how)
+        return (1.0 - w) * zn + w * zt
+
+    scoring.fuse_scores = fuse_scores
+
+
+def apply_probe(probe: str) -> None:
+    """Patch this process for ``probe`` (module doc); "none" leaves the product as it is."""
+    name, _, arg = probe.partition(":")
+    if name == "none":
+        return
+    if name == "multiscale":
+        scales = [int(s) for s in arg.split(",") if s]
+        if not scales or min(scales) < 1:
+            raise SystemExit(f"explore_scoring: multiscale needs scales >= 1, got {arg!r}")
+        return _multiscale(scales)
+    if name == "template_gain" and not arg:
+        return _template_gain()
+    if name == "fusion" and (arg == "max" or arg.replace(".", "", 1).isdigit()):
+        if arg != "max" and not 0 <= float(arg) <= 1:
+            raise SystemExit(f"explore_scoring: fusion weight must be in [0, 1], got {arg!r}")
+        return _fusion(arg)
+    raise SystemExit(f"explore_scoring: unknown probe {probe!r} (module doc: multiscale:S,..., template_gain, "
+                     f"fusion:W, fusion:max, none)")
+
+
+def definition(probe: str) -> str:
+    """The module doc's bullet of ``probe`` on one line: the one named exactly (``fusion:max``), else the one of
+    its name with a placeholder argument (``fusion:W``)."""
+    text = __doc__.split("Probes:")[1].split("Run::")[0]
+    bullets = {b.split("``")[1]: " ".join(b.split()) for b in text.split("* ") if b.startswith("``")}
+    if probe in bullets:
+        return bullets[probe]
+    name = probe.partition(":")[0]
+    generic = [v for key, v in bullets.items() if key.partition(":")[0] == name and not key.partition(":")[2].islower()]
+    return generic[0] if generic else "the product's scoring, unchanged"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--probe", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--models", required=True, nargs="+")
+    p.add_argument("--json", required=True, type=Path)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    apply_probe(args.probe)
+    from fae_fast._atomic import write_json
+    from fae_fast.ablate import main as ablate_main
+
+    rc = ablate_main(["--data", args.data, "--score-models", *args.models, "--no-sweep", "--threads",
+                      str(args.threads), "--json", str(args.json)])
+    if rc == 0:
+        result = json.loads(args.json.read_text())
+        result["probe"] = {"name": args.probe, "definition": definition(args.probe)}
+        write_json(args.json, result)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
