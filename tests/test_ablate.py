@@ -152,6 +152,54 @@ def test_map_error_exploration_rescores_saved_models(tmp_path):
         assert res["rows"][2][m] == pytest.approx(run[m], abs=1e-4), m
 
 
+def test_scoring_probes_rescore_saved_models_as_the_product_does_unless_they_change_it(tmp_path, monkeypatch):
+    from bench import explore_scoring
+    from fae_fast import reference, scoring
+    from fae_fast.api import Detector
+
+    for module, name in ((reference, "error_image"), (scoring, "_template_map"), (scoring, "fuse_scores")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # every probe's patch is undone after the test
+    data = make_dataset(tmp_path / "d", n_train=12, n_test_good=3, n_test_defect=3, size=(32, 32), seed=4)
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.steps, cfg.train.batch_size, cfg.train.holdout_fraction = (32, 32), 2, 4, 0.25
+    cfg.map.image_score = "max+template"
+    Detector(cfg, device="cpu").fit(data / "train" / "good", progress=False).save(tmp_path / "m.fae")
+
+    def probe(name):
+        out = tmp_path / f"{name.replace(':', '_')}.json"
+        assert explore_scoring.main(["--probe", name, "--data", str(data), "--models", str(tmp_path / "m.fae"),
+                                     "--json", str(out)]) == 0
+        res = json.loads(out.read_text())
+        return res["probe"], {m: res["runs"][0][m] for m in ("image_auroc", "pixel_auroc", "pixel_aupro")}
+
+    assert main(["ablate", "--data", str(data), "--score-models", str(tmp_path / "m.fae"), "--no-sweep",
+                 "--threads", "1", "--json", str(tmp_path / "a.json")]) == 0  # the probes' thread count
+    product = {m: json.loads((tmp_path / "a.json").read_text())["runs"][0][m]
+               for m in ("image_auroc", "pixel_auroc", "pixel_aupro")}
+    # the fusion's own mean, named as a probe: the product's digits; each probe's definition is its own bullet
+    named, digits = probe("fusion:0.5")
+    assert digits == pytest.approx(product, abs=1e-9)
+    assert named["name"] == "fusion:0.5" and named["definition"].startswith("``fusion:W``")
+    assert probe("fusion:max")[0]["definition"].startswith("``fusion:max``")
+    # the network's share alone scores as the product's plain max does; the maps do not move with the fusion
+    net_only = probe("fusion:0")[1]
+    assert main(["ablate", "--data", str(data), "--score-models", str(tmp_path / "m.fae"), "--no-sweep",
+                 "--threads", "1", "--set", "map.image_score=max", "--json", str(tmp_path / "max.json")]) == 0
+    plain_max = json.loads((tmp_path / "max.json").read_text())["runs"][0]
+    assert net_only == pytest.approx({m: plain_max[m] for m in net_only}, abs=1e-9)
+    stats = {"score_center": torch.tensor(1.0), "score_spread": torch.tensor(2.0),
+             "template_center": torch.tensor(0.0), "template_spread": torch.tensor(4.0)}
+    explore_scoring.apply_probe("fusion:0.25")
+    fused = scoring.fuse_scores(torch.tensor([5.0]), torch.tensor([8.0]), stats).item()
+    assert fused == pytest.approx(0.75 * (5 - 1) / 2 + 0.25 * 8 / 4)
+    explore_scoring.apply_probe("fusion:max")
+    assert scoring.fuse_scores(torch.tensor([5.0]), torch.tensor([16.0]), stats).item() == pytest.approx(4.0)
+    # a second scale changes the maps
+    assert probe("multiscale:1,2")[1]["pixel_auroc"] != pytest.approx(product["pixel_auroc"], abs=1e-6)
+    with pytest.raises(SystemExit, match="unknown probe 'blur'"):
+        explore_scoring.apply_probe("blur")
+
+
 def _part(variant, seeds, sweep_rows=()):
     runs = [{"variant": variant, "seed": s, **{m: 0.5 + 0.1 * s for m in
                                                ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap",
