@@ -499,6 +499,8 @@ def write_report(out_dir: str | os.PathLike, result: dict, *, scores: Any, label
         k = _squeeze_maps(_as_binary(masks, "masks"), "masks")
         if m is None or k.shape != m.shape:
             raise ValueError(f"masks {k.shape} must come with maps of the same shape")
+    if regions is not None and k is None:
+        raise ValueError("regions needs maps and masks")  # as evaluate() refuses them
     for name, seq in (("images", images), ("defect_types", defect_types), ("paths", paths)):
         if seq is not None and len(seq) != n:
             raise ValueError(f"{name} has {len(seq)} entries but scores has {n}")

@@ -156,6 +156,8 @@ def test_report_overwrites_atomically_and_degrades(tmp_path):
     assert path4.read_text().count("data:image/png;base64,") == 14
     with pytest.raises(ValueError, match="paths"):
         _report(tmp_path, paths=["x"])
+    with pytest.raises(ValueError, match="regions needs maps and masks"):  # as evaluate() refuses them
+        _report(tmp_path, masks=None, regions=d["masks"].astype(np.int32))
 
 
 # ------------------------------------------------------------------------------------------------------------
