@@ -173,26 +173,19 @@ def maps_for_settings(model, images: torch.Tensor, settings, *, batch_size: int 
     Returns:
         {(n, k, error): (maps (N, 1, H, W) float32, scores (N,) float32)} on the CPU, at the images' (H, W).
     """
-    from .scoring import _autocast, _model_device, autocast_dtype, frame_map, network_view, resolve_device
+    from .scoring import _model_device, autocast_dtype, evaluating, frame_map, reconstruct, resolve_device
 
     dev = resolve_device(device or _model_device(model))
     dtype = autocast_dtype("auto", dev)
     N, _, H, W = images.shape
     out = {s: (torch.empty((N, 1, H, W)), torch.empty((N,))) for s in settings}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for i in range(0, N, batch_size):
-                xb = network_view(images[i:i + batch_size].to(dev), frame_scale)
-                with _autocast(dev, dtype):
-                    recon = model(xb.float() / 255.0)
-                for s in settings:
-                    amap, score = ops.anomaly_map(xb, recon, n=s[0], k=s[1], error=s[2])
-                    out[s][0][i:i + len(xb)] = frame_map(amap.float(), frame_scale).cpu()
-                    out[s][1][i:i + len(xb)] = score.float().cpu()
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.inference_mode():
+        for i in range(0, N, batch_size):
+            xv, recon = reconstruct(model, images[i:i + batch_size].to(dev), frame_scale, dtype)
+            for s in settings:
+                amap, score = ops.anomaly_map(xv, recon, n=s[0], k=s[1], error=s[2])
+                out[s][0][i:i + len(xv)] = frame_map(amap.float(), frame_scale).cpu()
+                out[s][1][i:i + len(xv)] = score.float().cpu()
     return out
 
 

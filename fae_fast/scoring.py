@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import ops, reference
 from .config import IMAGE_SCORES, frame_size, template_passes
 
-__all__ = ["resolve_device", "autocast_dtype", "compute_maps", "network_view", "frame_map",
+__all__ = ["resolve_device", "autocast_dtype", "compute_maps", "evaluating", "reconstruct", "network_view", "frame_map",
            "thresholds_from_holdout", "check_threshold", "MapNormalizer",
            "map_statistics", "normalize_maps", "check_map_statistics", "stored_map_statistics",
            "leave_one_out_normalized", "template_maps", "template_statistics", "fuse_scores",
@@ -89,6 +89,31 @@ def frame_map(maps: torch.Tensor, scale: int) -> torch.Tensor:
     return maps if scale == 1 else F.interpolate(maps, scale_factor=float(scale), mode="nearest")
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module):
+    """``model`` in eval mode for the block, its own mode restored after (also when the block raises)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def reconstruct(model: torch.nn.Module, frames: torch.Tensor, frame_scale: int, dtype: torch.dtype | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the network's view of ``frames`` (:func:`network_view`), its reconstruction): the view / 255 through
+    ``model`` under autocast to ``dtype`` (None: float32), channels-last on CUDA. The view stays as it is (uint8):
+    the error map is taken against it, never against its low-precision copy. The caller sets eval and inference
+    mode."""
+    view = network_view(frames, frame_scale)
+    inp = view.float().div_(255.0)
+    if frames.device.type == "cuda":
+        inp = inp.contiguous(memory_format=torch.channels_last)
+    with _autocast(frames.device, dtype):
+        return view, model(inp)
+
+
 def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int, error: str | None = None,
                  batch_size: int = 32, device=None, amp: str = "auto", normalize: str = "none",
                  stats: dict[str, torch.Tensor] | None = None, image_score: str = "max",
@@ -144,26 +169,16 @@ def compute_maps(model: torch.nn.Module, images: torch.Tensor, *, n: int, k: int
     pin = dev.type == "cuda"
     if pin:
         maps, scores = maps.pin_memory(), scores.pin_memory()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for s in range(0, N, batch_size):
-                xb = images[s:s + batch_size].to(dev, non_blocking=True)
-                xv = network_view(xb, scale)
-                inp = xv.float().div_(255.0)
-                if dev.type == "cuda":
-                    inp = inp.contiguous(memory_format=torch.channels_last)
-                with _autocast(dev, dtype):
-                    recon = model(inp)
-                amap, score = ops.anomaly_map(xv, recon, n=n, k=k, error=error)
-                amap, score = normalizer(frame_map(amap, scale), score, xb)
-                maps[s:s + len(xb)].copy_(amap, non_blocking=pin)
-                scores[s:s + len(xb)].copy_(score, non_blocking=pin)
+    with evaluating(model), torch.inference_mode():
+        for s in range(0, N, batch_size):
+            xb = images[s:s + batch_size].to(dev, non_blocking=True)
+            xv, recon = reconstruct(model, xb, scale, dtype)
+            amap, score = ops.anomaly_map(xv, recon, n=n, k=k, error=error)
+            amap, score = normalizer(frame_map(amap, scale), score, xb)
+            maps[s:s + len(xb)].copy_(amap, non_blocking=pin)
+            scores[s:s + len(xb)].copy_(score, non_blocking=pin)
         if pin:
             torch.cuda.synchronize(dev)
-    finally:
-        model.train(was_training)
     return maps, scores
 
 
