@@ -15,6 +15,15 @@ Probes:
   divided by its own std): differences of exposure between parts stop counting.
 * ``fusion:W``: the fused image score ``(1 - W) z_network + W z_template`` instead of the mean (W = 0.5).
 * ``fusion:max``: the larger of the two standardised scores instead of their mean.
+* ``template_local:K``: the template on each image's deviation from its own local mean (a K x K box mean, K odd,
+  replicated borders) instead of its global mean: shading that varies from part to part stops counting, thin and
+  small defects stay.
+* ``fusion_robust``: the fused score's two standardisations by the held-out images' median and MAD (x 1.4826)
+  instead of their mean and std: a few dozen held-out scores with a heavy tail set the fusion's weights less.
+* ``template_all``: the template's per-pixel statistics from every normal image the run saw (its training images
+  and its held-out ones), not from the held-out ones alone: the template has no training, so the images the network
+  trained on are as new to it as the held-out ones (the standardisation of its score still from the held-out
+  images, each normalised by the statistics of all the others).
 
 Run::
 
@@ -73,6 +82,63 @@ def _fusion(how: str):
     scoring.fuse_scores = fuse_scores
 
 
+def _template_local(K: int):
+    def template_map(x, n, k, error, map_fn=None):
+        xf = x.to(torch.float32) / (255.0 if x.dtype == torch.uint8 else 1.0)
+        local = F.avg_pool2d(F.pad(xf, (K // 2,) * 4, mode="replicate"), K, stride=1)
+        return reference.anomaly_map(xf - local + 0.5, torch.full_like(xf, 0.5), n=n, k=k, error=error)[0]
+
+    scoring._template_map = template_map
+
+
+def _fusion_robust():
+    product = scoring.template_statistics
+
+    def robust(v):
+        med = v.median()
+        return med, ((v - med).abs().median() * 1.4826).clamp_min(1e-12)
+
+    def template_statistics(hold_images, loo_scores, **kw):
+        extra, _, t_maps = product(hold_images, loo_scores, **kw)
+        s, t = loo_scores.detach().float().cpu(), t_maps.amax(dim=(1, 2, 3))
+        (extra["score_center"], extra["score_spread"]), (extra["template_center"], extra["template_spread"]) = \
+            robust(s), robust(t)
+        return extra, scoring.fuse_scores(s, t, extra), t_maps
+
+    scoring.template_statistics = template_statistics
+
+
+def _template_all():
+    from fae_fast import ablate
+    from fae_fast.config import template_passes
+
+    run_scorer = ablate._run_scorer
+
+    def _run_scorer(cfg, train_images, test, device):
+        scorer = run_scorer(cfg, train_images, test, device)
+        scorer.template_pool = train_images[ablate._holdout_split(cfg, train_images)[0]]
+        return scorer
+
+    def _scored(self, maps, s, mode, hold_maps, pool_maps):
+        scores = maps.amax(dim=(1, 2, 3))
+        if self.image_score == "max" or mode == "none":
+            return maps, scores
+        t = (template_passes(self.template_n, s[0]), *s[1:3])
+        if t not in self._templates:
+            self._templates[t] = tuple(scoring.template_maps(imgs, n=t[0], k=t[1], error=t[2])
+                                       for imgs in (self.test.images, self.hold, self.template_pool))
+        test_t, hold_t, pool_t = self._templates[t]
+        loo = scoring.leave_one_out_normalized(hold_maps, mode, self.window, pool=pool_maps).amax(dim=(1, 2, 3))
+        tstats = scoring.map_statistics(hold_t, self.window, pool=pool_t)
+        t_loo = scoring.leave_one_out_normalized(hold_t, mode, self.window, pool=pool_t).amax(dim=(1, 2, 3))
+        extra = {"template_mean": tstats["mean"], "template_scale": tstats["scale"],
+                 "score_center": loo.mean(), "score_spread": loo.std().clamp_min(1e-12),
+                 "template_center": t_loo.mean(), "template_spread": t_loo.std().clamp_min(1e-12)}
+        return scoring.template_fused(maps, scores, test_t, extra, mode, self.template_weight)
+
+    ablate._run_scorer, ablate._Scorer._scored = _run_scorer, _scored
+
+
 def apply_probe(probe: str) -> None:
     """Patch this process for ``probe`` (module doc); "none" leaves the product as it is."""
     name, _, arg = probe.partition(":")
@@ -85,12 +151,18 @@ def apply_probe(probe: str) -> None:
         return _multiscale(scales)
     if name == "template_gain" and not arg:
         return _template_gain()
+    if name == "template_local" and arg.isdigit() and int(arg) % 2 == 1:
+        return _template_local(int(arg))
+    if name == "fusion_robust" and not arg:
+        return _fusion_robust()
+    if name == "template_all" and not arg:
+        return _template_all()
     if name == "fusion" and (arg == "max" or arg.replace(".", "", 1).isdigit()):
         if arg != "max" and not 0 <= float(arg) <= 1:
             raise SystemExit(f"explore_scoring: fusion weight must be in [0, 1], got {arg!r}")
         return _fusion(arg)
     raise SystemExit(f"explore_scoring: unknown probe {probe!r} (module doc: multiscale:S,..., template_gain, "
-                     f"fusion:W, fusion:max, none)")
+                     f"template_local:K, fusion_robust, template_all, fusion:W, fusion:max, none)")
 
 
 def definition(probe: str) -> str:
@@ -112,13 +184,15 @@ def main(argv=None) -> int:
     p.add_argument("--models", required=True, nargs="+")
     p.add_argument("--json", required=True, type=Path)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a scoring override for every model, as fae-fast ablate --score-models --set takes it")
     args = p.parse_args(argv)
     apply_probe(args.probe)
     from fae_fast._atomic import write_json
     from fae_fast.ablate import main as ablate_main
 
     rc = ablate_main(["--data", args.data, "--score-models", *args.models, "--no-sweep", "--threads",
-                      str(args.threads), "--json", str(args.json)])
+                      str(args.threads), "--json", str(args.json), *(a for kv in args.set for a in ("--set", kv))])
     if rc == 0:
         result = json.loads(args.json.read_text())
         result["probe"] = {"name": args.probe, "definition": definition(args.probe)}
