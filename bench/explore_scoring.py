@@ -20,10 +20,6 @@ Probes:
   small defects stay.
 * ``fusion_robust``: the fused score's two standardisations by the held-out images' median and MAD (x 1.4826)
   instead of their mean and std: a few dozen held-out scores with a heavy tail set the fusion's weights less.
-* ``template_all``: the template's per-pixel statistics from every normal image the run saw (its training images
-  and its held-out ones), not from the held-out ones alone: the template has no training, so the images the network
-  trained on are as new to it as the held-out ones (the standardisation of its score still from the held-out
-  images, each normalised by the statistics of all the others).
 
 Run::
 
@@ -108,37 +104,6 @@ def _fusion_robust():
     scoring.template_statistics = template_statistics
 
 
-def _template_all():
-    from fae_fast import ablate
-    from fae_fast.config import template_passes
-
-    run_scorer = ablate._run_scorer
-
-    def _run_scorer(cfg, train_images, test, device):
-        scorer = run_scorer(cfg, train_images, test, device)
-        scorer.template_pool = train_images[ablate._holdout_split(cfg, train_images)[0]]
-        return scorer
-
-    def _scored(self, maps, s, mode, hold_maps, pool_maps):
-        scores = maps.amax(dim=(1, 2, 3))
-        if self.image_score == "max" or mode == "none":
-            return maps, scores
-        t = (template_passes(self.template_n, s[0]), *s[1:3])
-        if t not in self._templates:
-            self._templates[t] = tuple(scoring.template_maps(imgs, n=t[0], k=t[1], error=t[2])
-                                       for imgs in (self.test.images, self.hold, self.template_pool))
-        test_t, hold_t, pool_t = self._templates[t]
-        loo = scoring.leave_one_out_normalized(hold_maps, mode, self.window, pool=pool_maps).amax(dim=(1, 2, 3))
-        tstats = scoring.map_statistics(hold_t, self.window, pool=pool_t)
-        t_loo = scoring.leave_one_out_normalized(hold_t, mode, self.window, pool=pool_t).amax(dim=(1, 2, 3))
-        extra = {"template_mean": tstats["mean"], "template_scale": tstats["scale"],
-                 "score_center": loo.mean(), "score_spread": loo.std().clamp_min(1e-12),
-                 "template_center": t_loo.mean(), "template_spread": t_loo.std().clamp_min(1e-12)}
-        return scoring.template_fused(maps, scores, test_t, extra, mode, self.template_weight)
-
-    ablate._run_scorer, ablate._Scorer._scored = _run_scorer, _scored
-
-
 def apply_probe(probe: str) -> None:
     """Patch this process for ``probe`` (module doc); "none" leaves the product as it is."""
     name, _, arg = probe.partition(":")
@@ -155,14 +120,12 @@ def apply_probe(probe: str) -> None:
         return _template_local(int(arg))
     if name == "fusion_robust" and not arg:
         return _fusion_robust()
-    if name == "template_all" and not arg:
-        return _template_all()
     if name == "fusion" and (arg == "max" or arg.replace(".", "", 1).isdigit()):
         if arg != "max" and not 0 <= float(arg) <= 1:
             raise SystemExit(f"explore_scoring: fusion weight must be in [0, 1], got {arg!r}")
         return _fusion(arg)
     raise SystemExit(f"explore_scoring: unknown probe {probe!r} (module doc: multiscale:S,..., template_gain, "
-                     f"template_local:K, fusion_robust, template_all, fusion:W, fusion:max, none)")
+                     f"template_local:K, fusion_robust, fusion:W, fusion:max, none)")
 
 
 def definition(probe: str) -> str:

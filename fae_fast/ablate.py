@@ -214,7 +214,7 @@ class _Scorer:
         self.labels, self.masks = test.labels.numpy(), test.masks[:, 0].numpy()
         self.regions = test.regions[:, 0].numpy()
         self.image_score, self.template_n, self.template_weight = image_score, template_n, template_weight
-        self._templates: dict = {}  # setting -> (test, held-out) template maps: no network in them, so every model
+        self._templates: dict = {}  # setting -> (test, held-out, pool) template maps: no network in them, so every model
         # this scorer sees (seeds' checkpoints, learning-curve points) shares them
 
     def _scored(self, maps, s, mode, hold_maps, pool_maps) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,12 +227,12 @@ class _Scorer:
             return maps, scores
         t = (template_passes(self.template_n, s[0]), *s[1:3])  # the template's (passes, k, error)
         if t not in self._templates:
-            self._templates[t] = tuple(template_maps(imgs, n=t[0], k=t[1], error=t[2])
-                                       for imgs in (self.test.images, self.hold))
-        test_t, hold_t = self._templates[t]
+            self._templates[t] = tuple(None if imgs is None else template_maps(imgs, n=t[0], k=t[1], error=t[2])
+                                       for imgs in (self.test.images, self.hold, self.pool))
+        test_t, hold_t, pool_t = self._templates[t]
         loo = leave_one_out_normalized(hold_maps, mode, self.window, pool=pool_maps).amax(dim=(1, 2, 3))
         extra, _, _ = template_statistics(self.hold, loo, n=t[0], k=t[1], error=t[2], mode=mode, window=self.window,
-                                          hold_templates=hold_t)
+                                          hold_templates=hold_t, pool_templates=pool_t)
         return template_fused(maps, scores, test_t, extra, mode, self.template_weight)
 
     def __call__(self, model, settings, modes) -> dict:

@@ -144,13 +144,14 @@ class MapConfig:
     # template lifted KolektorSDD's pixel metrics on every seed at no cost to BSData's (docs/RESULTS.md). 0: the
     # network's map alone (DESIGN.md); the CPU recipe's 0.1
     template_weight: float = 0.0
-    # which normal images give the per-pixel statistics of the network's map (normalize): "holdout" (the held-out
-    # ones) | "all" (the training images as well). The thresholds, the image scores' standardisation and the
-    # template's statistics still come from the held-out images, each scored by the statistics of all the others.
-    # A few dozen held-out images give a noisy per-pixel std; ten times as many, the network's own training
-    # images among them, measured better on both real sets (docs/RESULTS.md). The training images' errors are
-    # lower than new parts', which shifts every z-score up; the thresholds are read off held-out images scored
-    # with the same statistics, so they shift with it
+    # which normal images give the per-pixel statistics of the network's map (normalize) and of the template's
+    # ("max+template"): "holdout" (the held-out ones) | "all" (the training images as well). The thresholds and
+    # the image scores' standardisation still come from the held-out images, each scored by the statistics of
+    # all the others. A few dozen held-out images give a noisy per-pixel std; ten times as many, the network's
+    # own training images among them, measured better on both real sets, and for the template's too (it has no
+    # training: BSData and the synthetic grey data up on every seed, KolektorSDD level; docs/RESULTS.md). The
+    # training images' network errors are lower than new parts', which shifts every z-score up; the thresholds
+    # are read off held-out images scored with the same statistics, so they shift with it
     statistics: str = "holdout"
 
     def normalization_label(self) -> str:

@@ -399,7 +399,8 @@ def mix_template(amap: torch.Tensor, template_map: torch.Tensor, weight: float) 
 
 
 def template_statistics(hold_images: torch.Tensor, loo_scores: torch.Tensor, *, n: int, k: int, error: str,
-                        mode: str, window: int = 1, hold_templates: torch.Tensor | None = None
+                        mode: str, window: int = 1, hold_templates: torch.Tensor | None = None,
+                        pool_templates: torch.Tensor | None = None
                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """What ``map.image_score`` "max+template" adds to the map statistics, from the held-out normal images.
 
@@ -407,6 +408,11 @@ def template_statistics(hold_images: torch.Tensor, loo_scores: torch.Tensor, *, 
         hold_images: the held-out normal images (N >= 3), uint8.
         loo_scores: their network scores, each from leave-one-out normalised maps (as the thresholds are read).
         n, k, error: the model's smoothing and error kind; mode, window: its normalisation (not "none").
+        hold_templates: the held-out images' template maps (:func:`template_maps`), when the caller has them.
+        pool_templates: (P, 1, H, W) template maps of further normal images in the template's per-pixel
+            statistics (``map.statistics`` "all": the training images'; the template has no training, so they
+            are as new to it as the held-out ones); the standardisation of its score still comes from the
+            held-out images, each normalised by the statistics of all the others.
 
     Returns:
         ({TEMPLATE_KEYS: tensors}, the held-out images' fused scores, leave-one-out as well: the image threshold
@@ -419,8 +425,9 @@ def template_statistics(hold_images: torch.Tensor, loo_scores: torch.Tensor, *, 
         raise ValueError(f"template statistics need >= 3 held-out images and one score each, got "
                          f"{hold_images.shape[0]} images and {loo_scores.shape[0]} scores")
     t = (template_maps(hold_images, n=n, k=k, error=error) if hold_templates is None else hold_templates).cpu()
-    tstats = map_statistics(t, window)
-    t_maps = leave_one_out_normalized(t, mode, window)
+    pool = None if pool_templates is None else pool_templates.cpu()
+    tstats = map_statistics(t, window, pool=pool)
+    t_maps = leave_one_out_normalized(t, mode, window, pool=pool)
     t_loo = t_maps.amax(dim=(1, 2, 3))
     s = loo_scores.detach().float().cpu()
     extra = {"template_mean": tstats["mean"], "template_scale": tstats["scale"],

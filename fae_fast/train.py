@@ -578,8 +578,8 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
                        ) -> tuple[dict[str, float], torch.Tensor, dict | None]:
     """Thresholds (and, with ``cfg.map.normalize``, the per-pixel map statistics) from held-out normal images.
 
-    With ``cfg.map.statistics`` "all", the statistics come from ``pool_images`` (the training images) and the
-    held-out images together; the thresholds still come from the held-out images alone, each normalised by the
+    With ``cfg.map.statistics`` "all", the statistics (the network's map's, and the template's for "max+template")
+    come from ``pool_images`` (the training images) and the held-out images together; the thresholds still come from the held-out images alone, each normalised by the
     statistics of all the others. Under torchrun each rank maps its shard of the images and the maps are gathered
     in order: every rank gets the thresholds one process computes.
 
@@ -588,7 +588,7 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
         thresholds are read off leave-one-out normalised maps, as new normal images will be scored. With too few
         held-out images for the statistics, ``cfg.map.normalize`` is set to "none" (with a warning).
     """
-    from .scoring import leave_one_out_normalized, map_statistics, mix_template, template_statistics
+    from .scoring import leave_one_out_normalized, map_statistics, mix_template, template_maps, template_statistics
 
     scale = frame_scale_of(cfg.map)  # hold_images (and pool_images) are frames: scale x the network's size
     n, k = smoothing_for_size(cfg.map, int(hold_images.shape[2]) // scale, int(hold_images.shape[3]) // scale)
@@ -621,9 +621,11 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
         maps = leave_one_out_normalized(maps, cfg.map.normalize, cfg.map.spread_window, pool=pool)
         scores = maps.amax(dim=(1, 2, 3))
         if cfg.map.image_score != "max":
-            extra, scores, t_maps = template_statistics(hold_images, scores, n=template_passes(cfg.map.template_n, n),
-                                                        k=k, error=cfg.map.error, mode=cfg.map.normalize,
-                                                        window=cfg.map.spread_window)
+            tn = template_passes(cfg.map.template_n, n)
+            pool_t = None if pool is None else template_maps(pool_images, n=tn, k=k, error=cfg.map.error)
+            extra, scores, t_maps = template_statistics(hold_images, scores, n=tn, k=k, error=cfg.map.error,
+                                                        mode=cfg.map.normalize, window=cfg.map.spread_window,
+                                                        pool_templates=pool_t)
             stats.update(extra)
             maps = mix_template(maps, t_maps, cfg.map.template_weight)
     thresholds = thresholds_from_holdout(scores, maps, float(cfg.train.threshold_quantile),

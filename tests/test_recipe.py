@@ -298,6 +298,56 @@ def test_statistics_from_all_normal_images_keep_the_thresholds_held_out(tmp_path
     assert preset("cpu").map.statistics == "all" and preset("default").map.statistics == "holdout"
 
 
+def test_statistics_from_all_normal_images_cover_the_template_too(tmp_path):
+    """``map.statistics = "all"`` with the fused score: the template's per-pixel statistics come from every normal
+    image (it has no training, so the network's training images are as new to it as the held-out ones), its
+    score's standardisation from the held-out images, each normalised by the statistics of all the others;
+    "holdout" keeps the held-out images alone; the ablation scores a run as its training stored it."""
+    import copy
+
+    from fae_fast.ablate import _run_scorer, load_data
+    from fae_fast.config import smoothing_for_size, template_passes
+    from fae_fast.evaluate import evaluate
+    from fae_fast.scoring import compute_maps, leave_one_out_normalized, template_maps
+    from fae_fast.synthetic import make_dataset
+    from fae_fast.train import split_holdout, train
+
+    data = make_dataset(tmp_path / "d", n_train=16, n_test_good=3, n_test_defect=3, size=(32, 32), seed=2)
+    cfg = preset("tiny")
+    cfg.train.image_size, cfg.train.steps, cfg.train.batch_size, cfg.train.holdout_fraction = (32, 32), 2, 4, 0.25
+    cfg.map.normalize, cfg.map.image_score, cfg.map.template_weight = "zscore", "max+template", 0.5
+    _, images, test = load_data(data, cfg, log=lambda *a: None)
+    train_idx, hold_idx = split_holdout(len(images), 0.25, cfg.train.seed)
+    n, k = smoothing_for_size(cfg.map, 32, 32)
+    tn = template_passes(cfg.map.template_n, n)
+    t_all = template_maps(images, n=tn, k=k, error=cfg.map.error)
+    pool_t, hold_t = t_all[train_idx], t_all[hold_idx]
+    runs = {}
+    for statistics, want in (("all", map_statistics(torch.cat([pool_t, hold_t]))), ("holdout", map_statistics(hold_t))):
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.map.statistics = statistics
+        runs[statistics] = res = train(run_cfg, images, device="cpu", progress=False)
+        for key in ("mean", "scale"):
+            torch.testing.assert_close(res.map_stats["template_" + key], want[key])
+    assert not torch.allclose(runs["all"].map_stats["template_scale"], runs["holdout"].map_stats["template_scale"],
+                              rtol=1e-2, atol=0)
+    loo = leave_one_out_normalized(hold_t, "zscore", pool=pool_t).amax(dim=(1, 2, 3))
+    res = runs["all"]
+    torch.testing.assert_close(res.map_stats["template_center"], loo.mean())
+    torch.testing.assert_close(res.map_stats["template_spread"], loo.std())
+    setting = (n, k, cfg.map.error)
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg.map.statistics = "all"
+    got = _run_scorer(run_cfg, images, test, "cpu")(res.model, [setting], ["zscore"])[(*setting, "zscore")]
+    maps, scores = compute_maps(res.model, test.images, n=n, k=k, error=cfg.map.error, normalize="zscore",
+                                stats=res.map_stats, image_score="max+template", template_n=cfg.map.template_n,
+                                template_weight=0.5)
+    want = evaluate(scores.numpy(), maps[:, 0].numpy(), test.labels.numpy(), test.masks[:, 0].numpy(),
+                    test.defect_types)
+    for metric in ("image_auroc", "pixel_auroc", "pixel_ap"):
+        assert got["overall"][metric] == pytest.approx(want["overall"][metric], abs=1e-6)
+
+
 def test_spread_window_covers_a_hot_spot_that_moves_between_parts():
     """A bright spot that sits a few pixels elsewhere on every normal part: with the spread max-filtered over a
     window wider than its jitter, the next part's spot at a new place is no longer an extreme z-score."""
