@@ -297,9 +297,9 @@ class TestSet:
 
     Attributes:
         images: ``uint8 (N, 3, H, W)``.
-        masks: ``bool (N, 1, H, W)``, all False for normal images.
-        regions: ``int32 (N, 1, H, W)``, each mask's defects as region ids (> 0 exactly where ``masks`` is True),
-            found at the mask's native size (:func:`fae_fast.data.io.resize_regions`): AU-PRO's regions.
+        regions: ``int32 (N, 1, H, W)``, each mask's defects as region ids (0 outside every defect, all 0 for
+            normal images), found at the mask's native size (:func:`fae_fast.data.io.resize_regions`): AU-PRO's
+            regions; the masks are ``regions > 0`` (:attr:`masks`).
         labels: ``int64 (N,)``, 0 normal, 1 defective.
         defect_types: ``list[str]`` of length N.
         paths: ``list[Path]`` of length N.
@@ -308,11 +308,15 @@ class TestSet:
     __test__ = False
 
     images: torch.Tensor
-    masks: torch.Tensor
+    regions: torch.Tensor
     labels: torch.Tensor
     defect_types: list[str]
     paths: list[pathlib.Path]
-    regions: torch.Tensor
+
+    @property
+    def masks(self) -> torch.Tensor:
+        """``bool (N, 1, H, W)``: the defect pixels, all False for normal images."""
+        return self.regions > 0
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -343,7 +347,6 @@ def load_test_set(root: PathLike, size: Sequence[int], keep_aspect: bool = False
     H, W = check_image_size(size)
     n = len(items)
     images = np.empty((n, 3, H, W), dtype=np.uint8)
-    masks = np.zeros((n, 1, H, W), dtype=bool)
     regions = np.zeros((n, 1, H, W), dtype=np.int32)
 
     def _one(i: int) -> None:
@@ -355,14 +358,12 @@ def load_test_set(root: PathLike, size: Sequence[int], keep_aspect: bool = False
                 raise ValueError(f"mask {it.mask_path} is {m.shape[1]}x{m.shape[0]} (WxH) but its image "
                                  f"{it.path} is {img.shape[1]}x{img.shape[0]}")
             regions[i, 0] = resize_regions(m, (H, W), keep_aspect)
-            masks[i, 0] = regions[i, 0] > 0
         images[i] = resize_image(img, (H, W), keep_aspect).transpose(2, 0, 1)
 
     parallel_map(_one, range(n), workers)
-    return TestSet(images=torch.from_numpy(images), masks=torch.from_numpy(masks),
+    return TestSet(images=torch.from_numpy(images), regions=torch.from_numpy(regions),
                    labels=torch.tensor([it.label for it in items], dtype=torch.int64),
-                   defect_types=[it.defect_type for it in items], paths=[it.path for it in items],
-                   regions=torch.from_numpy(regions))
+                   defect_types=[it.defect_type for it in items], paths=[it.path for it in items])
 
 
 # ----------------------------------------------------------------------------------------------------------------
