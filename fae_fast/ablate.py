@@ -214,8 +214,9 @@ class _Scorer:
         self.labels, self.masks = test.labels.numpy(), test.masks[:, 0].numpy()
         self.regions = test.regions[:, 0].numpy()
         self.image_score, self.template_n, self.template_weight = image_score, template_n, template_weight
-        self._templates: dict = {}  # setting -> (test, held-out, pool) template maps: no network in them, so every model
-        # this scorer sees (seeds' checkpoints, learning-curve points) shares them
+        # setting -> (test, held-out, pool) template maps: no network in them, so every model this scorer sees
+        # (seeds' checkpoints, learning-curve points) shares them
+        self._templates: dict = {}
 
     def _scored(self, maps, s, mode, hold_maps, pool_maps) -> tuple[torch.Tensor, torch.Tensor]:
         """The test images' (maps, scores): the normalised map and its max, or both with the template's

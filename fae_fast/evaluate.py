@@ -492,10 +492,10 @@ def pixel_aupro(maps: Any, masks: Any, fpr_limit: float = 0.3, *, regions: Any =
     """Normalised area under the per-region-overlap curve up to ``fpr_limit`` (MVTec AD's AU-PRO).
 
     Regions are the 8-connected components of each image's mask (or its ``regions`` ids); PRO(t) is the mean over
-    all regions of the fraction of the region with map >= t; FPR(t) the fraction of normal pixels with map >= t. The curve through
-    (0, 0) and one point per distinct map value is integrated with the trapezoidal rule up to ``fpr_limit``
-    (the crossing segment linearly interpolated) and divided by ``fpr_limit``: a perfect map gives 1.0, a
-    constant map ``fpr_limit / 2``.
+    all regions of the fraction of the region with map >= t; FPR(t) the fraction of normal pixels with map >= t.
+    The curve through (0, 0) and one point per distinct map value is integrated with the trapezoidal rule up to
+    ``fpr_limit`` (the crossing segment linearly interpolated) and divided by ``fpr_limit``: a perfect map gives
+    1.0, a constant map ``fpr_limit / 2``.
 
     Args:
         maps: (N, H, W) or (N, 1, H, W) float anomaly maps.

@@ -579,9 +579,10 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
     """Thresholds (and, with ``cfg.map.normalize``, the per-pixel map statistics) from held-out normal images.
 
     With ``cfg.map.statistics`` "all", the statistics (the network's map's, and the template's for "max+template")
-    come from ``pool_images`` (the training images) and the held-out images together; the thresholds still come from the held-out images alone, each normalised by the
-    statistics of all the others. Under torchrun each rank maps its shard of the images and the maps are gathered
-    in order: every rank gets the thresholds one process computes.
+    come from ``pool_images`` (the training images) and the held-out images together; the thresholds still come
+    from the held-out images alone, each normalised by the statistics of all the others. Under torchrun each rank
+    maps its shard of the images and the maps are gathered in order: every rank gets the thresholds one process
+    computes.
 
     Returns:
         (thresholds, image scores of the held-out images, statistics or None). With a normalisation the
