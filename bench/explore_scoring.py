@@ -80,7 +80,7 @@ def _fusion(how: str):
 
 def _template_local(K: int):
     def template_map(x, n, k, error, map_fn=None):
-        xf = x.to(torch.float32) / (255.0 if x.dtype == torch.uint8 else 1.0)
+        xf = reference._as_float(x).float()
         local = F.avg_pool2d(F.pad(xf, (K // 2,) * 4, mode="replicate"), K, stride=1)
         return reference.anomaly_map(xf - local + 0.5, torch.full_like(xf, 0.5), n=n, k=k, error=error)[0]
 

@@ -42,7 +42,8 @@ from . import ops, reference
 from .checkpoint import load_train_state, save_train_state, with_legacy_settings
 from .config import (GRADIENT_WEIGHT, NOISE_MODES, FAEConfig, frame_scale_of, frame_size, smoothing_for_size,
                      template_passes)
-from .scoring import autocast_dtype, compute_maps, network_view, resolve_device, thresholds_from_holdout
+from .scoring import (autocast_dtype, compute_maps, evaluating, network_view, resolve_device,
+                      thresholds_from_holdout)
 
 __all__ = ["NOISE_MODES", "TrainResult", "train", "batch_loss", "step_seed", "member_seed", "split_holdout",
            "lr_factor", "holdout_thresholds", "estimate_noise_std", "effective_sigma_max", "WeightEma"]
@@ -653,12 +654,9 @@ def _split_images(images: torch.Tensor, holdout: torch.Tensor | None, tc):
 
 
 def _call_back(trainer, callback, done: int) -> None:
-    """``callback(done, model)`` with the model in eval mode, back in train mode afterwards."""
-    trainer.model.eval()
-    try:
+    """``callback(done, model)`` with the model in eval mode, back in its mode (training) afterwards."""
+    with evaluating(trainer.model):
         callback(done, trainer.eval_model())
-    finally:
-        trainer.model.train()
 
 
 def _loop(trainer, start: int, end: int, history: list, *, dist, checkpoint, progress: bool, log_every: int,
