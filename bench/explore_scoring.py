@@ -20,6 +20,11 @@ Probes:
   small defects stay.
 * ``fusion_robust``: the fused score's two standardisations by the held-out images' median and MAD (x 1.4826)
   instead of their mean and std: a few dozen held-out scores with a heavy tail set the fusion's weights less.
+* ``shift:R``: every z-score (the network's map and the template's) shift-tolerant: at each pixel the smallest
+  ``(map - mean) / scale`` over the statistics of the pixels up to R px away (a (2R + 1)^2 window, replicated
+  borders), held-out maps leave-one-out as the product reads them: an edge or a glare that sits a few pixels
+  from where normal parts put it matches its own statistics there.
+* ``template_shift:R``: the same for the template's z-score only, the network's map as the product's.
 
 Run::
 
@@ -104,6 +109,65 @@ def _fusion_robust():
     scoring.template_statistics = template_statistics
 
 
+def _shifted(t: torch.Tensor, R: int):
+    """Every (2R + 1)^2 shift of the (B, 1, H, W) tensor ``t`` (replicated borders), one at a time."""
+    p = F.pad(t, (R,) * 4, mode="replicate")
+    H, W = t.shape[-2:]
+    for dy in range(2 * R + 1):
+        for dx in range(2 * R + 1):
+            yield p[..., dy:dy + H, dx:dx + W]
+
+
+def _shift_min(maps: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, R: int) -> torch.Tensor:
+    """The smallest ``(maps - mean') / scale'`` over the shifts of ``mean`` and ``scale`` (each (1 or N, 1, H, W))."""
+    out = None
+    for m, s in zip(_shifted(mean, R), _shifted(scale, R)):
+        z = (maps - m) / s
+        out = z if out is None else torch.minimum(out, z)
+    return out
+
+
+def _shift(R: int, template_only: bool):
+    product_normalize, product_loo = scoring.normalize_maps, scoring.leave_one_out_normalized
+
+    def normalize_maps(maps, stats, mode):
+        if mode != "zscore":
+            return product_normalize(maps, stats, mode)
+        return _shift_min(maps, stats["mean"].to(maps.device), stats["scale"].to(maps.device), R)
+
+    def leave_one_out_normalized(maps, mode, window=1, pool=None, chunk=256):
+        if mode != "zscore":
+            return product_loo(maps, mode, window, pool, chunk)
+        # the product's leave-one-out statistics (the mean and the scale of all the other maps), shift-tolerant
+        allm = maps if pool is None else torch.cat([maps, pool])
+        out = torch.empty(maps.shape, dtype=torch.float32, device=maps.device)
+        for i in range(maps.shape[0]):
+            stats = scoring.map_statistics(torch.cat([allm[:i], allm[i + 1:]]), window)
+            out[i:i + 1] = _shift_min(maps[i:i + 1].float(), stats["mean"], stats["scale"], R)
+        return out
+
+    if not template_only:
+        scoring.normalize_maps, scoring.leave_one_out_normalized = normalize_maps, leave_one_out_normalized
+        return
+    product_fused, product_stats = scoring.template_fused, scoring.template_statistics
+
+    def template_fused(amap, score, template_map, stats, mode, weight=0.0):
+        scoring.normalize_maps = normalize_maps
+        try:
+            return product_fused(amap, score, template_map, stats, mode, weight)
+        finally:
+            scoring.normalize_maps = product_normalize
+
+    def template_statistics(*a, **kw):
+        scoring.leave_one_out_normalized = leave_one_out_normalized
+        try:
+            return product_stats(*a, **kw)
+        finally:
+            scoring.leave_one_out_normalized = product_loo
+
+    scoring.template_fused, scoring.template_statistics = template_fused, template_statistics
+
+
 def apply_probe(probe: str) -> None:
     """Patch this process for ``probe`` (module doc); "none" leaves the product as it is."""
     name, _, arg = probe.partition(":")
@@ -118,6 +182,8 @@ def apply_probe(probe: str) -> None:
         return _template_gain()
     if name == "template_local" and arg.isdigit() and int(arg) % 2 == 1:
         return _template_local(int(arg))
+    if name in ("shift", "template_shift") and arg.isdigit() and int(arg) >= 1:
+        return _shift(int(arg), template_only=name == "template_shift")
     if name == "fusion_robust" and not arg:
         return _fusion_robust()
     if name == "fusion" and (arg == "max" or arg.replace(".", "", 1).isdigit()):
@@ -125,7 +191,7 @@ def apply_probe(probe: str) -> None:
             raise SystemExit(f"explore_scoring: fusion weight must be in [0, 1], got {arg!r}")
         return _fusion(arg)
     raise SystemExit(f"explore_scoring: unknown probe {probe!r} (module doc: multiscale:S,..., template_gain, "
-                     f"template_local:K, fusion_robust, fusion:W, fusion:max, none)")
+                     f"template_local:K, fusion_robust, shift:R, template_shift:R, fusion:W, fusion:max, none)")
 
 
 def definition(probe: str) -> str:

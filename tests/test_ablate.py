@@ -158,7 +158,8 @@ def test_scoring_probes_rescore_saved_models_as_the_product_does_unless_they_cha
     from fae_fast.api import Detector
 
     for module, name in ((reference, "error_image"), (scoring, "_template_map"), (scoring, "fuse_scores"),
-                         (scoring, "template_statistics")):
+                         (scoring, "template_statistics"), (scoring, "template_fused"), (scoring, "normalize_maps"),
+                         (scoring, "leave_one_out_normalized")):
         monkeypatch.setattr(module, name, getattr(module, name))  # every probe's patch is undone after the test
     data = make_dataset(tmp_path / "d", n_train=12, n_test_good=3, n_test_defect=3, size=(32, 32), seed=4)
     cfg = preset("tiny")
@@ -209,6 +210,25 @@ def test_scoring_probes_rescore_saved_models_as_the_product_does_unless_they_cha
     explore_scoring.apply_probe("fusion_robust")
     extra = scoring.template_statistics(hold, loo, n=1, k=3, error="squared", mode="zscore")[0]
     assert extra["score_center"].item() == 3.0 and extra["score_spread"].item() == pytest.approx(1.4826)
+    # shift-tolerant z-scores: an edge one pixel from where normal maps put it matches their statistics there
+    normal = torch.zeros(4, 1, 8, 8)
+    normal[..., 3] = 1.0
+    normal += 0.01 * torch.arange(4.0).view(4, 1, 1, 1)
+    moved = torch.zeros(1, 1, 8, 8)
+    moved[..., 4] = 1.0
+    stats = scoring.map_statistics(normal)
+    stats.update({"template_mean": stats["mean"], "template_scale": stats["scale"], "score_center": torch.tensor(0.0),
+                  "score_spread": torch.tensor(1.0), "template_center": torch.tensor(0.0),
+                  "template_spread": torch.tensor(1.0)})
+    product_loo = scoring.leave_one_out_normalized(torch.cat([normal, moved]), "zscore")
+    assert scoring.normalize_maps(moved, stats, "zscore").max() > 10 and product_loo[4].max() > 10
+    explore_scoring.apply_probe("template_shift:1")  # the template's z-score only
+    assert scoring.normalize_maps(moved, stats, "zscore").max() > 10
+    assert scoring.template_fused(moved, moved.amax(dim=(1, 2, 3)), moved, stats, "zscore", 1.0)[0].max() < 1
+    explore_scoring.apply_probe("shift:1")
+    assert scoring.normalize_maps(moved, stats, "zscore").max() < 1
+    shifted_loo = scoring.leave_one_out_normalized(torch.cat([normal, moved]), "zscore")
+    assert shifted_loo[4].max() < 1 and torch.all(shifted_loo[:4] <= product_loo[:4] + 1e-6)
     # a second scale changes the maps
     assert probe("multiscale:1,2")[1]["pixel_auroc"] != pytest.approx(product["pixel_auroc"], abs=1e-6)
     with pytest.raises(SystemExit, match="unknown probe 'blur'"):
