@@ -218,28 +218,29 @@ class _Scorer:
         # (seeds' checkpoints, learning-curve points) shares them
         self._templates: dict = {}
 
-    def _scored(self, maps, s, mode, hold_maps, pool_maps) -> tuple[torch.Tensor, torch.Tensor]:
-        """The test images' (maps, scores): the normalised map and its max, or both with the template's
-        (``map.image_score``: the fused score; ``map.template_weight``: its share of the map)."""
-        from .scoring import leave_one_out_normalized, template_fused, template_maps, template_statistics
+    def _template_key(self, s) -> tuple:
+        """The template's (passes, k, error) for the map's setting ``s`` = (n, k, error)."""
+        return (template_passes(self.template_n, s[0]), *s[1:3])
 
-        scores = maps.amax(dim=(1, 2, 3))
-        if self.image_score == "max" or mode == "none":
-            return maps, scores
-        t = (template_passes(self.template_n, s[0]), *s[1:3])  # the template's (passes, k, error)
+    def _statistics(self, s, mode, hold_maps, pool_maps) -> dict:
+        """The statistics of setting ``s`` = (n, k, error) in ``mode`` (not "none"), as :func:`fae_fast.train.train`
+        takes them, with the template's for ``map.image_score`` "max+template" (its maps cached)."""
+        from .scoring import holdout_statistics, template_maps
+
+        if self.image_score == "max":
+            return holdout_statistics(hold_maps, mode, self.window, pool_maps)[0]
+        t = self._template_key(s)
         if t not in self._templates:
             self._templates[t] = tuple(None if imgs is None else template_maps(imgs, n=t[0], k=t[1], error=t[2])
                                        for imgs in (self.test.images, self.hold, self.pool))
-        test_t, hold_t, pool_t = self._templates[t]
-        loo = leave_one_out_normalized(hold_maps, mode, self.window, pool=pool_maps).amax(dim=(1, 2, 3))
-        extra, _, _ = template_statistics(self.hold, loo, n=t[0], k=t[1], error=t[2], mode=mode, window=self.window,
-                                          hold_templates=hold_t, pool_templates=pool_t)
-        return template_fused(maps, scores, test_t, extra, mode, self.template_weight)
+        _, hold_t, pool_t = self._templates[t]
+        return holdout_statistics(hold_maps, mode, self.window, pool_maps, hold_images=self.hold, template_n=t[0],
+                                  k=t[1], error=t[2], hold_templates=hold_t, pool_templates=pool_t)[0]
 
     def __call__(self, model, settings, modes) -> dict:
         """{(n, k, error, mode): evaluate() result, with the edge diagnostic as ``edge_max_fraction_good``}."""
         from .evaluate import evaluate
-        from .scoring import map_statistics, normalize_maps
+        from .scoring import normalize_maps, template_fused
 
         fs = self.frame_scale
         test = maps_for_settings(model, self.test.images, settings, device=self.device, frame_scale=fs)
@@ -249,14 +250,17 @@ class _Scorer:
             if hold and self.pool is not None else {}
         out = {}
         good = torch.from_numpy(self.labels == 0)
+        normal = len(self.hold) + (0 if self.pool is None or not hold else len(self.pool))
         for s in settings:
-            pool_maps = pool[s][0] if s in pool else None
-            stats = None if s not in hold else map_statistics(hold[s][0], self.window, pool=pool_maps)
             for mode in modes:
-                if mode != "none" and stats is None:
-                    continue
-                maps, scores = self._scored(normalize_maps(test[s][0], stats, mode), s, mode,
-                                            hold[s][0] if s in hold else None, pool_maps)
+                if mode != "none" and (s not in hold or normal < (3 if mode == "zscore" else 2)):
+                    continue  # too few normal images for leave-one-out statistics: train() does not normalise
+                stats = None if mode == "none" else self._statistics(s, mode, hold[s][0], pool.get(s, (None,))[0])
+                maps = normalize_maps(test[s][0], stats, mode)
+                scores = maps.amax(dim=(1, 2, 3))
+                if self.image_score != "max" and mode != "none":
+                    maps, scores = template_fused(maps, scores, self._templates[self._template_key(s)][0], stats,
+                                                  mode, self.template_weight)
                 res = evaluate(scores.numpy(), maps[:, 0].numpy(), self.labels, self.masks, self.test.defect_types,
                                regions=self.regions)
                 res["edge_max_fraction_good"] = edge_max_fraction(maps[good]) if good.any() else float("nan")

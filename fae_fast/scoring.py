@@ -436,6 +436,40 @@ def template_statistics(hold_images: torch.Tensor, loo_scores: torch.Tensor, *, 
     return extra, fuse_scores(s, t_loo, extra), t_maps
 
 
+def holdout_statistics(hold_maps: torch.Tensor, mode: str, window: int = 1, pool: torch.Tensor | None = None, *,
+                       hold_images: torch.Tensor | None = None, template_n: int = 1, k: int = 3,
+                       error: str = "squared", template_weight: float = 0.0,
+                       hold_templates: torch.Tensor | None = None, pool_templates: torch.Tensor | None = None
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Everything a normalising model reads off its held-out normal images, as :func:`fae_fast.train.train` and
+    ``fae-fast ablate`` both take it.
+
+    Args:
+        hold_maps: (N, 1, H, W) raw maps of the held-out images; pool: those of further normal images in the
+            per-pixel statistics (``map.statistics`` "all"), as in :func:`map_statistics`.
+        mode, window: the normalisation (not "none") and ``map.spread_window``.
+        hold_images: the held-out images themselves for ``map.image_score`` "max+template" (None: the plain max);
+            with them the template's ``template_n`` passes of window ``k``, ``error``, its share of the pixel map
+            ``template_weight``, and its maps where the caller has them (``hold_templates``; ``pool_templates``
+            for "all"), as :func:`template_statistics` takes them.
+
+    Returns:
+        (the statistics: :func:`map_statistics`' and, with the template, :data:`TEMPLATE_KEYS`; the held-out
+        maps, each normalised leave-one-out (the template's share mixed in); their image scores, the max or the
+        fused score): the thresholds are read off the last two, as new normal images will be scored.
+    """
+    stats = map_statistics(hold_maps, window, pool=pool)
+    maps = leave_one_out_normalized(hold_maps, mode, window, pool=pool)
+    scores = maps.amax(dim=(1, 2, 3))
+    if hold_images is not None:
+        extra, scores, t_maps = template_statistics(hold_images, scores, n=template_n, k=k, error=error, mode=mode,
+                                                    window=window, hold_templates=hold_templates,
+                                                    pool_templates=pool_templates)
+        stats.update(extra)
+        maps = mix_template(maps, t_maps, template_weight)
+    return stats, maps, scores
+
+
 def normalize_maps(maps: torch.Tensor, stats: dict[str, torch.Tensor] | None, mode: str) -> torch.Tensor:
     """``mode`` "none": maps as they are; "mean": ``maps - mean``; "zscore": ``(maps - mean) / scale``
     (``stats`` from :func:`map_statistics`). A pixel where normal images always reconstruct badly (edges, glare,

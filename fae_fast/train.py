@@ -590,7 +590,7 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
         thresholds are read off leave-one-out normalised maps, as new normal images will be scored. With too few
         held-out images for the statistics, ``cfg.map.normalize`` is set to "none" (with a warning).
     """
-    from .scoring import leave_one_out_normalized, map_statistics, mix_template, template_maps, template_statistics
+    from .scoring import holdout_statistics, template_maps
 
     scale = frame_scale_of(cfg.map)  # hold_images (and pool_images) are frames: scale x the network's size
     n, k = smoothing_for_size(cfg.map, int(hold_images.shape[2]) // scale, int(hold_images.shape[3]) // scale)
@@ -619,17 +619,12 @@ def holdout_thresholds(model: torch.nn.Module, cfg: FAEConfig, hold_images: torc
         pool = None  # map.statistics "all": the training images' maps join the statistics (not the thresholds)
         if cfg.map.statistics == "all" and pool_images is not None:
             pool = sharded_map(maps_of, pool_images, current(), dev)[0]
-        stats = map_statistics(maps, cfg.map.spread_window, pool=pool)
-        maps = leave_one_out_normalized(maps, cfg.map.normalize, cfg.map.spread_window, pool=pool)
-        scores = maps.amax(dim=(1, 2, 3))
-        if cfg.map.image_score != "max":
-            tn = template_passes(cfg.map.template_n, n)
-            pool_t = None if pool is None else template_maps(pool_images, n=tn, k=k, error=cfg.map.error)
-            extra, scores, t_maps = template_statistics(hold_images, scores, n=tn, k=k, error=cfg.map.error,
-                                                        mode=cfg.map.normalize, window=cfg.map.spread_window,
-                                                        pool_templates=pool_t)
-            stats.update(extra)
-            maps = mix_template(maps, t_maps, cfg.map.template_weight)
+        fused, tn = cfg.map.image_score != "max", template_passes(cfg.map.template_n, n)
+        pool_t = None if pool is None or not fused else template_maps(pool_images, n=tn, k=k, error=cfg.map.error)
+        stats, maps, scores = holdout_statistics(maps, cfg.map.normalize, cfg.map.spread_window, pool,
+                                                 hold_images=hold_images if fused else None, template_n=tn, k=k,
+                                                 error=cfg.map.error, template_weight=cfg.map.template_weight,
+                                                 pool_templates=pool_t)
     thresholds = thresholds_from_holdout(scores, maps, float(cfg.train.threshold_quantile),
                                          float(cfg.train.pixel_threshold_quantile))
     return thresholds, scores, stats
