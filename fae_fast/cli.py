@@ -252,7 +252,7 @@ def cmd_train(args) -> int:
         f"{f' x {cfg.model.members} members averaged' if cfg.model.members > 1 else ''}"
         f"{f', {cfg.model.hide_cell} px cells inpainted at test time' if cfg.model.hide_cell else ''}, "
         f"{len(paths)} images, "
-        f"{_torch_threads()} CPU threads", flush=True)
+        f"{_torch_threads()} CPU thread{'' if _torch_threads() == 1 else 's'}", flush=True)
     if resume_note:
         say(resume_note, flush=True)
     det = Detector(cfg, device=str(dev) if dist.active else device)

@@ -481,7 +481,7 @@ def test_train_cli_names_the_chosen_recipe_and_threads_in_its_first_line(tmp_pat
         _torch.set_num_threads(threads)
     assert rc == 0
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("train: preset cpu (auto: no GPU)") and "1 CPU threads" in first
+    assert first.startswith("train: preset cpu (auto: no GPU)") and first.endswith(", 1 CPU thread")
     assert ("zscore normalisation (all normal images), image score max+template (template 1 pass, frames at 2x, 0.1 "
             "of the pixel map)") in first
     assert "squared+ssim (1 - SSIM x0.01) loss" in first
