@@ -225,10 +225,10 @@ class _Scorer:
     def _statistics(self, s, mode, hold_maps, pool_maps) -> dict:
         """The statistics of setting ``s`` = (n, k, error) in ``mode`` (not "none"), as :func:`fae_fast.train.train`
         takes them, with the template's for ``map.image_score`` "max+template" (its maps cached)."""
-        from .scoring import holdout_statistics, template_maps
+        from .scoring import holdout_statistics, map_statistics, template_maps
 
-        if self.image_score == "max":
-            return holdout_statistics(hold_maps, mode, self.window, pool_maps)[0]
+        if self.image_score == "max":  # the per-pixel statistics alone: the held-out images' scores are not read here
+            return map_statistics(hold_maps, self.window, pool=pool_maps)
         t = self._template_key(s)
         if t not in self._templates:
             self._templates[t] = tuple(None if imgs is None else template_maps(imgs, n=t[0], k=t[1], error=t[2])
@@ -250,11 +250,10 @@ class _Scorer:
             if hold and self.pool is not None else {}
         out = {}
         good = torch.from_numpy(self.labels == 0)
-        normal = len(self.hold) + (0 if self.pool is None or not hold else len(self.pool))
         for s in settings:
             for mode in modes:
-                if mode != "none" and (s not in hold or normal < (3 if mode == "zscore" else 2)):
-                    continue  # too few normal images for leave-one-out statistics: train() does not normalise
+                if mode != "none" and s not in hold:
+                    continue
                 stats = None if mode == "none" else self._statistics(s, mode, hold[s][0], pool.get(s, (None,))[0])
                 maps = normalize_maps(test[s][0], stats, mode)
                 scores = maps.amax(dim=(1, 2, 3))

@@ -245,6 +245,7 @@ def cmd_train(args) -> int:
     nz = cfg.noise
     noise = nz.mode if nz.mode == "none" else f"{nz.mode} (sigma_max {nz.sigma_max:g} {nz.sigma_reference})"
     world = f"{distributed.describe(dist, dev, cfg.model.norm)}, " if dist.active else ""
+    threads = _torch_threads()
     say(f"train: {world}{source}, size {h}x{w} (HxW){frames}{crop}, {t.steps} steps, batch {t.batch_size}"
         f"{' (global)' if dist.world_size > 1 else ''}, lr {t.lr:g}, noise {noise}, {t.loss_label()}, "
         f"map {cfg.map.error} error, {cfg.map.normalization_label()}, {cfg.map.image_score_label()}, "
@@ -252,7 +253,7 @@ def cmd_train(args) -> int:
         f"{f' x {cfg.model.members} members averaged' if cfg.model.members > 1 else ''}"
         f"{f', {cfg.model.hide_cell} px cells inpainted at test time' if cfg.model.hide_cell else ''}, "
         f"{len(paths)} images, "
-        f"{_torch_threads()} CPU thread{'' if _torch_threads() == 1 else 's'}", flush=True)
+        f"{threads} CPU thread{'' if threads == 1 else 's'}", flush=True)
     if resume_note:
         say(resume_note, flush=True)
     det = Detector(cfg, device=str(dev) if dist.active else device)
