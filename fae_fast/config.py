@@ -206,6 +206,9 @@ class TrainConfig:
     # off: inspection images have a fixed geometry (thread slant, lighting) that test images never mirror
     augment_flip: bool = False
     augment_rot90: bool = False
+    # each training image translated by up to this many pixels per axis, the band reflected (0: off): parts that
+    # sit a few pixels apart from frame to frame (the images after resizing to image_size, or the crops)
+    augment_shift: int = 0
     amp: str = "auto"                   # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" | "fp32"
     compile: bool = False
     channels_last: bool = True
@@ -371,7 +374,7 @@ _RANGES = {
     "train.steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
     "train.weight_decay": "[0, inf)", "train.warmup_steps": "[0, inf)", "train.grad_clip": "[0, inf)",
     "train.ema_decay": "[0, 1)", "train.occlusion_weight": "[0, inf)",
-    "train.ssim_weight": "[0, inf)",
+    "train.ssim_weight": "[0, inf)", "train.augment_shift": "[0, inf)",
     "train.auto_pixels": f"[{MIN_SIDE * MIN_SIDE}, {MAX_SIDE * MAX_SIDE}]",
     "train.holdout_fraction": "[0, 1)", "train.threshold_quantile": "[0, 1]",
     "train.pixel_threshold_quantile": "[0, 1]", "train.checkpoint_every": "[0, inf)",

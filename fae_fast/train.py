@@ -440,7 +440,7 @@ class _Trainer:
             gen.manual_seed(seed)
             self.draws.append((seed, gen, TrainSampler(train_images, int(tc.batch_size), gen,
                                                        flip=bool(tc.augment_flip), rot90=bool(tc.augment_rot90),
-                                                       crop=crop, rows=rows)))
+                                                       crop=crop, rows=rows, shift=int(tc.augment_shift))))
         # keyed streams reseed their own generator per block (nothing of it to checkpoint); the samplers'
         # generators evolve alike on every process
         self.key_gen = torch.Generator(device=dev) if self.streams == "keyed" else None

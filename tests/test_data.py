@@ -403,6 +403,31 @@ def test_sampler_flips_and_rotations():
         TrainSampler(torch.zeros(2, 3, 4, 4), 2, 0)
 
 
+
+def test_sampler_shift_translates_with_reflected_borders():
+    imgs = (torch.rand(6, 3, 7, 9) * 255).to(torch.uint8)
+    plain = TrainSampler(imgs, 40, torch.Generator().manual_seed(2), flip=False).next()
+    s = TrainSampler(imgs, 40, torch.Generator().manual_seed(2), flip=False, shift=3)
+    batch = s.next()
+    # the same images in the same order (the offsets are drawn after the permutation), each a translate of its
+    # own image by some (dy, dx) within 3 px, reflected as np.pad(mode="reflect") does
+    padded = np.pad(plain.numpy(), ((0, 0), (0, 0), (3, 3), (3, 3)), mode="reflect")
+    offsets = set()
+    for i in range(40):
+        hits = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
+                if np.array_equal(batch[i].numpy(), padded[i, :, 3 - dy:3 - dy + 7, 3 - dx:3 - dx + 9])]
+        assert hits, f"image {i} is not a reflected translate of its source"
+        offsets.update(hits)
+    assert len(offsets) > 10                                        # many of the 49 offsets drawn
+    assert max(abs(dy) for dy, _ in offsets) == 3 and max(abs(dx) for _, dx in offsets) == 3
+    # shift=0 draws nothing: the stream (and so every earlier model) is unchanged
+    again = TrainSampler(imgs, 40, torch.Generator().manual_seed(2), flip=False, shift=0).next()
+    assert torch.equal(again, plain)
+    for bad in (-1, 7, 2.5, True):
+        with pytest.raises(ValueError, match="shift must be an int in \\[0, 7\\) for 7 x 9"):
+            TrainSampler(imgs, 4, 0, shift=bad)
+    assert TrainSampler(imgs, 4, 0, shift=6, crop=(7, 7)).next().shape == (4, 3, 7, 7)
+
 @pytest.mark.gpu
 def test_sampler_on_cuda_with_cuda_generator():
     imgs = _ramp_set(8, 6, 6).cuda()

@@ -69,8 +69,8 @@ def test_keyed_blocks_split_at_block_boundaries():
 @pytest.mark.parametrize("crop", [None, (8, 8)])
 def test_sampler_rows_are_the_rows_of_the_global_batch(crop):
     images = (torch.rand(5, 3, 12, 12) * 255).to(torch.uint8)
-    whole = TrainSampler(images, 4, torch.Generator().manual_seed(1), flip=True, rot90=True, crop=crop)
-    shares = [TrainSampler(images, 4, torch.Generator().manual_seed(1), flip=True, rot90=True, crop=crop,
+    whole = TrainSampler(images, 4, torch.Generator().manual_seed(1), flip=True, rot90=True, crop=crop, shift=2)
+    shares = [TrainSampler(images, 4, torch.Generator().manual_seed(1), flip=True, rot90=True, crop=crop, shift=2,
                            rows=distributed.rank_rows(4, distributed.Dist(r, 2)))
               for r in range(2)]
     for _ in range(3):  # across an epoch boundary (5 images, batches of 4)

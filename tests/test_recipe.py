@@ -167,6 +167,16 @@ def test_defaults_do_not_flip():
     assert FAEConfig().train.augment_flip is False
 
 
+def test_augment_shift_reaches_the_sampler():
+    from fae_fast.train import train
+
+    cfg = preset("tiny")
+    cfg.train.steps, cfg.train.image_size, cfg.train.batch_size, cfg.train.augment_shift = 1, (32, 32), 2, 32
+    assert FAEConfig().train.augment_shift == 0 == preset("cpu").train.augment_shift
+    with pytest.raises(ValueError, match=r"shift must be an int in \[0, 32\) for 32 x 32 batches.*got 32"):
+        train(cfg, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), device="cpu")
+
+
 # ---------------------------------------------------------------------------------------------- it learns
 @pytest.mark.slow
 def test_a_briefly_trained_fae_detects_synthetic_defects(tmp_path):

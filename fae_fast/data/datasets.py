@@ -377,7 +377,9 @@ class TrainSampler:
     takes the rest of one and the start of the next). Per image, independently: a horizontal flip and a vertical
     flip (``flip=True``, p=0.5 each) and a transpose (``rot90=True``, p=0.5, square images only); with both on,
     these draw uniformly from the 8 symmetries of the square; ``rot90`` alone draws uniformly from the 4
-    rotations by multiples of 90 degrees (no mirroring).
+    rotations by multiples of 90 degrees (no mirroring). With ``shift=s`` each image is first translated by
+    (dy, dx), each uniform in [-s, s], the uncovered band filled by reflection (``reflect``, no edge pixel
+    repeated): parts that sit a few pixels apart from one frame to the next.
     The transforms are applied to the whole batch with ``torch.where``, no per-image Python loop, and nothing
     leaves the device.
 
@@ -389,6 +391,7 @@ class TrainSampler:
         flip: random horizontal and vertical flips.
         rot90: random 90-degree rotations (needs H == W, or a square ``crop``).
         crop: (h, w): each image of a batch is a random h x w window of its source image (None: whole images).
+        shift: the largest translation in pixels (0: none; less than the batch's height and width).
         rows: (start, stop): return only these rows of every batch (one process's share of a global batch of
             ``batch_size``); every random draw is still made for the whole batch, so the shares of all processes
             are exactly the rows of the batch one sampler with ``rows=None`` returns.
@@ -399,7 +402,8 @@ class TrainSampler:
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, generator, flip: bool = True,
-                 rot90: bool = False, crop: Sequence[int] | None = None, rows: Sequence[int] | None = None):
+                 rot90: bool = False, crop: Sequence[int] | None = None, rows: Sequence[int] | None = None,
+                 shift: int = 0):
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3:
@@ -418,6 +422,9 @@ class TrainSampler:
         out_hw = tuple(images.shape[2:]) if crop is None else crop
         if rot90 and out_hw[0] != out_hw[1]:
             raise ValueError(f"rot90=True needs square batches, got H x W = {out_hw[0]} x {out_hw[1]}")
+        if isinstance(shift, bool) or int(shift) != shift or not 0 <= int(shift) < min(out_hw):
+            raise ValueError(f"shift must be an int in [0, {min(out_hw)}) for {out_hw[0]} x {out_hw[1]} batches "
+                             f"(reflection fills at most a side less one), got {shift!r}")
         rows = (0, int(batch_size)) if rows is None else (int(rows[0]), int(rows[1]))
         if not 0 <= rows[0] < rows[1] <= int(batch_size):
             raise ValueError(f"rows must be (start, stop) with 0 <= start < stop <= batch_size {batch_size}, "
@@ -432,6 +439,7 @@ class TrainSampler:
         self.flip = bool(flip)
         self.rot90 = bool(rot90)
         self.crop = crop
+        self.shift = int(shift)
         self.rows = rows
         self.epoch = 0
         self._perm = None
@@ -482,6 +490,8 @@ class TrainSampler:
         x = self.images.index_select(0, self._indices()[lo:hi])
         if self.crop is not None:
             x = self._random_crop(x)
+        if self.shift:
+            x = self._random_shift(x)
         if not (self.flip or self.rot90):
             return x
         b, gdev = x.shape[0], self.generator.device
@@ -510,7 +520,24 @@ class TrainSampler:
         ci = torch.arange(c, device=x.device)[None, :, None, None]
         return x[bi, ci, rows, cols]
 
+    def _random_shift(self, x: torch.Tensor) -> torch.Tensor:
+        """Each image translated by its own (dy, dx) in [-shift, shift], reflected at the borders; one gather."""
+        (b, c, H, W), s = x.shape, self.shift
+        gdev, (lo, hi), n = self.generator.device, self.rows, self.batch_size
+        dy = torch.randint(-s, s + 1, (n,), generator=self.generator, device=gdev)[lo:hi].to(x.device)
+        dx = torch.randint(-s, s + 1, (n,), generator=self.generator, device=gdev)[lo:hi].to(x.device)
+        rows = _reflect(torch.arange(H, device=x.device) - dy[:, None], H)[:, None, :, None]
+        cols = _reflect(torch.arange(W, device=x.device) - dx[:, None], W)[:, None, None, :]
+        bi = torch.arange(b, device=x.device)[:, None, None, None]
+        ci = torch.arange(c, device=x.device)[None, :, None, None]
+        return x[bi, ci, rows, cols]
+
     __next__ = next
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices reflected into [0, n) without repeating the edge (-1 -> 1, n -> n - 2); |overshoot| < n."""
+    return (n - 1) - ((n - 1) - i.abs()).abs()
 
     def __iter__(self):
         return self
