@@ -138,6 +138,7 @@ def describe(cfg: FAEConfig) -> str:
     scale = "" if nz.sigma_reference == "absolute" else " x image noise"
     noise = "none" if nz.mode == "none" or nz.sigma_max == 0 else f"{nz.mode} sigma<={nz.sigma_max:g}{scale}"
     crop = "" if t.crop_size is None else f", crops {t.crop_size[0]}x{t.crop_size[1]}"
+    crop += f", shifts up to {t.augment_shift} px" if t.augment_shift else ""
     head = f"{'residual' if m.residual else 'plain'} head"
     if m.hide_cell:
         head += f", {m.hide_cell} px cells inpainted"

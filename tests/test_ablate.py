@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from fae_fast.ablate import METRICS, VARIANTS, markdown_table, smoothing_grid, variant_config
+from fae_fast.ablate import METRICS, VARIANTS, describe, markdown_table, smoothing_grid, variant_config
 from fae_fast.cli import main
 from fae_fast.config import MAP_ERRORS, preset
 from fae_fast.synthetic import make_dataset
@@ -30,6 +30,13 @@ def test_variant_configs_change_only_what_they_name():
     assert variant_config(base, "fae", 3).train.seed == 3
     assert base.to_dict() == preset("tiny").to_dict()  # base untouched
     assert set(VARIANTS) >= {"fae", "no_noise", "input_noise", "independent_noise", "plain_ae"}
+
+
+def test_label_names_the_shift_and_the_crops():
+    cfg = preset("tiny")
+    assert "shift" not in describe(cfg) and "crops" not in describe(cfg)
+    cfg.train.augment_shift, cfg.train.crop_size = 4, (64, 96)
+    assert describe(cfg).endswith(", crops 64x96, shifts up to 4 px")
 
 
 def test_plain_ae_is_not_the_identity():
