@@ -403,7 +403,6 @@ def test_sampler_flips_and_rotations():
         TrainSampler(torch.zeros(2, 3, 4, 4), 2, 0)
 
 
-
 def test_sampler_shift_translates_with_reflected_borders():
     imgs = (torch.rand(6, 3, 7, 9) * 255).to(torch.uint8)
     plain = TrainSampler(imgs, 40, torch.Generator().manual_seed(2), flip=False).next()
@@ -427,6 +426,8 @@ def test_sampler_shift_translates_with_reflected_borders():
         with pytest.raises(ValueError, match="shift must be an int in \\[0, 7\\) for 7 x 9"):
             TrainSampler(imgs, 4, 0, shift=bad)
     assert TrainSampler(imgs, 4, 0, shift=6, crop=(7, 7)).next().shape == (4, 3, 7, 7)
+    assert next(iter(s)).shape == (40, 3, 7, 9)                    # still an iterator
+
 
 @pytest.mark.gpu
 def test_sampler_on_cuda_with_cuda_generator():

@@ -534,10 +534,10 @@ class TrainSampler:
 
     __next__ = next
 
+    def __iter__(self):
+        return self
+
 
 def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
     """Indices reflected into [0, n) without repeating the edge (-1 -> 1, n -> n - 2); |overshoot| < n."""
     return (n - 1) - ((n - 1) - i.abs()).abs()
-
-    def __iter__(self):
-        return self
