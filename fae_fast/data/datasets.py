@@ -510,32 +510,34 @@ class TrainSampler:
 
     def _random_crop(self, x: torch.Tensor) -> torch.Tensor:
         """One uniformly placed (h, w) window per image, gathered in one indexing op (no per-image loop)."""
-        (b, c, H, W), (h, w) = x.shape, self.crop
-        gdev, (lo, hi), n = self.generator.device, self.rows, self.batch_size
-        oy = torch.randint(0, H - h + 1, (n,), generator=self.generator, device=gdev)[lo:hi].to(x.device)
-        ox = torch.randint(0, W - w + 1, (n,), generator=self.generator, device=gdev)[lo:hi].to(x.device)
-        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        bi = torch.arange(b, device=x.device)[:, None, None, None]
-        ci = torch.arange(c, device=x.device)[None, :, None, None]
-        return x[bi, ci, rows, cols]
+        (H, W), (h, w) = x.shape[-2:], self.crop
+        oy, ox = self._per_image(0, H - h + 1, x.device), self._per_image(0, W - w + 1, x.device)
+        rows, cols = oy[:, None] + torch.arange(h, device=x.device), ox[:, None] + torch.arange(w, device=x.device)
+        return _gather(x, rows, cols)
 
     def _random_shift(self, x: torch.Tensor) -> torch.Tensor:
         """Each image translated by its own (dy, dx) in [-shift, shift], reflected at the borders; one gather."""
-        (b, c, H, W), s = x.shape, self.shift
-        gdev, (lo, hi), n = self.generator.device, self.rows, self.batch_size
-        dy = torch.randint(-s, s + 1, (n,), generator=self.generator, device=gdev)[lo:hi].to(x.device)
-        dx = torch.randint(-s, s + 1, (n,), generator=self.generator, device=gdev)[lo:hi].to(x.device)
-        rows = _reflect(torch.arange(H, device=x.device) - dy[:, None], H)[:, None, :, None]
-        cols = _reflect(torch.arange(W, device=x.device) - dx[:, None], W)[:, None, None, :]
-        bi = torch.arange(b, device=x.device)[:, None, None, None]
-        ci = torch.arange(c, device=x.device)[None, :, None, None]
-        return x[bi, ci, rows, cols]
+        (H, W), s = x.shape[-2:], self.shift
+        dy, dx = self._per_image(-s, s + 1, x.device), self._per_image(-s, s + 1, x.device)
+        return _gather(x, _reflect(torch.arange(H, device=x.device) - dy[:, None], H),
+                       _reflect(torch.arange(W, device=x.device) - dx[:, None], W))
+
+    def _per_image(self, low: int, high: int, device) -> torch.Tensor:
+        """One int in [low, high) per image of the whole batch from the generator, this sampler's rows, on device."""
+        (lo, hi), gdev = self.rows, self.generator.device
+        return torch.randint(low, high, (self.batch_size,), generator=self.generator, device=gdev)[lo:hi].to(device)
 
     __next__ = next
 
     def __iter__(self):
         return self
+
+
+def _gather(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``out[b, c, i, j] = x[b, c, rows[b, i], cols[b, j]]``: per-image source rows (B, h) and columns (B, w)."""
+    bi = torch.arange(x.shape[0], device=x.device)[:, None, None, None]
+    ci = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
