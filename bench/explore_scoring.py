@@ -25,6 +25,14 @@ Probes:
   borders), held-out maps leave-one-out as the product reads them: an edge or a glare that sits a few pixels
   from where normal parts put it matches its own statistics there.
 * ``template_shift:R``: the same for the template's z-score only, the network's map as the product's.
+* ``template_lines:L``: the template as a line detector: each pixel's brightness (its deviation from the image's
+  own mean, grey) z-scored by the per-pixel mean and std (+ the median std) of every normal image of ``--data``,
+  then averaged along lines of ``L`` frame pixels at 12 orientations; the map is the largest absolute line mean.
+  Thin cracks and scratches add up along their length, the grain's blobs average out. (The held-out images are in
+  their own first-stage statistics here: a product would read them from every normal image the same way.)
+* ``bn_recalibrate``: each network's BatchNorm running statistics estimated again before scoring, from its own
+  training images (the held-out ones excluded) as they are, uncorrupted: one train-mode pass in batches of 8, a
+  cumulative average. Training leaves statistics of corrupted batches, averaged over its last few dozen steps.
 
 Run::
 
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -90,6 +99,84 @@ def _template_local(K: int):
         return reference.anomaly_map(xf - local + 0.5, torch.full_like(xf, 0.5), n=n, k=k, error=error)[0]
 
     scoring._template_map = template_map
+
+
+def _line_kernels(L: int, orientations: int = 12) -> torch.Tensor:
+    """(orientations, 1, L, L) kernels, each the mean along a line of ``L`` px through the centre."""
+    ks = []
+    for i in range(orientations):
+        th = math.pi * i / orientations
+        ker = torch.zeros(L, L)
+        for t in torch.linspace(-(L - 1) / 2, (L - 1) / 2, 4 * L).tolist():
+            ker[int(round((L - 1) / 2 + t * math.sin(th))), int(round((L - 1) / 2 + t * math.cos(th)))] = 1
+        ks.append(ker / ker.sum())
+    return torch.stack(ks)[:, None]
+
+
+def _brightness(x: torch.Tensor) -> torch.Tensor:
+    xf = reference._as_float(x).float().mean(dim=1, keepdim=True)
+    return xf - xf.mean(dim=(2, 3), keepdim=True)
+
+
+def _template_lines(L: int, normal: torch.Tensor):
+    d = torch.cat([_brightness(normal[i:i + 64]) for i in range(0, normal.shape[0], 64)])
+    mean, std = d.mean(0, keepdim=True), d.std(0, keepdim=True)
+    scale = std + std.flatten().median()
+    w = _line_kernels(L)
+
+    def template_map(x, n, k, error, map_fn=None):
+        z = (_brightness(x) - mean) / scale
+        return F.conv2d(F.pad(z, (L // 2,) * 4, mode="replicate"), w).abs().amax(dim=1, keepdim=True)
+
+    scoring._template_map = template_map
+
+
+def _normal_frames(data: str, model: str) -> torch.Tensor:
+    """Every normal image of ``data`` at the frame size of ``model`` (a .fae file), uint8."""
+    from fae_fast.checkpoint import load_model_file
+    from fae_fast.config import frame_size
+    from fae_fast.data import load_images, normal_image_paths
+
+    mf = load_model_file(model)
+    frames = frame_size(mf.config.map, mf.image_size)
+    return load_images(normal_image_paths(Path(data)), frames, keep_aspect=mf.config.train.keep_aspect)
+
+
+def _bn_recalibrate():
+    from fae_fast import ablate
+
+    product = ablate._run_scorer
+
+    def run_scorer(cfg, train_images, test, device):
+        scorer = product(cfg, train_images, test, device)
+        train_idx = ablate._holdout_split(cfg, train_images)[0]
+
+        def score(model, settings, modes):
+            recalibrate_batchnorm(model, scoring.network_view(train_images[train_idx], scorer.frame_scale))
+            return scorer(model, settings, modes)
+
+        return score
+
+    ablate._run_scorer = run_scorer
+
+
+def recalibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 8) -> int:
+    """Re-estimate ``model``'s BatchNorm running statistics on ``images`` (uint8, the network's view) in a fixed
+    order; returns the number of BatchNorm layers. The model is left in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [b.momentum for b in bns]
+    for b in bns:
+        b.reset_running_stats()
+        b.momentum = None  # a cumulative average over every batch
+    dev = next(model.parameters()).device
+    model.train()
+    with torch.no_grad():
+        for i in range(0, images.shape[0], batch_size):
+            model(images[i:i + batch_size].to(dev).float() / 255.0)
+    for b, m in zip(bns, momenta):
+        b.momentum = m
+    model.eval()
+    return len(bns)
 
 
 def _fusion_robust():
@@ -168,8 +255,9 @@ def _shift(R: int, template_only: bool):
     scoring.template_fused, scoring.template_statistics = template_fused, template_statistics
 
 
-def apply_probe(probe: str) -> None:
-    """Patch this process for ``probe`` (module doc); "none" leaves the product as it is."""
+def apply_probe(probe: str, data: str | None = None, model: str | None = None) -> None:
+    """Patch this process for ``probe`` (module doc); "none" leaves the product as it is. ``data`` and ``model``
+    (a .fae file) for probes that read the normal images (``template_lines``)."""
     name, _, arg = probe.partition(":")
     if name == "none":
         return
@@ -184,6 +272,10 @@ def apply_probe(probe: str) -> None:
         return _template_local(int(arg))
     if name in ("shift", "template_shift") and arg.isdigit() and int(arg) >= 1:
         return _shift(int(arg), template_only=name == "template_shift")
+    if name == "template_lines" and arg.isdigit() and int(arg) % 2 == 1:
+        return _template_lines(int(arg), _normal_frames(data, model))
+    if name == "bn_recalibrate" and not arg:
+        return _bn_recalibrate()
     if name == "fusion_robust" and not arg:
         return _fusion_robust()
     if name == "fusion" and (arg == "max" or arg.replace(".", "", 1).isdigit()):
@@ -191,7 +283,8 @@ def apply_probe(probe: str) -> None:
             raise SystemExit(f"explore_scoring: fusion weight must be in [0, 1], got {arg!r}")
         return _fusion(arg)
     raise SystemExit(f"explore_scoring: unknown probe {probe!r} (module doc: multiscale:S,..., template_gain, "
-                     f"template_local:K, fusion_robust, shift:R, template_shift:R, fusion:W, fusion:max, none)")
+                     f"template_local:K, fusion_robust, shift:R, template_shift:R, template_lines:L, bn_recalibrate, "
+                     f"fusion:W, fusion:max, none)")
 
 
 def definition(probe: str) -> str:
@@ -216,7 +309,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a scoring override for every model, as fae-fast ablate --score-models --set takes it")
     args = p.parse_args(argv)
-    apply_probe(args.probe)
+    apply_probe(args.probe, args.data, args.models[0])
     from fae_fast._atomic import write_json
     from fae_fast.ablate import main as ablate_main
 

@@ -161,12 +161,12 @@ def test_map_error_exploration_rescores_saved_models(tmp_path):
 
 def test_scoring_probes_rescore_saved_models_as_the_product_does_unless_they_change_it(tmp_path, monkeypatch):
     from bench import explore_scoring
-    from fae_fast import reference, scoring
+    from fae_fast import ablate, reference, scoring
     from fae_fast.api import Detector
 
     for module, name in ((reference, "error_image"), (scoring, "_template_map"), (scoring, "fuse_scores"),
                          (scoring, "template_statistics"), (scoring, "template_fused"), (scoring, "normalize_maps"),
-                         (scoring, "leave_one_out_normalized")):
+                         (scoring, "leave_one_out_normalized"), (ablate, "_run_scorer")):
         monkeypatch.setattr(module, name, getattr(module, name))  # every probe's patch is undone after the test
     data = make_dataset(tmp_path / "d", n_train=12, n_test_good=3, n_test_defect=3, size=(32, 32), seed=4)
     cfg = preset("tiny")
@@ -236,6 +236,23 @@ def test_scoring_probes_rescore_saved_models_as_the_product_does_unless_they_cha
     assert scoring.normalize_maps(moved, stats, "zscore").max() < 1
     shifted_loo = scoring.leave_one_out_normalized(torch.cat([normal, moved]), "zscore")
     assert shifted_loo[4].max() < 1 and torch.all(shifted_loo[:4] <= product_loo[:4] + 1e-6)
+    # the template as a line detector: a dark line adds up along its length, a dot as dark does not
+    explore_scoring.apply_probe("template_lines:9", str(data), str(tmp_path / "m.fae"))
+    grain = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
+    line, dot = grain.clone(), grain.clone()
+    line[..., 16, 8:24] = 64
+    dot[..., 16, 16] = 64
+    lmap, dmap = scoring._template_map(line, 1, 3, "squared"), scoring._template_map(dot, 1, 3, "squared")
+    assert lmap.shape == (1, 1, 32, 32) and lmap[0, 0, 16, 16] > 4 * dmap[0, 0, 16, 16] > 0
+    # BatchNorm statistics estimated again: a cumulative average over the batches, the model left in eval mode
+    bn_model = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    imgs = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    assert explore_scoring.recalibrate_batchnorm(bn_model, imgs, batch_size=4) == 1 and not bn_model.training
+    x = imgs.float() / 255.0
+    assert torch.allclose(bn_model[0].running_mean, x.mean(dim=(0, 2, 3)), atol=1e-6)
+    assert bn_model[0].momentum == 0.1 and bn_model[0].num_batches_tracked.item() == 4
+    recal = probe("bn_recalibrate")
+    assert recal[0]["definition"].startswith("``bn_recalibrate``") and 0 <= recal[1]["image_auroc"] <= 1
     # a second scale changes the maps
     assert probe("multiscale:1,2")[1]["pixel_auroc"] != pytest.approx(product["pixel_auroc"], abs=1e-6)
     with pytest.raises(SystemExit, match="unknown probe 'blur'"):
