@@ -119,6 +119,7 @@ def _brightness(x: torch.Tensor) -> torch.Tensor:
 
 
 def _template_lines(L: int, normal: torch.Tensor):
+    """The template's map as ``template_lines:L`` (module doc), its first statistics from ``normal`` (uint8)."""
     d = torch.cat([_brightness(normal[i:i + 64]) for i in range(0, normal.shape[0], 64)])
     mean, std = d.mean(0, keepdim=True), d.std(0, keepdim=True)
     scale = std + std.flatten().median()
@@ -273,6 +274,8 @@ def apply_probe(probe: str, data: str | None = None, model: str | None = None) -
     if name in ("shift", "template_shift") and arg.isdigit() and int(arg) >= 1:
         return _shift(int(arg), template_only=name == "template_shift")
     if name == "template_lines" and arg.isdigit() and int(arg) % 2 == 1:
+        if data is None or model is None:
+            raise SystemExit("explore_scoring: template_lines reads the normal images: it needs --data and a model")
         return _template_lines(int(arg), _normal_frames(data, model))
     if name == "bn_recalibrate" and not arg:
         return _bn_recalibrate()
