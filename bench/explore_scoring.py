@@ -118,29 +118,26 @@ def _brightness(x: torch.Tensor) -> torch.Tensor:
     return xf - xf.mean(dim=(2, 3), keepdim=True)
 
 
-def _template_lines(L: int, normal: torch.Tensor):
-    """The template's map as ``template_lines:L`` (module doc), its first statistics from ``normal`` (uint8)."""
-    d = torch.cat([_brightness(normal[i:i + 64]) for i in range(0, normal.shape[0], 64)])
-    mean, std = d.mean(0, keepdim=True), d.std(0, keepdim=True)
-    scale = std + std.flatten().median()
-    w = _line_kernels(L)
+def _template_lines(L: int):
+    """The template's map as ``template_lines:L`` (module doc): its first statistics from the normal images each
+    run is scored with (``fae-fast ablate --score-models`` reads every normal image of ``--data``)."""
+    from fae_fast import ablate
 
-    def template_map(x, n, k, error, map_fn=None):
-        z = (_brightness(x) - mean) / scale
-        return F.conv2d(F.pad(z, (L // 2,) * 4, mode="replicate"), w).abs().amax(dim=1, keepdim=True)
+    product, w = ablate._run_scorer, _line_kernels(L)
 
-    scoring._template_map = template_map
+    def run_scorer(cfg, train_images, test, device):
+        d = torch.cat([_brightness(train_images[i:i + 64]) for i in range(0, train_images.shape[0], 64)])
+        mean, std = d.mean(0, keepdim=True), d.std(0, keepdim=True)
+        scale = std + std.flatten().median()
 
+        def template_map(x, n, k, error, map_fn=None):
+            z = (_brightness(x) - mean) / scale
+            return F.conv2d(F.pad(z, (L // 2,) * 4, mode="replicate"), w).abs().amax(dim=1, keepdim=True)
 
-def _normal_frames(data: str, model: str) -> torch.Tensor:
-    """Every normal image of ``data`` at the frame size of ``model`` (a .fae file), uint8."""
-    from fae_fast.checkpoint import load_model_file
-    from fae_fast.config import frame_size
-    from fae_fast.data import load_images, normal_image_paths
+        scoring._template_map = template_map
+        return product(cfg, train_images, test, device)
 
-    mf = load_model_file(model)
-    frames = frame_size(mf.config.map, mf.image_size)
-    return load_images(normal_image_paths(Path(data)), frames, keep_aspect=mf.config.train.keep_aspect)
+    ablate._run_scorer = run_scorer
 
 
 def _bn_recalibrate():
@@ -256,9 +253,8 @@ def _shift(R: int, template_only: bool):
     scoring.template_fused, scoring.template_statistics = template_fused, template_statistics
 
 
-def apply_probe(probe: str, data: str | None = None, model: str | None = None) -> None:
-    """Patch this process for ``probe`` (module doc); "none" leaves the product as it is. ``data`` and ``model``
-    (a .fae file) for probes that read the normal images (``template_lines``)."""
+def apply_probe(probe: str) -> None:
+    """Patch this process for ``probe`` (module doc); "none" leaves the product as it is."""
     name, _, arg = probe.partition(":")
     if name == "none":
         return
@@ -274,9 +270,7 @@ def apply_probe(probe: str, data: str | None = None, model: str | None = None) -
     if name in ("shift", "template_shift") and arg.isdigit() and int(arg) >= 1:
         return _shift(int(arg), template_only=name == "template_shift")
     if name == "template_lines" and arg.isdigit() and int(arg) % 2 == 1:
-        if data is None or model is None:
-            raise SystemExit("explore_scoring: template_lines reads the normal images: it needs --data and a model")
-        return _template_lines(int(arg), _normal_frames(data, model))
+        return _template_lines(int(arg))
     if name == "bn_recalibrate" and not arg:
         return _bn_recalibrate()
     if name == "fusion_robust" and not arg:
@@ -312,7 +306,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a scoring override for every model, as fae-fast ablate --score-models --set takes it")
     args = p.parse_args(argv)
-    apply_probe(args.probe, args.data, args.models[0])
+    apply_probe(args.probe)
     from fae_fast._atomic import write_json
     from fae_fast.ablate import main as ablate_main
 

@@ -237,7 +237,7 @@ def test_scoring_probes_rescore_saved_models_as_the_product_does_unless_they_cha
     shifted_loo = scoring.leave_one_out_normalized(torch.cat([normal, moved]), "zscore")
     assert shifted_loo[4].max() < 1 and torch.all(shifted_loo[:4] <= product_loo[:4] + 1e-6)
     # the template as a line detector: a dark line adds up along its length, a dot as dark does not
-    explore_scoring.apply_probe("template_lines:9", str(data), str(tmp_path / "m.fae"))
+    assert probe("template_lines:9")[0]["definition"].startswith("``template_lines:L``")  # its map stays patched
     grain = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
     line, dot = grain.clone(), grain.clone()
     line[..., 16, 8:24] = 64
